@@ -1,0 +1,1 @@
+"""gpfm-scale: GPFM-style pathology foundation models at cluster scale."""

@@ -1,0 +1,84 @@
+"""Typed configs: every default written once, in code; YAML files only state differences.
+
+Each stage owns its config model (`gpfm_scale/<stage>/config.py`); they all derive from `StrictModel`, which
+refuses unknown keys and names the offending key in the error. `load_config` reads a YAML file into one of them,
+applies dotted `key=value` overrides, and wraps pydantic's report in a one-line-per-problem `ConfigError`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from gpfm_scale.errors import ConfigError
+
+M = TypeVar("M", bound="StrictModel")
+
+
+class StrictModel(BaseModel):
+    """Base of every config: unknown keys are errors, values are validated on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key {key!r}")
+        else:
+            lines.append(f"{source}: invalid value for {key!r}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def build_config(model: type[M], data: Mapping[str, Any] | None, source: str = "config") -> M:
+    """Validate a mapping into `model`, raising ConfigError that names each bad key."""
+    try:
+        return model.model_validate(dict(data or {}))
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Set dotted keys (`tissue.min_area_um2`) in a nested mapping; None values are skipped (option not given)."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = out
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            child = node.get(p)
+            node[p] = dict(child) if isinstance(child, dict) else {}
+            node = node[p]
+        node[leaf] = value
+    return out
+
+
+def load_config(model: type[M], path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> M:
+    """Defaults of `model`, then the YAML file (if any), then overrides: the one way to make a config."""
+    data = read_yaml(path) if path else {}
+    source = str(path) if path else "config"
+    return build_config(model, apply_overrides(data, overrides or {}), source)
+
+
+def dump_config(cfg: StrictModel) -> str:
+    """The resolved config as YAML, saved beside every run's outputs so a run can be repeated."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
