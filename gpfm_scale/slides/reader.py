@@ -1,4 +1,4 @@
-"""The slide-reader interface every backend implements, and `open_slide`, which picks one.
+"""The slide-reader interface every backend implements (`open_slide` in `slides/open.py` picks one).
 
 Backends (cuCIM, OpenSlide, tiffslide) register in `SLIDE_READERS`; `open_slide` tries them in the configured
 order and records which one opened the slide, so the run manifest can say how every tile was read.

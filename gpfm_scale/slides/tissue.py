@@ -115,6 +115,11 @@ def tissue_mask(rgb: np.ndarray, mpp_of_image: float, cfg: TissueConfig) -> np.n
     return mask
 
 
+def mask_width(level0_width: int, mpp0: float, cfg: TissueConfig) -> int:
+    """Width in px of the mask of a slide: `cfg.mask_mpp` resolution, at most `cfg.mask_width_px`, at least 1."""
+    return max(1, min(cfg.mask_width_px, int(round(level0_width * mpp0 / cfg.mask_mpp))))
+
+
 def mask_from_level(
     level_rgb: np.ndarray, level_downsample: float, mpp0: float, cfg: TissueConfig
 ) -> tuple[np.ndarray, float]:
@@ -124,6 +129,6 @@ def mask_from_level(
     relative to level 0; mpp0: level-0 µm/px. Returns (mask [h, w] bool, mask_downsample = level-0 px per mask px
     along x), the pair `plan_grid` takes.
     """
-    small = downscale_to_width(level_rgb, cfg.mask_width_px)
+    small = downscale_to_width(level_rgb, mask_width(int(level_rgb.shape[1] * level_downsample), mpp0, cfg))
     mask_downsample = level_downsample * level_rgb.shape[1] / max(small.shape[1], 1)
     return tissue_mask(small, mpp0 * mask_downsample, cfg), float(mask_downsample)
