@@ -57,11 +57,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """Set dotted keys (`tissue.min_area_um2`) in a nested mapping; None values are skipped (option not given)."""
+    """Set dotted keys (`tissue.min_area_um2`) in a nested mapping; a None value sets the key to null."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     for dotted, value in overrides.items():
-        if value is None:
-            continue
         node = out
         *parents, leaf = dotted.split(".")
         for p in parents:
@@ -82,3 +80,28 @@ def load_config(model: type[M], path: str | Path | None = None, overrides: Mappi
 def dump_config(cfg: StrictModel) -> str:
     """The resolved config as YAML, saved beside every run's outputs so a run can be repeated."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def describe_config(cfg: StrictModel, indent: int = 0) -> str:
+    """The resolved config as YAML with each field's description as a comment: the config reference users read."""
+    lines = []
+    pad = "  " * indent
+    for name, field in type(cfg).model_fields.items():
+        value = getattr(cfg, name)
+        if field.description:
+            lines.append(f"{pad}# {field.description}")
+        if isinstance(value, StrictModel):
+            lines.append(f"{pad}{name}:")
+            lines.append(describe_config(value, indent + 1))
+        else:
+            dumped = yaml.safe_dump({name: _plain(value)}, default_flow_style=True, width=10**6).strip()
+            lines.append(pad + dumped.removeprefix("{").removesuffix("}"))
+    return "\n".join(lines)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, tuple):
+        return list(value)
+    return value

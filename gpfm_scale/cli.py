@@ -1,0 +1,128 @@
+"""`gpfm-scale`: one command, a sub-command per stage. This module only parses and dispatches.
+
+Every stage option maps onto a config key; `--set key=value` reaches any key not given its own option, and
+`--print-config` shows the resolved config (all defaults included) without running anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any, Sequence
+
+import yaml
+
+from gpfm_scale.config import describe_config, load_config
+from gpfm_scale.errors import GpfmError
+
+log = logging.getLogger("gpfm_scale")
+
+
+def _parse_set(items: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise GpfmError(f"--set expects KEY=VALUE, got {item!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file with config keys that differ from the defaults.")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="Override any config key, dotted for nesting (e.g. --set tissue.close_px=9). Repeatable.")
+    p.add_argument("--print-config", action="store_true",
+                   help="Print the resolved config (every key, its value and what it means) as YAML and exit.")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def _tile_parser(sub: Any) -> None:
+    p = sub.add_parser("tile", help="Cut whole-slide images into WebDataset shards (stage 1).",
+                       description="Tile slides into DIR/shards/*.tar, DIR/coords/*.h5, DIR/thumbnails/*.png and "
+                                   "DIR/manifest.parquet. Rerunning the same command resumes: finished slides are "
+                                   "skipped, interrupted ones redone, failed ones retried only with --retry-failed.")
+    p.add_argument("--slides", required=True,
+                   help="Slide manifest (CSV/Parquet with slide_id, path[, mpp, clinical columns]; an mpp column "
+                        "overrides the slide's own), a folder, or a glob. Local paths or fsspec URLs (s3://, gs://).")
+    p.add_argument("--out", required=True, help="Output directory (local path or fsspec URL).")
+    p.add_argument("--target-mpp", type=float, dest="grid.target_mpp",
+                   help="µm/px of the written tiles (resampled from the nearest finer level); omit for GPFM's "
+                        "native level-0 tiles.")
+    p.add_argument("--target-magnification", type=float, dest="grid.target_magnification",
+                   help="Alternative to --target-mpp: objective power of the written tiles (20 = 0.5 µm/px).")
+    p.add_argument("--tile-px", type=int, dest="grid.tile_px", help="Tile side in output pixels (default 512).")
+    p.add_argument("--stride-px", type=int, dest="grid.stride_px", help="Grid step in output pixels (default: tile).")
+    p.add_argument("--min-tissue", type=float, dest="grid.min_tissue_fraction",
+                   help="Minimum tissue fraction of a kept tile (0..1).")
+    p.add_argument("--max-tiles", type=int, dest="grid.max_tiles_per_slide",
+                   help="Cap per slide, sampled with a fixed seed (GPFM: 2000). 0 means no cap.")
+    p.add_argument("--workers", type=int, dest="workers", help="Tiling actors (default: cluster CPUs).")
+    p.add_argument("--retry-failed", action="store_const", const=True, dest="retry_failed",
+                   help="Retry slides that failed in an earlier run into the same --out.")
+    p.add_argument("--metrics-port", type=int, dest="metrics_port",
+                   help="Serve Prometheus metrics on 127.0.0.1:PORT while running.")
+    p.add_argument("--ray-address", dest="ray_address", help="Ray cluster address (default: RAY_ADDRESS or local).")
+    _add_common(p)
+
+
+def _demo_parser(sub: Any) -> None:
+    p = sub.add_parser("demo", help="Run every stage end to end on small real and synthetic slides.")
+    p.add_argument("--out", default="demo-output", help="Where the demo writes everything.")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    skip = {"cmd", "config", "set", "print_config", "log_level", "slides", "out"}
+    over = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
+    if over.get("grid.max_tiles_per_slide") == 0:
+        over["grid.max_tiles_per_slide"] = None
+    over.update(_parse_set(args.set))
+    return over
+
+
+def _run_tile(args: argparse.Namespace) -> int:
+    from gpfm_scale.tiling.config import TilingConfig
+    from gpfm_scale.tiling.stage import run
+
+    cfg = load_config(TilingConfig, args.config, _overrides(args))
+    if args.print_config:
+        print(describe_config(cfg))
+        return 0
+    result = run(cfg, args.slides, args.out)
+    print(f"tiled {result.n_done}/{result.n_slides} slides, {result.n_tiles} tiles this run "
+          f"({result.tiles_per_second:.0f} tiles/s) -> {result.out}")
+    print(f"manifest: {result.manifest}")
+    for sid, reason in result.failed:
+        print(f"FAILED {sid}: {reason}", file=sys.stderr)
+    return 0 if result.ok else 1
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from gpfm_scale.demo import run_demo
+
+    return run_demo(args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpfm-scale", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    _tile_parser(sub)
+    _demo_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handlers = {"tile": _run_tile, "demo": _run_demo}
+    try:
+        return handlers[args.cmd](args)
+    except GpfmError as err:
+        print(f"gpfm-scale {args.cmd}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Every metric of gpfm-scale with its help text and unit, in one module.
+
+Rules (Prometheus naming): one `gpfm_` prefix, base units (seconds, bytes), `_total` for counters, and no
+unbounded labels (never a slide id). The driver process owns these; `serve_metrics` exposes them over HTTP on a
+documented port bound to localhost by default.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+log = logging.getLogger(__name__)
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+DEFAULT_PORT = 9464
+
+
+@dataclass(frozen=True)
+class TilingMetrics:
+    tiles_written: Counter
+    bytes_written: Counter
+    slides: Counter
+    tiles_per_second: Gauge
+    worker_restarts: Counter
+    shards_written: Counter
+
+
+TILING = TilingMetrics(
+    tiles_written=Counter("gpfm_tiling_tiles_written", "Tiles written into committed shards.", registry=REGISTRY),
+    bytes_written=Counter("gpfm_tiling_written_bytes", "Bytes of committed shards.", registry=REGISTRY),
+    slides=Counter("gpfm_tiling_slides", "Slides finished, by status (done, failed).", ["status"], registry=REGISTRY),
+    tiles_per_second=Gauge("gpfm_tiling_tiles_per_second", "Tiles written per second over the run so far.",
+                           registry=REGISTRY),
+    worker_restarts=Counter("gpfm_tiling_worker_restarts", "Tiling actors lost and restarted.", registry=REGISTRY),
+    shards_written=Counter("gpfm_tiling_shards_written", "Shards committed.", registry=REGISTRY),
+)
+
+
+def serve_metrics(port: int, addr: str = "127.0.0.1") -> int:
+    """Start the HTTP exposition endpoint (port 0 picks a free one); returns the bound port."""
+    server, _thread = start_http_server(port, addr=addr, registry=REGISTRY)
+    bound = server.server_address[1]
+    log.info("Prometheus metrics on http://%s:%d/metrics", addr, bound)
+    return bound

@@ -1,0 +1,27 @@
+"""Joining or starting Ray, in one place, so every stage behaves the same from the CLI, tests and `ray job submit`."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Use the running Ray session if there is one, else join `address` / RAY_ADDRESS, else start a local instance.
+
+    A local instance is started without the dashboard: it saves ~1 GB and 5 s, and metrics are served by
+    gpfm-scale itself (see gpfm_scale.metrics).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("joining Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=True)
+    else:
+        log.info("starting a local Ray instance")
+        ray.init(include_dashboard=False, num_cpus=num_cpus, log_to_driver=True)

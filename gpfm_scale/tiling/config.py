@@ -1,0 +1,53 @@
+"""Every setting of the tiling stage, with its default. YAML files and CLI options only state differences."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from gpfm_scale.config import StrictModel
+from gpfm_scale.slides.config import GridConfig, TissueConfig
+
+
+class TilingConfig(StrictModel):
+    grid: GridConfig = Field(default_factory=GridConfig, description="Tile size, resolution, stride and selection.")
+    tissue: TissueConfig = Field(default_factory=TissueConfig, description="Tissue mask thresholds.")
+    readers: list[Literal["cucim", "openslide", "tiffslide"]] = Field(
+        default=["cucim", "openslide", "tiffslide"],
+        description="Slide readers tried in order; the first that opens and reads the slide is used and recorded.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="cuCIM decode device: auto uses cuda when the worker was given a GPU.")
+    fallback_mpp: float | None = Field(
+        default=None, gt=0, description="µm/px used only when neither the manifest nor the slide gives one.")
+    encoding: Literal["jpeg", "png"] = Field(
+        default="jpeg", description="Tile encoding when tiles are decoded (png is lossless and ~10x bigger).")
+    jpeg_quality: int = Field(default=90, ge=50, le=100, description="JPEG quality of re-encoded tiles.")
+    zero_decode: bool = Field(
+        default=True, description="Copy the slide's own JPEG tiles into shards when the grid coincides with them.")
+    read_batch_size: int = Field(default=32, ge=1, description="Tiles per batched read (cuCIM batch iterator).")
+    run_name: str = Field(default="tiles", pattern=r"^[A-Za-z0-9_.]+$",
+                          description="Shard name prefix: shards/{run_name}-{NNNNNN}.tar.")
+    shard_max_bytes: int = Field(
+        default=1_000_000_000, ge=1, description="Soft cap: a shard is closed at the first slide boundary past it.")
+    workers: int | None = Field(
+        default=None, ge=1, description="Tiling actors; default: the cluster's CPUs / cpus_per_worker.")
+    cpus_per_worker: float = Field(default=1.0, gt=0, description="Logical CPUs reserved per tiling actor.")
+    gpus_per_worker: float = Field(default=0.0, ge=0, description="GPUs per actor (for device=cuda decode).")
+    max_inflight_per_worker: int = Field(
+        default=2, ge=1, description="Slides queued per actor: bounds driver and object-store memory.")
+    max_worker_deaths_per_slide: int = Field(
+        default=2, ge=1, description="A slide that kills its worker this many times is marked failed.")
+    retry_failed: bool = Field(default=False, description="Retry slides that failed in an earlier run.")
+    thumbnails: bool = Field(default=True, description="Write a QC thumbnail PNG per slide.")
+    staging_dir: str | None = Field(
+        default=None, description="Local scratch for remote slides and shards (default: the system temp dir).")
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65535, description="Serve Prometheus metrics on this port (127.0.0.1) while running.")
+    ray_address: str | None = Field(
+        default=None, description="Ray cluster to join; default: RAY_ADDRESS, else a local instance.")
+
+    def layout_key(self) -> dict:
+        """The settings that decide which tiles exist and their bytes: a rerun must agree on these to resume."""
+        keep = ("grid", "tissue", "encoding", "jpeg_quality", "zero_decode", "fallback_mpp", "run_name")
+        return self.model_dump(mode="json", include=set(keep))

@@ -1,0 +1,110 @@
+"""The output directory of a tiling run, local or any fsspec URL, and its layout.
+
+Everything is written under a temporary name and moved into place when complete, so a reader (or a rerun) never
+sees half a file. Layout (DESIGN.md contracts):
+    DIR/shards/{run}-{NNNNNN}.tar    WebDataset shards (whole slides only)
+    DIR/shards/.tmp/                 shards being written; cleared when a run starts
+    DIR/coords/{slide_id}.h5         CLAM/TRIDENT coordinates
+    DIR/thumbnails/{slide_id}.png    QC thumbnails (tissue mask and kept tiles drawn)
+    DIR/manifest.parquet             the run manifest
+    DIR/config.yaml                  the resolved config of the run
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+SHARD_RE = re.compile(r"^(?P<run>.+)-(?P<index>\d{6})\.tar$")
+
+
+class OutputDir:
+    def __init__(self, url: str, staging_dir: str | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        if self.is_local:
+            self.root = os.path.abspath(self.root)
+        self.staging_dir = staging_dir
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def makedirs(self) -> None:
+        for sub in ("shards/.tmp", "coords", "thumbnails"):
+            self.fs.makedirs(self.path(sub), exist_ok=True)
+
+    def local_tmp_dir(self) -> str:
+        """Where workers write shards: inside the output (same filesystem, rename is atomic) when local."""
+        if self.is_local:
+            return self.path("shards", ".tmp")
+        base = self.staging_dir or tempfile.gettempdir()
+        path = os.path.join(base, "gpfm-tiling-staging")
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def publish(self, local_path: str, *parts: str) -> str:
+        """Move a finished local file to `parts` under the output, atomically where the filesystem allows."""
+        dest = self.path(*parts)
+        if self.is_local:
+            os.replace(local_path, dest)
+        else:
+            tmp = dest + ".partial"
+            self.fs.put_file(local_path, tmp)
+            self.fs.mv(tmp, dest)
+            os.remove(local_path)
+        return dest
+
+    def move(self, src: str, dest: str) -> None:
+        if self.is_local:
+            os.replace(src, dest)
+        else:
+            self.fs.mv(src, dest)
+
+    def write_bytes_atomic(self, data: bytes, *parts: str) -> None:
+        dest = self.path(*parts)
+        if self.is_local:
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".", suffix=".partial")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, dest)
+        else:
+            with self.fs.open(dest + ".partial", "wb") as f:
+                f.write(data)
+            self.fs.mv(dest + ".partial", dest)
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.exists(self.path(*parts))
+
+    def read_bytes(self, *parts: str) -> bytes:
+        with self.fs.open(self.path(*parts), "rb") as f:
+            return f.read()
+
+    def list_shards(self) -> dict[str, int]:
+        """Final shard file name -> its index."""
+        if not self.fs.exists(self.path("shards")):
+            return {}
+        out = {}
+        for p in self.fs.ls(self.path("shards"), detail=False):
+            name = Path(p).name
+            m = SHARD_RE.match(name)
+            if m:
+                out[name] = int(m.group("index"))
+        return out
+
+    def clear_tmp(self) -> int:
+        """Remove shards left half-written by a killed run; returns how many."""
+        tmp = self.path("shards", ".tmp")
+        if not self.fs.exists(tmp):
+            return 0
+        files = self.fs.ls(tmp, detail=False)
+        for p in files:
+            self.fs.rm(p)
+        return len(files)

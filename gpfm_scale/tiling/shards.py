@@ -1,0 +1,133 @@
+"""A tar writer for WebDataset shards that can take back a half-written slide.
+
+Why not `webdataset.ShardWriter`: a slide that fails half-way (truncated file, decode error) must leave no tile
+behind, and a shard must only ever hold whole slides so that a rerun redoes exactly the slides that were not
+committed. This writer records the file offset and hash state when a slide begins; `rollback_slide` truncates back
+to it. Shards close only at slide boundaries, so `max_bytes` is a soft cap (a single slide is never split).
+Members are written with fixed metadata (mtime 0, mode 0444, uid/gid 0) so the same tiles give the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_BLOCK = tarfile.BLOCKSIZE  # 512
+_END_OF_ARCHIVE = b"\0" * (2 * _BLOCK)
+
+
+@dataclass
+class SealedShard:
+    """A complete tar written under a temporary name, and the slides it holds (each wholly)."""
+
+    tmp_path: str
+    sha256: str
+    num_bytes: int
+    slide_ids: list[str] = field(default_factory=list)
+    num_samples: int = 0
+
+
+class ShardWriter:
+    """Writes samples into `{tmp_dir}/{uuid}.tar`; seals at slide boundaries once the file passes `max_bytes`."""
+
+    def __init__(self, tmp_dir: str | Path, max_bytes: int) -> None:
+        self.tmp_dir = Path(tmp_dir)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+        self._file: io.BufferedWriter | None = None
+        self._path: Path | None = None
+        self._hash = hashlib.sha256()
+        self._slides: list[str] = []
+        self._samples = 0
+        self._mark: tuple[int, "hashlib._Hash", int] | None = None
+
+    @property
+    def path(self) -> str | None:
+        return str(self._path) if self._path else None
+
+    @property
+    def size(self) -> int:
+        return self._file.tell() if self._file else 0
+
+    def _open(self) -> None:
+        self._path = self.tmp_dir / f"{uuid.uuid4().hex}.tar"
+        self._file = open(self._path, "wb")
+        self._hash = hashlib.sha256()
+        self._slides, self._samples = [], 0
+
+    def _write(self, data: bytes) -> None:
+        assert self._file is not None
+        self._file.write(data)
+        self._hash.update(data)
+
+    def begin_slide(self) -> None:
+        if self._file is None:
+            self._open()
+        assert self._file is not None
+        self._mark = (self._file.tell(), self._hash.copy(), self._samples)
+
+    def add(self, key: str, files: dict[str, bytes]) -> int:
+        """Append one sample: `{key}.{ext}` for each entry of `files`. Returns the bytes written (headers included)."""
+        if self._mark is None:
+            raise RuntimeError("add() outside begin_slide()/commit_slide()")
+        start = self.size
+        for ext, payload in files.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(payload), 0, 0o444
+            self._write(info.tobuf(format=tarfile.GNU_FORMAT))
+            self._write(payload)
+            pad = (-len(payload)) % _BLOCK
+            if pad:
+                self._write(b"\0" * pad)
+        self._samples += 1
+        return self.size - start
+
+    def rollback_slide(self) -> None:
+        """Forget every sample added since `begin_slide` (the file is truncated back)."""
+        if self._mark is None or self._file is None:
+            return
+        offset, hash_state, samples = self._mark
+        self._file.seek(offset)
+        self._file.truncate(offset)
+        self._hash, self._samples, self._mark = hash_state, samples, None
+
+    def commit_slide(self, slide_id: str, num_samples: int) -> SealedShard | None:
+        """Close the slide; if the shard is now past the cap, seal it and return it."""
+        self._mark = None
+        if num_samples:
+            self._slides.append(slide_id)
+        if self.size >= self.max_bytes:
+            return self.seal()
+        return None
+
+    def seal(self) -> SealedShard | None:
+        """Finish the tar (end-of-archive blocks) and hand it over; None when nothing was written."""
+        if self._file is None:
+            return None
+        if not self._slides:
+            self._discard()
+            return None
+        self._write(_END_OF_ARCHIVE)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        sealed = SealedShard(str(self._path), self._hash.hexdigest(), os.path.getsize(self._path), self._slides,
+                             self._samples)
+        self._file, self._path = None, None
+        return sealed
+
+    def _discard(self) -> None:
+        assert self._file is not None and self._path is not None
+        self._file.close()
+        self._path.unlink(missing_ok=True)
+        self._file, self._path = None, None
+
+    def abort(self) -> None:
+        """Drop the open shard (its slides were not committed and will be redone)."""
+        if self._file is not None:
+            self._discard()

@@ -1,0 +1,150 @@
+"""Tile one slide into an open shard: the unit of work of a tiling actor, free of Ray so it can run anywhere.
+
+Steps: stage a local copy (remote URLs) -> open with the first reader that works -> resolve MPP -> tissue mask on a
+low-resolution level -> plan the grid -> write tiles (copying the slide's own JPEG tiles when the grid coincides
+with them, else read, resize and encode) -> per-slide coordinates (.h5) and QC thumbnail. Any error rolls the
+shard back to the slide's start, so a failed slide leaves no tile behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import cv2
+import h5py
+import numpy as np
+import simplejpeg
+
+from gpfm_scale.errors import GpfmError, SlideReadError
+from gpfm_scale.slides.grid import TileGrid, plan_grid, raw_tile_index, zero_decode_compatible
+from gpfm_scale.slides.mpp import magnification_from_mpp, resolve_mpp
+from gpfm_scale.slides.open import open_slide
+from gpfm_scale.slides.qc import render_thumbnail, save_png
+from gpfm_scale.slides.reader import SlideReader
+from gpfm_scale.slides.staging import local_copy
+from gpfm_scale.slides.tissue import choose_mask_level, mask_from_level, mask_width
+from gpfm_scale.tiling.config import TilingConfig
+from gpfm_scale.tiling.manifest import SlideOutcome
+from gpfm_scale.tiling.outputs import OutputDir
+from gpfm_scale.tiling.shards import ShardWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SlideTask:
+    slide_id: str
+    path: str
+    manifest_mpp: float | None = None
+
+
+def encode_tile(rgb: np.ndarray, cfg: TilingConfig) -> tuple[str, bytes]:
+    """(extension, bytes) of one RGB uint8 tile in the configured encoding."""
+    if cfg.encoding == "png":
+        ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+        if not ok:
+            raise GpfmError("PNG encode failed")
+        return "png", buf.tobytes()
+    return "jpg", simplejpeg.encode_jpeg(np.ascontiguousarray(rgb), quality=cfg.jpeg_quality, colorspace="RGB",
+                                         colorsubsampling="420")
+
+
+def _decoded_tiles(reader: SlideReader, grid: TileGrid, tile_px: int, cfg: TilingConfig) -> Iterator[tuple[str, bytes]]:
+    size = (grid.read_size_px, grid.read_size_px)
+    locations = [(int(x), int(y)) for x, y in grid.coords]
+    for (x, y), region in zip(locations, reader.read_regions(locations, grid.read_level, size,
+                                                             batch_size=cfg.read_batch_size)):
+        if not region.any():
+            # cuCIM returns black instead of raising on a JPEG tile it cannot decode: never pass that on as data.
+            raise SlideReadError(f"{reader.name} returned an all-black tile at ({x}, {y}): damaged JPEG data?")
+        if grid.needs_resize:
+            region = cv2.resize(region, (tile_px, tile_px), interpolation=cv2.INTER_AREA)
+        yield encode_tile(region, cfg)
+
+
+def _raw_tiles(reader: SlideReader, grid: TileGrid, layout: Any) -> Iterator[tuple[str, bytes]]:
+    cols, rows = raw_tile_index(grid.coords, grid, layout)
+    for c, r in zip(cols.tolist(), rows.tolist()):
+        yield "jpg", reader.read_raw_tile(grid.read_level, c, r)
+
+
+def write_coords_h5(path: str, slide_id: str, grid: TileGrid, tile_px: int, mpp0: float) -> None:
+    """CLAM/TRIDENT layout: dataset `coords` (N, 2) int64 level-0 (x, y), geometry in attributes."""
+    with h5py.File(path, "w") as f:
+        ds = f.create_dataset("coords", data=grid.coords.astype(np.int64))
+        ds.attrs.update({
+            "name": slide_id,
+            "patch_size": tile_px,
+            "patch_size_level0": int(round(grid.tile_size_level0)),
+            "patch_level": grid.read_level,
+            "level0_mpp": mpp0,
+            "level0_magnification": magnification_from_mpp(mpp0),
+            "target_mpp": grid.target_mpp,
+            "target_magnification": grid.magnification,
+            "overlap": int(round(grid.tile_size_level0 - grid.stride_level0)),
+        })
+        f.create_dataset("tissue_fraction", data=grid.tissue_fraction.astype(np.float32))
+
+
+def _publish_side_files(out: OutputDir, slide_id: str, grid: TileGrid, cfg: TilingConfig, mpp0: float,
+                        thumb: tuple[np.ndarray, np.ndarray, float] | None) -> None:
+    fd, tmp = tempfile.mkstemp(suffix=".h5", dir=out.local_tmp_dir())
+    os.close(fd)
+    write_coords_h5(tmp, slide_id, grid, cfg.grid.tile_px, mpp0)
+    out.publish(tmp, "coords", f"{slide_id}.h5")
+    if thumb is not None:
+        image, mask, downsample = thumb
+        fd, tmp = tempfile.mkstemp(suffix=".png", dir=out.local_tmp_dir())
+        os.close(fd)
+        save_png(tmp, render_thumbnail(image, mask, grid, downsample))
+        out.publish(tmp, "thumbnails", f"{slide_id}.png")
+
+
+def tile_slide(task: SlideTask, cfg: TilingConfig, writer: ShardWriter, out: OutputDir,
+               device: str = "cpu") -> SlideOutcome:
+    """Tile one slide into `writer` (committed by the caller). Never raises for a bad slide: returns ok=False."""
+    start = time.perf_counter()
+    outcome = SlideOutcome(slide_id=task.slide_id, ok=False)
+    writer.begin_slide()
+    try:
+        with local_copy(task.path, cfg.staging_dir) as local_path, \
+                open_slide(local_path, cfg.readers, device) as reader:
+            outcome.reader = reader.name
+            mpp0, outcome.mpp_source = resolve_mpp(reader.mpp, task.manifest_mpp, cfg.fallback_mpp, task.slide_id)
+            mask_level = choose_mask_level(reader.level_dimensions,
+                                           mask_width(reader.level_dimensions[0][0], mpp0, cfg.tissue))
+            low = reader.read_level(mask_level)
+            mask, mask_ds = mask_from_level(low, reader.level_downsamples[mask_level], mpp0, cfg.tissue)
+            grid = plan_grid(reader.level_dimensions, reader.level_downsamples, mpp0, cfg.grid, mask, mask_ds,
+                             task.slide_id)
+            outcome.mpp, outcome.magnification = grid.target_mpp, grid.magnification
+            layout = reader.raw_tile_layout(grid.read_level) if cfg.zero_decode else None
+            outcome.zero_decode = bool(layout is not None and zero_decode_compatible(grid, layout))
+            tiles = _raw_tiles(reader, grid, layout) if outcome.zero_decode else \
+                _decoded_tiles(reader, grid, cfg.grid.tile_px, cfg)
+            for i, (ext, payload) in enumerate(tiles):
+                x, y = (int(v) for v in grid.coords[i])
+                meta = {"slide_id": task.slide_id, "x": x, "y": y, "level": grid.read_level,
+                        "tile_px": cfg.grid.tile_px, "mpp": grid.target_mpp, "magnification": grid.magnification,
+                        "tissue_fraction": round(float(grid.tissue_fraction[i]), 4), "reader": reader.name}
+                outcome.bytes += writer.add(f"{task.slide_id}/{x}_{y}", {ext: payload,
+                                                                        "json": json.dumps(meta).encode()})
+                outcome.n_tiles += 1
+            if outcome.n_tiles != len(grid.coords):
+                raise SlideReadError(f"reader returned {outcome.n_tiles} of {len(grid.coords)} tiles")
+            thumb = (low, mask, reader.level_downsamples[mask_level]) if cfg.thumbnails else None
+            _publish_side_files(out, task.slide_id, grid, cfg, mpp0, thumb)
+        outcome.ok = True
+    except Exception as err:  # a bad slide (or a reader bug it triggers) must not stop the run: record why
+        writer.rollback_slide()
+        outcome.reason = f"{type(err).__name__}: {err}".replace("\n", " ")[:500]
+        outcome.n_tiles, outcome.bytes = 0, 0
+        log.warning("slide %s failed: %s", task.slide_id, outcome.reason)
+    outcome.seconds = time.perf_counter() - start
+    return outcome

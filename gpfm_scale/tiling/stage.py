@@ -1,0 +1,262 @@
+"""`run(cfg, slides, out) -> TilingResult`: the tiling stage, driven from one process over a pool of Ray actors.
+
+The driver is the only writer of the run manifest and the only one that names shards. Actors tile slides into a
+private temporary shard; when a shard is sealed (at a slide boundary past the size cap) the driver renames it to
+`{run}-{NNNNNN}.tar` and then marks its slides done. Exactness under failure follows from that order:
+- a killed actor loses only slides whose shard was never renamed: they go back to pending and are redone;
+- a killed driver leaves temporary shards (cleared on the next start) and, at worst, a renamed shard whose slides
+  were not yet marked done: such an orphan is deleted on the next start and its slides are redone.
+So every tile of a done slide is in exactly one committed shard, and no shard holds a tile of an unfinished slide.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from tqdm import tqdm
+
+from gpfm_scale.config import dump_config
+from gpfm_scale.errors import ConfigError
+from gpfm_scale.metrics import TILING, serve_metrics
+from gpfm_scale.ray_utils import ensure_ray
+from gpfm_scale.tiling.config import TilingConfig
+from gpfm_scale.tiling.inputs import load_slide_table
+from gpfm_scale.tiling.manifest import MANIFEST_NAME, RunManifest, SlideOutcome
+from gpfm_scale.tiling.outputs import OutputDir
+from gpfm_scale.tiling.shards import SealedShard
+from gpfm_scale.tiling.slide_job import SlideTask
+from gpfm_scale.tiling.worker import TileWorker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TilingResult:
+    out: str
+    manifest: str
+    n_slides: int
+    n_done: int
+    n_failed: int
+    n_tiles: int
+    n_bytes: int
+    seconds: float
+    worker_restarts: int
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def tiles_per_second(self) -> float:
+        return self.n_tiles / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.n_failed == 0
+
+
+def _check_layout(out: OutputDir, cfg: TilingConfig) -> None:
+    """Refuse to resume into an output made with settings that change the tile set."""
+    if not out.exists("config.yaml"):
+        return
+    old = TilingConfig.model_validate(yaml.safe_load(out.read_bytes("config.yaml"))).layout_key()
+    new = cfg.layout_key()
+    if old != new:
+        diffs = [f"{k}: {old[k]} -> {new[k]}" for k in new if old.get(k) != new[k]]
+        raise ConfigError(f"{out.url} was tiled with other settings ({'; '.join(diffs)}); use a new --out")
+
+
+def _reconcile(out: OutputDir, manifest: RunManifest) -> int:
+    """Clear what a killed run left behind; returns the next free shard index."""
+    cleared = out.clear_tmp()
+    if cleared:
+        log.info("removed %d unfinished shard(s) of an interrupted run", cleared)
+    referenced = manifest.referenced_shards()
+    shards = out.list_shards()
+    for name in sorted(set(shards) - referenced):
+        log.warning("removing orphan shard %s (its slides were never marked done; they will be redone)", name)
+        out.fs.rm(out.path("shards", name))
+        del shards[name]
+    missing = {s for s in referenced if s not in shards}
+    lost = [sid for sid, r in manifest.rows.items() if r["status"] == "done" and set(r["shards"]) & missing]
+    if lost:
+        log.warning("%d done slide(s) lost their shard; redoing them: %s", len(lost), lost[:5])
+        manifest.reset(lost)
+    return max(shards.values(), default=-1) + 1
+
+
+class _Driver:
+    """Dispatch, commit and failure bookkeeping of one run (kept apart from `run` to stay readable)."""
+
+    def __init__(self, cfg: TilingConfig, out: OutputDir, manifest: RunManifest, tasks: dict[str, SlideTask],
+                 next_shard: int) -> None:
+        self.cfg, self.out, self.manifest, self.tasks, self.next_shard = cfg, out, manifest, tasks, next_shard
+        self.uncommitted: dict[int, dict[str, SlideOutcome]] = collections.defaultdict(dict)
+        self.queues: dict[int, collections.deque] = collections.defaultdict(collections.deque)
+        self.casualties: set[Any] = set()
+        self.deaths: collections.Counter[str] = collections.Counter()
+        self.restarts = 0
+        self.tiles = 0
+        self.bytes = 0
+
+    def commit_shard(self, actor: int, sealed: SealedShard) -> None:
+        name = f"{self.cfg.run_name}-{self.next_shard:06d}.tar"
+        self.next_shard += 1
+        self.out.move(sealed.tmp_path, self.out.path("shards", name))
+        for sid in sealed.slide_ids:
+            outcome = self.uncommitted[actor].pop(sid)
+            self.manifest.mark_done(outcome, name, sealed.sha256)
+            self.tiles += outcome.n_tiles
+            TILING.slides.labels(status="done").inc()
+        self.bytes += sealed.num_bytes
+        TILING.tiles_written.inc(sealed.num_samples)
+        TILING.bytes_written.inc(sealed.num_bytes)
+        TILING.shards_written.inc()
+        self.manifest.save(self.out)
+
+    def accept(self, actor: int, outcome: SlideOutcome, sealed: SealedShard | None) -> None:
+        if not outcome.ok:
+            self.manifest.mark_failed(outcome)
+            TILING.slides.labels(status="failed").inc()
+            self.manifest.save(self.out)
+        elif outcome.n_tiles == 0:
+            self.manifest.mark_done(outcome, None, None)
+            TILING.slides.labels(status="done").inc()
+            self.manifest.save(self.out)
+        else:
+            self.uncommitted[actor][outcome.slide_id] = outcome
+        if sealed is not None:
+            self.commit_shard(actor, sealed)
+
+    def actor_died(self, actor: int, ref: Any, task: SlideTask, pending: collections.deque) -> None:
+        """Requeue what the dead actor held; charge the death only to the slide it was running."""
+        if ref not in self.casualties:
+            self.restarts += 1
+            TILING.worker_restarts.inc()
+            self.casualties.update(self.queues[actor])
+            self.casualties.add(ref)
+            self.requeue_uncommitted(actor, pending)
+            self.deaths[task.slide_id] += 1
+            if self.deaths[task.slide_id] >= self.cfg.max_worker_deaths_per_slide:
+                reason = f"WorkerDied: the tiling process died {self.deaths[task.slide_id]} times on this slide"
+                self.manifest.mark_failed(SlideOutcome(task.slide_id, ok=False, reason=reason))
+                TILING.slides.labels(status="failed").inc()
+                self.manifest.save(self.out)
+                return
+        pending.appendleft(task)
+
+    def requeue_uncommitted(self, actor: int, pending: collections.deque) -> int:
+        lost = list(self.uncommitted.pop(actor, {}))
+        if lost:
+            log.warning("tiling actor %d died; redoing %d uncommitted slide(s)", actor, len(lost))
+            pending.extendleft(self.tasks[sid] for sid in lost)
+        return len(lost)
+
+
+def _tasks(table: Any) -> dict[str, SlideTask]:
+    mpp = table["mpp"] if "mpp" in table.columns else [None] * len(table)
+    return {sid: SlideTask(sid, path, None if m is None or m != m else float(m))
+            for sid, path, m in zip(table["slide_id"], table["path"], mpp)}
+
+
+def run(cfg: TilingConfig, slides: str, out_url: str) -> TilingResult:
+    """Tile every slide of `slides` (manifest, folder or glob) into `out_url`, resuming what is already there."""
+    start = time.perf_counter()
+    table = load_slide_table(slides)
+    out = OutputDir(out_url, cfg.staging_dir)
+    out.makedirs()
+    _check_layout(out, cfg)
+    out.write_bytes_atomic(dump_config(cfg).encode(), "config.yaml")
+    manifest = RunManifest.from_inputs(table, RunManifest.load(out))
+    next_shard = _reconcile(out, manifest)
+    if cfg.retry_failed:
+        manifest.reset(manifest.with_status("failed"))
+    todo = manifest.with_status("pending")
+    manifest.save(out)
+    log.info("%d slide(s): %d to tile, %d done, %d failed", len(manifest.rows), len(todo),
+             len(manifest.with_status("done")), len(manifest.with_status("failed")))
+    driver = _Driver(cfg, out, manifest, _tasks(table), next_shard)
+    if todo:
+        if cfg.metrics_port is not None:
+            serve_metrics(cfg.metrics_port)
+        _dispatch(cfg, out, driver, todo)
+    out.clear_tmp()
+    manifest.save(out)
+    failed = [(sid, manifest.rows[sid]["reason"]) for sid in manifest.with_status("failed")]
+    done = manifest.with_status("done")
+    return TilingResult(
+        out=out.url, manifest=out.path(MANIFEST_NAME), n_slides=len(manifest.rows), n_done=len(done),
+        n_failed=len(failed), n_tiles=driver.tiles, n_bytes=driver.bytes, seconds=time.perf_counter() - start,
+        worker_restarts=driver.restarts, failed=failed)
+
+
+def _dispatch(cfg: TilingConfig, out: OutputDir, driver: _Driver, todo: list[str]) -> None:
+    import ray
+    from ray.exceptions import RayActorError
+
+    ensure_ray(cfg.ray_address)
+    n_workers = cfg.workers or max(1, int(ray.available_resources().get("CPU", 1) // cfg.cpus_per_worker))
+    n_workers = min(n_workers, len(todo))
+    remote_cls = ray.remote(TileWorker)
+    opts = {"num_cpus": cfg.cpus_per_worker, "num_gpus": cfg.gpus_per_worker, "max_restarts": -1,
+            "max_task_retries": 0}
+    cfg_dict = cfg.model_dump(mode="json")
+    token = uuid.uuid4().hex[:8]  # named so operators (and tests) can find them: gpfm-tiling-{run}-{i}
+    actors = [remote_cls.options(name=f"gpfm-tiling-{token}-{i}", **opts).remote(cfg_dict, out.url)
+              for i in range(n_workers)]
+    log.info("tiling with %d actor(s)", n_workers)
+    pending = collections.deque(driver.tasks[sid] for sid in todo)
+    inflight: dict[Any, tuple[int, SlideTask]] = {}
+    bar = tqdm(total=len(todo), unit="slide", desc="tiling", dynamic_ncols=True)
+    tiles_seen, t0 = 0, time.perf_counter()
+    try:
+        while pending or inflight:
+            for i, actor in enumerate(actors):
+                while pending and len(driver.queues[i]) < cfg.max_inflight_per_worker:
+                    task = pending.popleft()
+                    ref = actor.process.remote(task)
+                    inflight[ref] = (i, task)
+                    driver.queues[i].append(ref)
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+            for ref in ready:
+                i, task = inflight.pop(ref)
+                driver.queues[i].remove(ref)
+                try:
+                    outcome, sealed = ray.get(ref)
+                except RayActorError:
+                    before = len(pending)
+                    driver.actor_died(i, ref, task, pending)
+                    bar.total += max(0, len(pending) - before - 1)
+                    continue
+                driver.accept(i, outcome, sealed)
+                tiles_seen += outcome.n_tiles
+                elapsed = time.perf_counter() - t0
+                TILING.tiles_per_second.set(tiles_seen / elapsed if elapsed else 0.0)
+                bar.update(1)
+                bar.set_postfix(tiles=tiles_seen, tiles_per_s=f"{tiles_seen / max(elapsed, 1e-9):.0f}",
+                                failed=len(driver.manifest.with_status("failed")))
+            if not pending and not inflight:
+                _flush(actors, driver, pending, RayActorError)
+    finally:
+        bar.close()
+        for actor in actors:
+            ray.kill(actor)
+
+
+def _flush(actors: list[Any], driver: _Driver, pending: collections.deque, actor_error: type) -> None:
+    """Seal every actor's open shard; an actor that dies here sends its uncommitted slides back to `pending`."""
+    import ray
+
+    for i, actor in enumerate(actors):
+        try:
+            sealed = ray.get(actor.flush.remote())
+        except actor_error:
+            driver.restarts += 1
+            TILING.worker_restarts.inc()
+            driver.requeue_uncommitted(i, pending)
+            continue
+        if sealed is not None:
+            driver.commit_shard(i, sealed)

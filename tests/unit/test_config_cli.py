@@ -1,0 +1,42 @@
+"""Configs refuse unknown or invalid keys by name; the CLI maps options onto keys and exits with clear codes."""
+
+import pytest
+import yaml
+
+from gpfm_scale.cli import main
+from gpfm_scale.config import load_config
+from gpfm_scale.errors import ConfigError
+from gpfm_scale.tiling.config import TilingConfig
+
+
+def test_yaml_diff_over_defaults_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("grid:\n  tile_px: 256\nworkers: 3\n")
+    cfg = load_config(TilingConfig, path, {"grid.target_mpp": 0.5, "grid.max_tiles_per_slide": None})
+    assert (cfg.grid.tile_px, cfg.grid.target_mpp, cfg.workers) == (256, 0.5, 3)
+    assert cfg.grid.max_tiles_per_slide is None
+    assert cfg.grid.min_tissue_fraction == 0.25  # untouched default
+
+
+@pytest.mark.parametrize("text,match", [
+    ("grid:\n  tile_pixels: 256\n", "unknown key 'grid.tile_pixels'"),
+    ("grid:\n  tile_px: -1\n", "invalid value for 'grid.tile_px'"),
+    ("readers: [cucim, pillow]\n", "invalid value for 'readers.1'"),
+    ("grid:\n  target_mpp: 0.5\n  target_magnification: 20\n", "not both"),
+    ("- a list\n", "top level must be a mapping"),
+])
+def test_bad_config_names_the_key(tmp_path, text, match):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(TilingConfig, path)
+
+
+def test_cli_print_config_and_errors(tmp_path, capsys):
+    assert main(["tile", "--slides", "x", "--out", "y", "--tile-px", "128", "--max-tiles", "0", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["grid"]["tile_px"] == 128 and printed["grid"]["max_tiles_per_slide"] is None
+    assert main(["tile", "--slides", "x", "--out", "y", "--set", "grid.nope=1"]) == 2
+    assert "unknown key 'grid.nope'" in capsys.readouterr().err
+    assert main(["tile", "--slides", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "o")]) == 2
+    assert "not found" in capsys.readouterr().err

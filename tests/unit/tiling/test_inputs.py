@@ -1,0 +1,62 @@
+"""Slide lists from manifests, folders and globs, local and through fsspec's memory filesystem."""
+
+import fsspec
+import pandas as pd
+import pytest
+
+from gpfm_scale.errors import ConfigError
+from gpfm_scale.tiling.inputs import load_slide_table
+
+
+def _touch(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")
+
+
+def test_folder_and_glob(tmp_path):
+    for name in ["b.svs", "a.tiff", "sub/c.ndpi", "notes.txt"]:
+        _touch(tmp_path / name)
+    df = load_slide_table(str(tmp_path))
+    assert df["slide_id"].tolist() == ["a", "b", "c"]
+    assert df["path"].tolist() == [str(tmp_path / "a.tiff"), str(tmp_path / "b.svs"), str(tmp_path / "sub/c.ndpi")]
+    assert load_slide_table(str(tmp_path / "*.svs"))["slide_id"].tolist() == ["b"]
+
+
+def test_manifest_relative_paths_mpp_and_clinical_columns(tmp_path):
+    pd.DataFrame({"slide_id": ["s 1", "s2"], "path": ["x/one.svs", "/abs/two.svs"], "mpp": [0.5, None],
+                  "label": ["tumour", "normal"]}).to_csv(tmp_path / "m.csv", index=False)
+    df = load_slide_table(str(tmp_path / "m.csv"))
+    assert df["slide_id"].tolist() == ["s_1", "s2"]  # made file-safe
+    assert df["path"].tolist() == [str(tmp_path / "x/one.svs"), "/abs/two.svs"]
+    assert df["mpp"].iloc[0] == 0.5 and pd.isna(df["mpp"].iloc[1])
+    assert df["label"].tolist() == ["tumour", "normal"]
+
+
+def test_memory_filesystem_folder_and_parquet():
+    fs = fsspec.filesystem("memory")
+    for name in ["cohort/a.svs", "cohort/b.svs"]:
+        with fs.open(name, "wb") as f:
+            f.write(b"x")
+    df = load_slide_table("memory://cohort")
+    assert df["path"].tolist() == ["memory:///cohort/a.svs", "memory:///cohort/b.svs"]
+    with fs.open("cohort/m.parquet", "wb") as f:
+        pd.DataFrame({"path": ["a.svs"]}).to_parquet(f)
+    df = load_slide_table("memory://cohort/m.parquet")
+    assert df["slide_id"].tolist() == ["a"] and df["path"].tolist() == ["memory://cohort/a.svs"]
+
+
+@pytest.mark.parametrize("rows,match", [
+    ({"slide_id": ["a", "a"], "path": ["1.svs", "2.svs"]}, "not unique"),
+    ({"slide_id": ["a"], "file": ["1.svs"]}, "'path' column"),
+])
+def test_bad_manifests_name_the_problem(tmp_path, rows, match):
+    pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
+    with pytest.raises(ConfigError, match=match):
+        load_slide_table(str(tmp_path / "m.csv"))
+
+
+def test_empty_folder_and_missing_manifest(tmp_path):
+    with pytest.raises(ConfigError, match="no slides found"):
+        load_slide_table(str(tmp_path))
+    with pytest.raises(ConfigError, match="not found"):
+        load_slide_table(str(tmp_path / "nope.csv"))

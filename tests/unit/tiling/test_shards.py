@@ -1,0 +1,67 @@
+"""The shard writer: valid tars WebDataset reads, rollback leaves no trace, shards seal only at slide boundaries."""
+
+import hashlib
+import tarfile
+
+import pytest
+import webdataset as wds
+
+from gpfm_scale.tiling.shards import ShardWriter
+
+
+def _write_slide(w: ShardWriter, sid: str, n: int, size: int = 1000) -> None:
+    w.begin_slide()
+    for i in range(n):
+        w.add(f"{sid}/{i}_0", {"jpg": bytes([i % 256]) * size, "json": b'{"i": %d}' % i})
+
+
+def test_rollback_truncates_and_hash_matches(tmp_path):
+    w = ShardWriter(tmp_path, max_bytes=10**9)
+    _write_slide(w, "a", 3)
+    assert w.commit_slide("a", 3) is None
+    _write_slide(w, "bad", 5)
+    w.rollback_slide()
+    _write_slide(w, "c", 2)
+    w.commit_slide("c", 2)
+    sealed = w.seal()
+    assert sealed.slide_ids == ["a", "c"] and sealed.num_samples == 5
+    data = open(sealed.tmp_path, "rb").read()
+    assert hashlib.sha256(data).hexdigest() == sealed.sha256
+    with tarfile.open(sealed.tmp_path) as tf:
+        names = tf.getnames()
+    assert not any(n.startswith("bad/") for n in names)
+    assert len(names) == 10
+
+
+def test_webdataset_reads_keys_with_slash_and_dots(tmp_path):
+    w = ShardWriter(tmp_path, max_bytes=10**9)
+    _write_slide(w, "TCGA-01.v2", 2)
+    w.commit_slide("TCGA-01.v2", 2)
+    sealed = w.seal()
+    samples = list(wds.WebDataset(sealed.tmp_path, shardshuffle=False))
+    assert [s["__key__"] for s in samples] == ["TCGA-01.v2/0_0", "TCGA-01.v2/1_0"]
+    assert samples[1]["jpg"] == bytes([1]) * 1000 and samples[1]["json"] == b'{"i": 1}'
+
+
+def test_seals_at_slide_boundary_past_cap(tmp_path):
+    w = ShardWriter(tmp_path, max_bytes=6000)
+    _write_slide(w, "a", 2)
+    assert w.commit_slide("a", 2) is None  # 2 x 2560 B: under the cap
+    _write_slide(w, "b", 8)  # crosses the cap mid-slide: the slide is not split
+    sealed = w.commit_slide("b", 8)
+    assert sealed is not None and sealed.slide_ids == ["a", "b"] and sealed.num_samples == 10
+    assert w.seal() is None  # nothing open any more
+
+
+def test_empty_shard_is_discarded(tmp_path):
+    w = ShardWriter(tmp_path, max_bytes=10)
+    _write_slide(w, "x", 3)
+    w.rollback_slide()
+    assert w.seal() is None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_add_outside_slide_is_an_error(tmp_path):
+    w = ShardWriter(tmp_path, max_bytes=10)
+    with pytest.raises(RuntimeError):
+        w.add("k", {"jpg": b"x"})
