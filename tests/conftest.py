@@ -30,10 +30,14 @@ def real_svs(shared_data: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray instance for every test that needs it (starting Ray costs 5-10 s and ~0.7 GB)."""
+    """One local Ray instance for every test that needs it (starting Ray costs 5-10 s and ~0.7 GB).
+
+    4 logical CPUs on a 2-core machine: training workers, expert actors and Ray Data tasks each hold a CPU slot, and
+    with only 2 slots they can wait on each other forever. `test_gpu` stands in for GPUs where placement is tested.
+    """
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=4, resources={"test_gpu": 4}, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
