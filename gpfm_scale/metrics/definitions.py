@@ -39,6 +39,41 @@ TILING = TilingMetrics(
 )
 
 
+@dataclass(frozen=True)
+class PretrainMetrics:
+    step: Gauge
+    step_seconds: Gauge
+    data_wait_seconds: Gauge
+    expert_wait_seconds: Gauge
+    images_per_second: Gauge
+    worker_images_per_second: Gauge
+    loss: Gauge
+    lr: Gauge
+    momentum: Gauge
+    teacher_temperature: Gauge
+    corrupt_samples: Counter
+
+
+PRETRAIN = PretrainMetrics(
+    step=Gauge("gpfm_pretrain_step", "Last optimiser step completed.", registry=REGISTRY),
+    step_seconds=Gauge("gpfm_pretrain_step_seconds", "Wall time of the last step on rank 0.", registry=REGISTRY),
+    data_wait_seconds=Gauge("gpfm_pretrain_data_wait_seconds", "Time the last step waited for its batch.",
+                            registry=REGISTRY),
+    expert_wait_seconds=Gauge("gpfm_pretrain_expert_wait_seconds",
+                              "Time the last step waited for expert targets.", registry=REGISTRY),
+    images_per_second=Gauge("gpfm_pretrain_images_per_second", "Images per second, all workers.",
+                            registry=REGISTRY),
+    worker_images_per_second=Gauge("gpfm_pretrain_worker_images_per_second", "Images per second on rank 0.",
+                                   registry=REGISTRY),
+    loss=Gauge("gpfm_pretrain_loss", "Loss terms of the last step.", ["term"], registry=REGISTRY),
+    lr=Gauge("gpfm_pretrain_learning_rate", "Learning rate (before per-group multipliers).", registry=REGISTRY),
+    momentum=Gauge("gpfm_pretrain_teacher_momentum", "EMA momentum of the teacher.", registry=REGISTRY),
+    teacher_temperature=Gauge("gpfm_pretrain_teacher_temperature", "Teacher softmax temperature.",
+                              registry=REGISTRY),
+    corrupt_samples=Counter("gpfm_pretrain_corrupt_samples", "Samples skipped as undecodable.", registry=REGISTRY),
+)
+
+
 def serve_metrics(port: int, addr: str = "127.0.0.1") -> int:
     """Start the HTTP exposition endpoint (port 0 picks a free one); returns the bound port."""
     server, _thread = start_http_server(port, addr=addr, registry=REGISTRY)

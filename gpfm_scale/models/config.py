@@ -58,9 +58,9 @@ class HeadConfig(StrictModel):
     num_layers: int = Field(3, ge=1)
     shared_ibot_head: bool = True
     fix_last_layer_norm: bool = Field(
-        True,
-        description="keep the weight-norm gain g of the last layer at 1 (not trained); DINOv2/GPFM initialise g=1 "
-        "but train it after the first epoch: set False for that",
+        False,
+        description="keep the weight-norm gain g of the last layer at 1 (DINO v1); False (GPFM, DINOv2): g starts "
+        "at 1 and is trained once the last layer is unfrozen",
     )
     expert_bottleneck_dim: int = Field(256, gt=0, description="bottleneck of each expert projection head")
 
