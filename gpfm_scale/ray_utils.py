@@ -11,8 +11,9 @@ log = logging.getLogger(__name__)
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Use the running Ray session if there is one, else join `address` / RAY_ADDRESS, else start a local instance.
 
-    A local instance is started without the dashboard: it saves ~1 GB and 5 s, and metrics are served by
-    gpfm-scale itself (see gpfm_scale.metrics).
+    Without an address we start our own instance (`address="local"`) rather than let Ray attach to whatever
+    cluster this machine ran last; `ray job submit` sets RAY_ADDRESS, so jobs join their cluster. A local
+    instance is started without the dashboard: it saves ~1 GB and 5 s, and metrics are served by gpfm-scale itself.
     """
     import ray
 
@@ -24,4 +25,4 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         log.info("starting a local Ray instance")
-        ray.init(include_dashboard=False, num_cpus=num_cpus, log_to_driver=True)
+        ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, log_to_driver=True)

@@ -21,6 +21,29 @@ _BLOCK = tarfile.BLOCKSIZE  # 512
 _END_OF_ARCHIVE = b"\0" * (2 * _BLOCK)
 
 
+def _slow_header(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o444
+    return info.tobuf(format=tarfile.GNU_FORMAT)
+
+
+_TEMPLATE = _slow_header("x", 0)
+
+
+def tar_header(name: str, size: int) -> bytes:
+    """The GNU tar header tarfile would write (same bytes), filled into a template: 4x faster, and at ~10k
+    tiles/s per core the header was a tenth of the zero-decode path. Long names fall back to tarfile."""
+    raw = name.encode("utf-8")
+    if len(raw) > 100 or size >= 8**11:
+        return _slow_header(name, size)
+    header = bytearray(_TEMPLATE)
+    header[0:100] = raw.ljust(100, b"\0")
+    header[124:136] = b"%011o\0" % size
+    header[148:156] = b"        "
+    header[148:155] = b"%06o\0" % sum(header)
+    return bytes(header)
+
+
 @dataclass
 class SealedShard:
     """A complete tar written under a temporary name, and the slides it holds (each wholly)."""
@@ -77,9 +100,7 @@ class ShardWriter:
             raise RuntimeError("add() outside begin_slide()/commit_slide()")
         start = self.size
         for ext, payload in files.items():
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(payload), 0, 0o444
-            self._write(info.tobuf(format=tarfile.GNU_FORMAT))
+            self._write(tar_header(f"{key}.{ext}", len(payload)))
             self._write(payload)
             pad = (-len(payload)) % _BLOCK
             if pad:

@@ -32,6 +32,7 @@ from gpfm_scale.slides.tissue import choose_mask_level, mask_from_level, mask_wi
 from gpfm_scale.tiling.config import TilingConfig
 from gpfm_scale.tiling.manifest import SlideOutcome
 from gpfm_scale.tiling.outputs import OutputDir
+from gpfm_scale.tiling.regions import grid_regions
 from gpfm_scale.tiling.shards import ShardWriter
 
 log = logging.getLogger(__name__)
@@ -56,13 +57,7 @@ def encode_tile(rgb: np.ndarray, cfg: TilingConfig) -> tuple[str, bytes]:
 
 
 def _decoded_tiles(reader: SlideReader, grid: TileGrid, tile_px: int, cfg: TilingConfig) -> Iterator[tuple[str, bytes]]:
-    size = (grid.read_size_px, grid.read_size_px)
-    locations = [(int(x), int(y)) for x, y in grid.coords]
-    for (x, y), region in zip(locations, reader.read_regions(locations, grid.read_level, size,
-                                                             batch_size=cfg.read_batch_size)):
-        if not region.any():
-            # cuCIM returns black instead of raising on a JPEG tile it cannot decode: never pass that on as data.
-            raise SlideReadError(f"{reader.name} returned an all-black tile at ({x}, {y}): damaged JPEG data?")
+    for region in grid_regions(reader, grid, cfg.read_batch_size):
         if grid.needs_resize:
             region = cv2.resize(region, (tile_px, tile_px), interpolation=cv2.INTER_AREA)
         yield encode_tile(region, cfg)

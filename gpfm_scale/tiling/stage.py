@@ -214,12 +214,13 @@ def _dispatch(cfg: TilingConfig, out: OutputDir, driver: _Driver, todo: list[str
     tiles_seen, t0 = 0, time.perf_counter()
     try:
         while pending or inflight:
-            for i, actor in enumerate(actors):
-                while pending and len(driver.queues[i]) < cfg.max_inflight_per_worker:
-                    task = pending.popleft()
-                    ref = actor.process.remote(task)
-                    inflight[ref] = (i, task)
-                    driver.queues[i].append(ref)
+            for _depth in range(cfg.max_inflight_per_worker):  # round-robin: every actor gets work first
+                for i, actor in enumerate(actors):
+                    if pending and len(driver.queues[i]) <= _depth:
+                        task = pending.popleft()
+                        ref = actor.process.remote(task)
+                        inflight[ref] = (i, task)
+                        driver.queues[i].append(ref)
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
             for ref in ready:
                 i, task = inflight.pop(ref)

@@ -65,3 +65,11 @@ def test_add_outside_slide_is_an_error(tmp_path):
     w = ShardWriter(tmp_path, max_bytes=10)
     with pytest.raises(RuntimeError):
         w.add("k", {"jpg": b"x"})
+
+
+def test_fast_tar_header_is_byte_identical_to_tarfile():
+    from gpfm_scale.tiling.shards import _slow_header, tar_header
+
+    names = [(f"slide_{i % 7}/{i * 256}_{i * 3}.jpg", 1000 + i * 37) for i in range(2000)]
+    names += [("x" * 99 + ".json", 5), ("long/" + "y" * 120 + ".jpg", 10)]  # the last one falls back
+    assert all(tar_header(n, size) == _slow_header(n, size) for n, size in names)
