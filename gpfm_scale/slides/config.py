@@ -3,7 +3,7 @@
 Defaults follow GPFM (512-px tiles at level 0, non-overlapping, at most 2,000 per slide, CLAM-style masks: Otsu on
 saturation, median blur, closing). Sizes that describe tissue are in µm / µm² so the same config gives the same
 result on 20x and 40x slides and whatever resolution the mask happens to be computed at; kernel sizes are in mask
-pixels: the mask is computed at `mask_mpp` (2 µm/px) or, on large slides, at most `mask_width_px` wide.
+pixels: the mask is computed at `mask_mpp` (4 µm/px) or, on large slides, at most `mask_width_px` wide.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class TissueConfig(StrictModel):
         "it is read and downscaled to at most this width.",
     )
     mask_mpp: float = Field(
-        2.0,
+        4.0,
         gt=0,
         description="Finest resolution of the mask in µm per mask px (the mask is at most mask_width_px wide, so "
         "large slides get coarser). Coarse enough that nuclei blur into their tissue: at full resolution Otsu "

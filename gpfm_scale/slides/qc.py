@@ -75,7 +75,8 @@ def render_thumbnail(
 
 def encode_png(rgb: np.ndarray) -> bytes:
     """PNG bytes of an RGB uint8 [H, W, 3] image (OpenCV wants BGR, so the channels are swapped first)."""
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR))
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR),
+                           [cv2.IMWRITE_PNG_COMPRESSION, 1])  # level 1: 5x faster to write, ~20% bigger
     if not ok:
         raise ValueError(f"could not encode a {rgb.dtype} {rgb.shape} image as PNG")
     return buf.tobytes()

