@@ -39,7 +39,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -53,6 +53,7 @@ from gpfm_scale.models.config import BackboneConfig, ExpertConfig, HeadConfig, M
 from gpfm_scale.models.experts import EXPERTS, Expert
 from gpfm_scale.models.meta_arch import SSLMetaArch
 from gpfm_scale.models.objective_config import ObjectiveConfig
+from gpfm_scale.models.vit import Backbone
 from gpfm_scale.train.config import OptimConfig, ScheduleConfig
 from gpfm_scale.train.local import build_optimizer, expert_targets, student_grid
 from gpfm_scale.train.param_groups import apply_schedule
@@ -120,7 +121,7 @@ class Step:
         self.device, self.preset = device, preset
         self.model = SSLMetaArch(preset.objective).to(device).train()
         if grad_checkpointing:
-            self.model.student["backbone"].set_grad_checkpointing(True)
+            cast(Backbone, self.model.student["backbone"]).set_grad_checkpointing(True)
         self.experts = build_random_experts(
             preset.objective.model.experts, device, torch.bfloat16 if cuda else torch.float32
         )
@@ -219,7 +220,7 @@ def profile(step: Step, rows: int = 20) -> str:
     with torch_profile(activities=activities) as prof:
         step.run()
         step.sync()
-    key = "self_cuda_time_total" if step.device.type == "cuda" else "self_cpu_time_total"
+    key = "self_device_time_total" if step.device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
@@ -267,7 +268,7 @@ def print_report(result: dict, preset: Preset, device: str) -> None:
     flops = result["flops"]
     print(
         f"forward_backward {1e3 * result['forward_backward_s']:.1f} ms; full step (uninstrumented) "
-        f"{1e3 * result['step_s']:.1f} ms = {result['images_per_s']:.1f} images/s ({result['crops_per_s']:.0f} crops/s)"
+        f"{1e3 * result['step_s']:.1f} ms = {result['images_per_s']:.3g} images/s ({result['crops_per_s']:.3g} crops/s)"
     )
     print(
         "GFLOPs per step: "

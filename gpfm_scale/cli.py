@@ -67,6 +67,23 @@ def _tile_parser(sub: Any) -> None:
     _add_common(p)
 
 
+def _pretrain_parser(sub: Any) -> None:
+    p = sub.add_parser("pretrain", help="Train the GPFM student/teacher with Ray Train + DeepSpeed (stage 2).",
+                       description="Pretrain on the tiler's shards. Writes DIR/checkpoints/ (resume with --resume), "
+                                   "DIR/export/model.safetensors + config.json (the teacher, loadable with plain timm) "
+                                   "and DIR/metrics.jsonl. Configs: gpfm_scale/configs/tiny.yaml (CPU, minutes), "
+                                   "gpfm_scale/configs/vitl14_gpfm.yaml (the GPFM recipe).")
+    p.add_argument("--shards", help="Tiler output dir, shards dir, glob or comma-separated shard URLs "
+                                    "(default: loader.shards of the config).")
+    p.add_argument("--out", default="pretrain-output", help="Output directory (shared by all nodes).")
+    p.add_argument("--resume", action="store_true", help="Continue the run in --out from its newest checkpoint.")
+    p.add_argument("--workers", type=int, dest="run.num_workers", help="Ray Train workers.")
+    p.add_argument("--steps", type=int, dest="run.total_iters", help="Total optimiser steps.")
+    p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], dest="deepspeed.zero_stage", help="ZeRO stage.")
+    p.add_argument("--ray-address", dest="run.ray_address", help="Ray cluster address (default: RAY_ADDRESS or local).")
+    _add_common(p)
+
+
 def _demo_parser(sub: Any) -> None:
     p = sub.add_parser("demo", help="Run every stage end to end on small real and synthetic slides.")
     p.add_argument("--out", default="demo-output", help="Where the demo writes everything.")
@@ -74,7 +91,7 @@ def _demo_parser(sub: Any) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    skip = {"cmd", "config", "set", "print_config", "log_level", "slides", "out"}
+    skip = {"cmd", "config", "set", "print_config", "log_level", "slides", "out", "shards", "resume"}
     over = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
     if over.get("grid.max_tiles_per_slide") == 0:
         over["grid.max_tiles_per_slide"] = None
@@ -99,6 +116,22 @@ def _run_tile(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def _run_pretrain(args: argparse.Namespace) -> int:
+    from gpfm_scale.train.pretrain_config import PretrainConfig
+    from gpfm_scale.train.stage import run
+
+    cfg = load_config(PretrainConfig, args.config, _overrides(args))
+    if args.print_config:
+        print(describe_config(cfg))
+        return 0
+    result = run(cfg, args.out, shards=args.shards, resume=args.resume)
+    print(f"pretrained {result.steps} steps in {result.seconds:.0f} s")
+    print(f"  teacher:     {result.export_dir}")
+    print(f"  checkpoint:  {result.checkpoint}")
+    print(f"  metrics:     {result.out}/metrics.jsonl")
+    return 0
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     from gpfm_scale.demo import run_demo
 
@@ -109,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpfm-scale", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     _tile_parser(sub)
+    _pretrain_parser(sub)
     _demo_parser(sub)
     return parser
 
@@ -116,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handlers = {"tile": _run_tile, "demo": _run_demo}
+    handlers = {"tile": _run_tile, "pretrain": _run_pretrain, "demo": _run_demo}
     try:
         return handlers[args.cmd](args)
     except GpfmError as err:

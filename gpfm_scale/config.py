@@ -86,6 +86,7 @@ def describe_config(cfg: StrictModel, indent: int = 0) -> str:
     """The resolved config as YAML with each field's description as a comment: the config reference users read."""
     lines = []
     pad = "  " * indent
+    plain = cfg.model_dump(mode="json")
     for name, field in type(cfg).model_fields.items():
         value = getattr(cfg, name)
         if field.description:
@@ -94,14 +95,6 @@ def describe_config(cfg: StrictModel, indent: int = 0) -> str:
             lines.append(f"{pad}{name}:")
             lines.append(describe_config(value, indent + 1))
         else:
-            dumped = yaml.safe_dump({name: _plain(value)}, default_flow_style=True, width=10**6).strip()
+            dumped = yaml.safe_dump({name: plain[name]}, default_flow_style=True, width=10**6).strip()
             lines.append(pad + dumped.removeprefix("{").removesuffix("}"))
     return "\n".join(lines)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    if isinstance(value, tuple):
-        return list(value)
-    return value

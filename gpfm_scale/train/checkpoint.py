@@ -1,0 +1,86 @@
+"""Checkpoints for exact resume, and the exported teacher that needs nothing of this package to load.
+
+A checkpoint directory holds DeepSpeed's own files under `ds/` (module incl. the EMA teacher and the loss centres,
+optimiser shards, one file per rank under ZeRO) with the step as client state. Nothing else is needed: data order,
+augmentation, masks and drop-path are pure functions of (seed, rank, step) (the worker reseeds torch every step),
+and schedules are pure functions of the step.
+
+The export is `model.safetensors` (the teacher's timm ViT weights) + `config.json` (the `timm.create_model`
+arguments and the input contract), so `timm.create_model(**config["timm"])` + `load_state_dict` rebuilds it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from gpfm_scale.errors import CheckpointMismatchError
+from gpfm_scale.models.vit import timm_create_kwargs
+from gpfm_scale.train.engine import gathered
+
+log = logging.getLogger(__name__)
+
+DS_DIR = "ds"
+TAG = "state"
+
+
+def save_training_state(engine: Any, directory: str | Path, step: int) -> None:
+    """Every rank calls this (DeepSpeed's save is collective); `step` is the next step to run."""
+    engine.save_checkpoint(str(Path(directory) / DS_DIR), tag=TAG, client_state={"step": step})
+
+
+def load_training_state(engine: Any, directory: str | Path) -> int:
+    """Restore engine, optimiser, teacher and loss centres; returns the step to continue from."""
+    directory = Path(directory)
+    try:
+        path, client = engine.load_checkpoint(str(directory / DS_DIR), tag=TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+    except (RuntimeError, FileNotFoundError, KeyError) as err:
+        raise CheckpointMismatchError(f"{directory}: cannot restore the DeepSpeed state ({err}); "
+                                      "was it written with another model or world size?") from err
+    if path is None or "step" not in (client or {}):
+        raise CheckpointMismatchError(f"{directory}: no DeepSpeed checkpoint under {DS_DIR}/{TAG}")
+    return int(client["step"])
+
+
+def export_teacher(model: Any, backbone_cfg: Any, directory: str | Path, step: int, is_writer: bool) -> None:
+    """Write the teacher backbone as safetensors + config.json (collective under ZeRO-3: every rank must call)."""
+    backbone = model.teacher["backbone"]
+    params = list(backbone.parameters())
+    with gathered(params):
+        if is_writer:
+            directory = Path(directory)
+            directory.mkdir(parents=True, exist_ok=True)
+            tmp = directory / ".model.safetensors.partial"
+            save_file(backbone.export_state_dict(), str(tmp))
+            os.replace(tmp, directory / "model.safetensors")
+            config = {
+                "format": "gpfm-scale teacher backbone",
+                "timm": timm_create_kwargs(backbone_cfg),
+                "embed_dim": backbone.embed_dim,
+                "patch_size": backbone_cfg.patch_size,
+                "img_size": backbone_cfg.img_size,
+                "mean": [0.485, 0.456, 0.406],
+                "std": [0.229, 0.224, 0.225],
+                "features": "CLS token after the final LayerNorm (forward_features(x)[:, 0])",
+                "step": step,
+            }
+            (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            log.info("exported teacher (step %d) to %s", step, directory)
+
+
+def load_exported(directory: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild an exported teacher with plain timm (what users and `embed` do)."""
+    import timm
+
+    directory = Path(directory)
+    config = json.loads((directory / "config.json").read_text())
+    model = timm.create_model(**config["timm"])
+    model.load_state_dict(load_file(str(directory / "model.safetensors"), device=device), strict=True)
+    return model.eval().to(device), config

@@ -1,0 +1,207 @@
+"""The Ray Train worker: one function, `train_loop_per_worker(config)`, handed to `TorchTrainer`.
+
+Per step: take the next batch (its expert targets were requested one step earlier, so the experts compute while
+the previous step runs), set lr / wd / temperature / momentum from the schedules, forward through the DeepSpeed
+engine, backward, step, EMA-update the teacher (on ZeRO-3 slices when partitioned), report. Everything a resumed
+run needs is in the checkpoint or is a pure function of the step (schedules, data order).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+from gpfm_scale.train.pretrain_config import PretrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The torch seed of one rank's step: randomness never depends on how the run got there (exact resume)."""
+    return (seed * 1_000_003 + rank * 10_007 + step) % 2**63
+
+
+@dataclass
+class StepTimes:
+    data_wait_s: float
+    expert_wait_s: float
+    step_s: float
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    return torch.device("cpu")
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _build(cfg: PretrainConfig, device: torch.device, world: int) -> tuple[Any, Any, Any, Any]:
+    import deepspeed
+
+    from gpfm_scale.models.meta_arch import SSLMetaArch
+    from gpfm_scale.train.engine import deepspeed_config
+    from gpfm_scale.train.param_groups import build_param_groups
+    from gpfm_scale.train.schedules import build_schedules
+
+    torch.manual_seed(cfg.run.seed)  # identical init on every rank
+    model = SSLMetaArch(cfg.objective).to(device)
+    groups = build_param_groups(model.student, cfg.optim)
+    optimizer = torch.optim.AdamW(groups, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    ds_cfg = deepspeed_config(cfg.deepspeed, cfg.loader.batch_size, cfg.optim.clip_grad, device.type == "cuda")
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg,
+                                                   dist_init_required=False)
+    schedules = build_schedules(cfg.schedule, total_batch=cfg.loader.batch_size * world,
+                                total_iters=cfg.run.total_iters)
+    return model, engine, optimizer, schedules
+
+
+def _expert_stream(cfg: PretrainConfig, loader: Iterator[dict], grid: tuple[int, int], device: torch.device,
+                   names_by_node: dict[str, list[str]] | None) -> Iterator[tuple[dict, dict | None, float, float]]:
+    """Yields (batch, expert targets or None, data wait s, expert wait s); targets come one step ahead."""
+    from gpfm_scale.train.expert_actors import ExpertPrefetcher
+    from gpfm_scale.train.expert_placement import build_expert_client
+
+    experts = cfg.objective.model.experts
+    if not experts:
+        while True:
+            t0 = time.perf_counter()
+            batch = next(loader)
+            yield batch, None, time.perf_counter() - t0, 0.0
+    placement = cfg.expert_placement
+    client = build_expert_client(experts, placement, names_by_node, device)
+    for item in ExpertPrefetcher(loader, client, grid, depth=placement.prefetch_depth):
+        yield item.batch, item.targets, item.stats.get("data_wait_s", 0.0), item.stats["wait_s"]
+
+
+def _last_step(cfg: PretrainConfig) -> int:
+    return min(cfg.run.total_iters, cfg.run.stop_after_steps or cfg.run.total_iters)
+
+
+def _report_every(cfg: PretrainConfig, step: int) -> tuple[bool, bool]:
+    last = step + 1 == _last_step(cfg)
+    ckpt = (step + 1) % cfg.run.checkpoint_every == 0 or last
+    return ckpt or (step + 1) % cfg.run.log_every == 0, ckpt
+
+
+def _metrics(step: int, terms: dict[str, Any], sched: Any, times: StepTimes, images: int, world: int,
+             corrupt: int) -> dict[str, float]:
+    out = {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in terms.items()}
+    per_worker = images / times.step_s if times.step_s > 0 else 0.0
+    out.update(step=step + 1, lr=sched.lr, wd=sched.wd, momentum=sched.momentum, teacher_temp=sched.teacher_temp,
+               step_s=times.step_s, data_wait_s=times.data_wait_s, expert_wait_s=times.expert_wait_s,
+               images_per_s_worker=per_worker, images_per_s=per_worker * world, corrupt_samples=corrupt)
+    return out
+
+
+def _publish(metrics: dict[str, float], metrics_path: str | None) -> None:
+    from gpfm_scale.metrics import PRETRAIN
+
+    PRETRAIN.step.set(metrics["step"])
+    PRETRAIN.step_seconds.set(metrics["step_s"])
+    PRETRAIN.data_wait_seconds.set(metrics["data_wait_s"])
+    PRETRAIN.expert_wait_seconds.set(metrics["expert_wait_s"])
+    PRETRAIN.images_per_second.set(metrics["images_per_s"])
+    PRETRAIN.worker_images_per_second.set(metrics["images_per_s_worker"])
+    PRETRAIN.lr.set(metrics["lr"])
+    PRETRAIN.momentum.set(metrics["momentum"])
+    PRETRAIN.teacher_temperature.set(metrics["teacher_temp"])
+    for key, value in metrics.items():
+        if key == "total" or key.startswith(("dino", "ibot", "koleo", "expert/")):
+            PRETRAIN.loss.labels(term=key).set(value)
+    if metrics_path:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+
+
+def _save_and_report(engine: Any, metrics: dict[str, float], step: int) -> None:
+    import ray.train
+
+    from gpfm_scale.train.checkpoint import save_training_state
+
+    with tempfile.TemporaryDirectory(prefix="gpfm-ckpt-") as tmp:
+        save_training_state(engine, tmp, step + 1)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _resume(engine: Any) -> int:
+    import ray.train
+
+    from gpfm_scale.train.checkpoint import load_training_state
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as directory:
+        step = load_training_state(engine, directory)
+    log.info("resumed at step %d", step)
+    return step
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point. `config`: {"cfg": PretrainConfig as dict, "out": str, "expert_actors": {...}}."""
+    import deepspeed
+    import ray.train
+
+    from gpfm_scale.data.shard_stream import build_loader
+    from gpfm_scale.train.engine import ema_update
+    from gpfm_scale.train.param_groups import apply_schedule
+
+    cfg = PretrainConfig.model_validate(config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = _device()
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    model, engine, optimizer, schedules = _build(cfg, device, world)
+    start = _resume(engine)
+    metrics_path = os.path.join(config["out"], "metrics.jsonl") if rank == 0 and config.get("out") else None
+    if rank == 0 and cfg.run.metrics_port is not None:
+        from gpfm_scale.metrics import serve_metrics
+
+        serve_metrics(cfg.run.metrics_port)
+    side = cfg.objective.model.backbone.grid_size
+    grid = (side, side)
+    loader = build_loader(cfg.loader, cfg.crops, cfg.masks, grid, rank, world, start_step=start)
+    stream = _expert_stream(cfg, loader, grid, device, config.get("expert_actors"))
+    pairs = [(t, s) for _, t, s in model.teacher_student_param_pairs()]
+    corrupt = 0
+    for step in range(start, _last_step(cfg)):
+        t0 = time.perf_counter()
+        batch, targets, data_wait, expert_wait = next(stream)
+        torch.manual_seed(step_seed(cfg.run.seed, rank, step))  # drop-path: a function of the step, for resume
+        corrupt += int(batch.get("stats", {}).get("corrupt", 0))
+        sched = schedules.at(step)
+        apply_schedule(optimizer, sched)
+        terms = engine(_to_device(batch, device), targets, teacher_temp=sched.teacher_temp)
+        engine.backward(terms["total"])
+        engine.step()
+        with torch.no_grad():
+            ema_update(pairs, sched.momentum)
+        report, ckpt = _report_every(cfg, step)
+        if not report:
+            continue
+        times = StepTimes(data_wait, expert_wait, time.perf_counter() - t0)
+        metrics = _metrics(step, {k: v for k, v in terms.items() if not k.startswith("_")}, sched, times,
+                           cfg.loader.batch_size, world, corrupt)
+        if rank == 0:
+            _publish(metrics, metrics_path)
+        if ckpt:
+            _save_and_report(engine, metrics, step)
+        else:
+            ray.train.report(metrics)
+    if config.get("out") and _last_step(cfg) == cfg.run.total_iters:
+        from gpfm_scale.train.checkpoint import export_teacher
+
+        export_teacher(model, cfg.objective.model.backbone, os.path.join(config["out"], "export"),
+                       cfg.run.total_iters, is_writer=rank == 0)

@@ -1,0 +1,93 @@
+"""Distributed pretraining on a local Ray instance: 2 workers, DeepSpeed ZeRO-2, tiny ViT, tiny experts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from gpfm_scale.errors import ConfigError
+from gpfm_scale.train.checkpoint import load_exported
+from gpfm_scale.train.stage import run
+from tests.integration.pretrain_helpers import read_metrics, tiny_config, write_tile_shards
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+LOSS_TERMS = ["dino_global", "dino_local", "ibot", "koleo", "expert/tiny_a/cls", "expert/tiny_a/patch",
+              "expert/tiny_b/cls"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_tile_shards(tmp_path_factory.mktemp("shards"))
+
+
+def test_remote_experts_losses_fall_and_teacher_exports(shards, tmp_path):
+    cfg = tiny_config(**{"run.total_iters": 30, "run.checkpoint_every": 30, "expert_placement.mode": "remote",
+                         "expert_placement.accelerator_resource": "test_gpu", "expert_placement.cpus_per_actor": 0.5,
+                         "expert_placement.expert_gpus_per_node": 2})
+    result = run(cfg, str(tmp_path), shards=str(shards))
+    assert result.steps == 30
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    first, last = rows[:5], rows[-5:]
+    for term in LOSS_TERMS[4:] + ["total"]:
+        assert all(np.isfinite(r[term]) for r in rows)
+        assert np.mean([r[term] for r in last]) < np.mean([r[term] for r in first]), term
+    assert all(r["expert_wait_s"] >= 0 and r["images_per_s"] > 0 for r in rows)
+    model, config = load_exported(result.export_dir)
+    assert config["step"] == 30 and config["embed_dim"] == 64
+    features = model.forward_features(torch.rand(2, 3, 32, 32))[:, 0]
+    assert features.shape == (2, 64) and torch.isfinite(features).all()
+
+
+def test_stopped_and_resumed_run_matches_an_uninterrupted_one(shards, tmp_path):
+    base = {"run.total_iters": 12, "run.checkpoint_every": 6}
+    run(tiny_config(**base), str(tmp_path / "full"), shards=str(shards))
+    run(tiny_config(**base, **{"run.stop_after_steps": 6}), str(tmp_path / "split"), shards=str(shards))
+    assert not (tmp_path / "split" / "export").exists()
+    run(tiny_config(**base), str(tmp_path / "split"), shards=str(shards), resume=True)
+    full, split = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "split")
+    assert [r["step"] for r in split] == list(range(1, 13))
+    for a, b in zip(full, split):
+        for term in LOSS_TERMS + ["total"]:
+            assert a[term] == pytest.approx(b[term], rel=1e-4, abs=1e-5), (a["step"], term)
+    with pytest.raises(ConfigError, match="--resume"):
+        run(tiny_config(**base), str(tmp_path / "full"), shards=str(shards))
+
+
+def _kill_a_worker_after(out, step: int, killed: list) -> None:
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            done = len((out / "metrics.jsonl").read_text().splitlines())
+        except OSError:
+            done = 0
+        if done >= step:
+            for proc in psutil.process_iter(["pid", "cmdline"]):
+                title = " ".join(proc.info["cmdline"] or [])
+                if "RayTrainWorker" in title and proc.pid != os.getpid():
+                    os.kill(proc.pid, signal.SIGKILL)
+                    killed.append(proc.pid)
+                    return
+        time.sleep(0.2)
+
+
+def test_killed_worker_is_recovered_from_the_checkpoint(shards, tmp_path):
+    cfg = tiny_config(**{"run.total_iters": 16, "run.checkpoint_every": 6, "run.max_failures": 2})
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_a_worker_after, args=(tmp_path, 9, killed))
+    killer.start()
+    result = run(cfg, str(tmp_path), shards=str(shards))
+    killer.join()
+    assert killed, "no training worker was found to kill"
+    steps = [r["step"] for r in read_metrics(tmp_path)]
+    rewind = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+    assert steps[rewind] == 7  # restarted right after the step-6 checkpoint
+    assert result.steps == 16 and steps[-1] == 16
