@@ -1,0 +1,1 @@
+"""Stage 4: downstream evaluation of embeddings (patch probes, retrieval, ABMIL, survival, model ranking)."""

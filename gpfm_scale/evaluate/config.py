@@ -1,0 +1,83 @@
+"""Every setting of `gpfm-scale evaluate`, with the protocol defaults of REFERENCE.md "Downstream protocols".
+
+Patch tasks and reporting read these; the slide tasks (ABMIL, survival) receive the same object and read
+their own section, `slide` (`SlideTaskConfig`, with its own seed and bootstrap count).
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from gpfm_scale.config import StrictModel
+from gpfm_scale.evaluate.slide_config import SlideTaskConfig
+
+
+class SplitConfig(StrictModel):
+    train: float = Field(0.7, gt=0, lt=1, description="fraction of samples (or groups) for training (GPFM 7:1:2)")
+    val: float = Field(0.1, ge=0, lt=1, description="fraction for validation (linear-probe early stopping)")
+    test: float = Field(0.2, gt=0, lt=1, description="fraction held out for every reported number")
+    split_column: str = Field("split", description="index column with train/val/test per row; used when present")
+    group_column: str | None = Field(
+        "case_id", description="rows sharing this column's value stay in one split (correlated crops: case_id, "
+        "source image); ignored when the column is absent; null: split rows independently")
+
+    @model_validator(mode="after")
+    def _fractions_sum_to_one(self) -> SplitConfig:
+        if abs(self.train + self.val + self.test - 1.0) > 1e-6:
+            raise ValueError(f"split fractions must sum to 1, got train {self.train} + val {self.val} "
+                              f"+ test {self.test}")
+        return self
+
+
+class ProbeConfig(StrictModel):
+    lr: float = Field(5e-4, gt=0, description="AdamW peak learning rate (cosine decay to 0 over max_epochs)")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
+    batch_size: int = Field(256, ge=1, description="training batch size")
+    max_epochs: int = Field(100, ge=1, description="upper bound on epochs; the cosine schedule spans them")
+    patience: int = Field(10, ge=1, description="epochs without a better validation macro-AUC before stopping")
+    num_threads: int | None = Field(
+        1, ge=1, description="torch CPU threads while the probe trains (a [D -> C] model: thread hand-offs cost more "
+        "than they save; measured 18x faster with 1 than 2 on a busy 2-core machine); null: leave torch's setting")
+
+
+class KnnConfig(StrictModel):
+    k: int = Field(20, ge=1, description="neighbours voting (DINO kNN: cosine similarity)")
+    temperature: float = Field(0.07, gt=0, description="vote weight exp(similarity / T)")
+
+
+class FewShotConfig(StrictModel):
+    shots: list[int] = Field([1, 2, 4, 8, 16], description="examples per class in each draw")
+    draws: int = Field(100, ge=1, description="random support sets drawn per shot count")
+
+
+class RetrievalConfig(StrictModel):
+    top_k: list[int] = Field([1, 3, 5], description="Acc@K reported for these K")
+    majority_k: int = Field(5, ge=1, description="K of MVAcc@K (majority vote of the K nearest)")
+
+
+class ReportConfig(StrictModel):
+    max_points: int = Field(3000, ge=10, description="embedding points drawn per PCA scatter (a seeded subsample)")
+    figure_dpi: int = Field(110, ge=50, description="resolution of the PNG figures")
+
+
+class EvaluateConfig(StrictModel):
+    seed: int = Field(0, description="one seed for splits, probe init/shuffling, few-shot draws and bootstrap")
+    bootstrap: int = Field(1000, ge=0, description="bootstrap resamples of the test set for 95% CIs (0: none)")
+    ci_level: float = Field(0.95, gt=0, lt=1, description="confidence level of the percentile intervals")
+    split: SplitConfig = SplitConfig()
+    probe: ProbeConfig = ProbeConfig()
+    knn: KnnConfig = KnnConfig()
+    few_shot: FewShotConfig = FewShotConfig()
+    retrieval: RetrievalConfig = RetrievalConfig()
+    report: ReportConfig = ReportConfig()
+    slide: SlideTaskConfig = Field(SlideTaskConfig(), description="ABMIL and survival settings (slide_config.py)")
+    rank_metric: dict[str, str] = Field(
+        {"linear-probe": "balanced_accuracy", "knn": "balanced_accuracy",
+         "few-shot": "balanced_accuracy_{max_shot}shot", "retrieval": "acc_at_1", "abmil": "auc_macro",
+         "survival": "c_index"},
+        description="the metric each task is ranked by (higher is better); {max_shot}: max(few_shot.shots)")
+
+    def resolved_rank_metric(self) -> dict[str, str]:
+        """rank_metric with {max_shot} filled in: the metric name each task is ranked by in this run."""
+        shot = str(max(self.few_shot.shots, default=0))
+        return {task: name.replace("{max_shot}", shot) for task, name in self.rank_metric.items()}

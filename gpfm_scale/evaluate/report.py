@@ -1,0 +1,125 @@
+"""`DIR/results.json` and `DIR/report.md` (+ `DIR/figures/*.png`): the numbers, their CIs, and how to redo them.
+
+The report's header holds the exact command line; with the seed and config stored in results.json it
+reproduces every number. Figures come first for a reader who wants the picture: ranks, ROC curves,
+Kaplan-Meier curves, embedding PCA; the tables follow.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from gpfm_scale.evaluate.config import EvaluateConfig
+from gpfm_scale.evaluate.plots import plot_embedding_pca, plot_kaplan_meier, plot_rank_heatmap, plot_roc
+from gpfm_scale.evaluate.ranking import RankSummary, rank_markdown
+from gpfm_scale.evaluate.results import RESULTS_FILE, Results, results_payload, write_results_json
+from gpfm_scale.evaluate.splits import PatchData
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "report.md"
+FIGURES_DIR = "figures"
+ROC_TASKS = ("linear-probe", "abmil")
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    """Everything a report is made of."""
+
+    results: Results
+    sources: dict[str, str]
+    embeddings: dict[str, PatchData]
+    summary: RankSummary | None
+    cfg: EvaluateConfig
+    command: str
+
+
+def slug(name: str) -> str:
+    """A file-name-safe form of a model or task name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "x"
+
+
+def _figures(inputs: ReportInputs, out: Path) -> dict[str, list[tuple[str, Path]]]:
+    """Section name -> [(caption, path)], each figure written under out/figures/."""
+    fig_dir = out / FIGURES_DIR
+    dpi = inputs.cfg.report.figure_dpi
+    figs: dict[str, list[tuple[str, Path]]] = {"ranks": [], "roc": [], "km": [], "pca": []}
+    if inputs.summary is not None and len(inputs.summary.scores):
+        figs["ranks"].append(("rank per task", plot_rank_heatmap(
+            inputs.summary.ranks, inputs.summary.average_rank, fig_dir / "ranks.png", dpi)))
+    for model, tasks in inputs.results.items():
+        for task, res in tasks.items():
+            name = f"{slug(model)}_{slug(task)}"
+            if task in ROC_TASKS and res.scores is not None and res.y_true is not None:
+                figs["roc"].append((f"{model}: {task}", plot_roc(
+                    res.y_true, res.scores, res.classes, f"{model} - {task} (test)", fig_dir / f"roc_{name}.png", dpi)))
+            if res.times is not None and res.events is not None and res.risk is not None:
+                figs["km"].append((f"{model}: {task}", plot_kaplan_meier(
+                    res.times, res.events, res.risk, fig_dir / f"km_{name}.png", f"{model} - {task}", dpi)))
+    for model, data in inputs.embeddings.items():
+        figs["pca"].append((model, plot_embedding_pca(
+            data.features, data.labels, data.classes, f"{model}: PCA of embeddings", fig_dir / f"pca_{slug(model)}.png",
+            inputs.cfg.report.max_points, inputs.cfg.seed, dpi)))
+    return figs
+
+
+def _task_tables(results: Results) -> list[str]:
+    """One Markdown table per task: metrics as rows, models as columns, 'value [ci_low, ci_high]'."""
+    models = list(results)
+    tasks = sorted({t for per_model in results.values() for t in per_model})
+    lines = []
+    for task in tasks:
+        names = list(dict.fromkeys(n for m in models if task in results[m] for n in results[m][task].metrics))
+        lines += [f"### {task}", "", "| metric | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+        for n in names:
+            cells = [str(results[m][task].metrics[n]) if task in results[m] and n in results[m][task].metrics
+                     else "n/a" for m in models]
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def _markdown(inputs: ReportInputs, figs: dict[str, list[tuple[str, Path]]], out: Path) -> str:
+    cfg = inputs.cfg
+    lines = [
+        "# gpfm-scale evaluation report", "",
+        "Every number below is reproduced by:", "", "```", inputs.command, "```", "",
+        (f"Seed {cfg.seed}; {cfg.ci_level:.0%} intervals are percentile bootstraps of the test set "
+         f"({cfg.bootstrap} resamples; AUC resamples missing a class are skipped); few-shot intervals are the spread "
+         f"over {cfg.few_shot.draws} support draws. Resolved settings and raw numbers: `{RESULTS_FILE}`."), "",
+        "## Models", "", "| model | features |", "|---|---|",
+        *[f"| {m} | `{d}` |" for m, d in inputs.sources.items()], "",
+    ]
+    if inputs.summary is not None and len(inputs.summary.scores):
+        rank_metric = cfg.resolved_rank_metric()
+        metric_of = ", ".join(f"{t}: {rank_metric.get(t)}" for t in inputs.summary.scores.index)
+        lines += ["## Ranking", "", f"Ranked by ({metric_of}); ties share the mean rank.", "",
+                  rank_markdown(inputs.summary), ""]
+    sections = (("ranks", "Ranks"), ("roc", "ROC curves (linear probe and ABMIL, one-vs-rest, test predictions)"),
+                ("km", "Kaplan-Meier curves (split at the median predicted risk)"), ("pca", "Embeddings (PCA)"))
+    for key, heading in sections:
+        if figs[key]:
+            lines += [f"## {heading}", ""]
+            lines += [f"![{cap}]({p.relative_to(out).as_posix()})" for cap, p in figs[key]] + [""]
+    lines += ["## Results per task", "", *_task_tables(inputs.results)]
+    return "\n".join(lines)
+
+
+def write_report(inputs: ReportInputs, out: str | Path) -> tuple[Path, Path, list[Path]]:
+    """Write results.json, the figures and report.md under `out`; returns (results.json, report.md, figures)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ranking = inputs.summary.to_dict() if inputs.summary is not None else None
+    payload = results_payload(inputs.results, inputs.cfg.seed, inputs.command, inputs.cfg.model_dump(mode="json"),
+                              ranking)
+    payload["sources"] = inputs.sources
+    json_path = write_results_json(out / RESULTS_FILE, payload)
+    figs = _figures(inputs, out)
+    md_path = out / REPORT_FILE
+    md_path.write_text(_markdown(inputs, figs, out))
+    figure_paths = [p for section in figs.values() for _, p in section]
+    log.info("report: %s (%d figures), %s", md_path, len(figure_paths), json_path)
+    return json_path, md_path, figure_paths
