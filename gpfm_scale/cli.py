@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from typing import Any, Sequence
 
@@ -84,6 +85,23 @@ def _pretrain_parser(sub: Any) -> None:
     _add_common(p)
 
 
+def _evaluate_parser(sub: Any) -> None:
+    p = sub.add_parser("evaluate", help="Evaluate embeddings: probes, kNN, retrieval, ABMIL, survival, ranks (stage 4).",
+                       description="Evaluate one or more models (one `gpfm-scale embed` output each) on downstream "
+                                   "tasks; writes DIR/results.json (metric -> value and 95% CI per model and task) "
+                                   "and DIR/report.md with figures. Several models are ranked per task.")
+    p.add_argument("--features", action="append", required=True, metavar="DIR",
+                   help="An embedding output directory (repeat for several models).")
+    p.add_argument("--task", action="append", required=True,
+                   help="linear-probe, knn, few-shot, retrieval, abmil or survival (repeat or comma-separate).")
+    p.add_argument("--labels", help="CSV/Parquet keyed by slide_id|image|file|path with label / time, event / "
+                                    "case_id columns; overrides the labels of the embedding index.")
+    p.add_argument("--out", required=True, help="Report directory.")
+    p.add_argument("--seed", type=int, dest="seed", help="Seed of splits, probes, few-shot draws and bootstrap.")
+    p.add_argument("--bootstrap", type=int, dest="bootstrap", help="Bootstrap resamples for the CIs (0: none).")
+    _add_common(p)
+
+
 def _demo_parser(sub: Any) -> None:
     p = sub.add_parser("demo", help="Run every stage end to end on small real and synthetic slides.")
     p.add_argument("--out", default="demo-output", help="Where the demo writes everything.")
@@ -91,7 +109,8 @@ def _demo_parser(sub: Any) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    skip = {"cmd", "config", "set", "print_config", "log_level", "slides", "out", "shards", "resume"}
+    skip = {"cmd", "config", "set", "print_config", "log_level", "slides", "out", "shards", "resume", "features",
+            "task", "labels", "argv"}
     over = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
     if over.get("grid.max_tiles_per_slide") == 0:
         over["grid.max_tiles_per_slide"] = None
@@ -132,6 +151,22 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from gpfm_scale.evaluate.config import EvaluateConfig
+    from gpfm_scale.evaluate.stage import run
+
+    cfg = load_config(EvaluateConfig, args.config, _overrides(args))
+    if args.print_config:
+        print(describe_config(cfg))
+        return 0
+    tasks = [t.strip() for item in args.task for t in item.split(",") if t.strip()]
+    result = run(cfg, args.features, tasks, args.out, labels=args.labels,
+                 command=shlex.join(["gpfm-scale", *args.argv]))
+    print(f"report: {result.report_md}")
+    print(f"results: {result.results_json}")
+    return 0
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     from gpfm_scale.demo import run_demo
 
@@ -143,14 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="cmd", required=True)
     _tile_parser(sub)
     _pretrain_parser(sub)
+    _evaluate_parser(sub)
     _demo_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handlers = {"tile": _run_tile, "pretrain": _run_pretrain, "demo": _run_demo}
+    handlers = {"tile": _run_tile, "pretrain": _run_pretrain, "evaluate": _run_evaluate, "demo": _run_demo}
     try:
         return handlers[args.cmd](args)
     except GpfmError as err:
