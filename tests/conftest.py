@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -42,3 +43,23 @@ def ray_session():
                  log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ray_resources_released(request):
+    """After each test module, every CPU slot of the shared Ray instance must be free again: a leaked actor or
+    placement group would starve a later test, which would then hang in scheduling instead of failing here."""
+    yield
+    import ray
+
+    if not ray.is_initialized():
+        return
+    total = ray.cluster_resources()
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        free = ray.available_resources()
+        if all(free.get(k, 0) >= total[k] - 1e-6 for k in ("CPU", "test_gpu") if k in total):
+            return
+        time.sleep(0.5)
+    held = {k: total[k] - ray.available_resources().get(k, 0) for k in ("CPU", "test_gpu") if k in total}
+    pytest.fail(f"{request.node.nodeid} left Ray resources held: {held}")

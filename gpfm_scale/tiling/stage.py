@@ -212,6 +212,7 @@ def _dispatch(cfg: TilingConfig, out: OutputDir, driver: _Driver, todo: list[str
     inflight: dict[Any, tuple[int, SlideTask]] = {}
     bar = tqdm(total=len(todo), unit="slide", desc="tiling", dynamic_ncols=True)
     tiles_seen, t0 = 0, time.perf_counter()
+    quiet_since = t0
     try:
         while pending or inflight:
             for _depth in range(cfg.max_inflight_per_worker):  # round-robin: every actor gets work first
@@ -222,6 +223,7 @@ def _dispatch(cfg: TilingConfig, out: OutputDir, driver: _Driver, todo: list[str
                         inflight[ref] = (i, task)
                         driver.queues[i].append(ref)
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+            quiet_since = _warn_if_stalled(ready, quiet_since, cfg)
             for ref in ready:
                 i, task = inflight.pop(ref)
                 driver.queues[i].remove(ref)
@@ -245,6 +247,24 @@ def _dispatch(cfg: TilingConfig, out: OutputDir, driver: _Driver, todo: list[str
         bar.close()
         for actor in actors:
             ray.kill(actor)
+
+
+STALL_WARNING_S = 120.0
+
+
+def _warn_if_stalled(ready: list[Any], quiet_since: float, cfg: TilingConfig) -> float:
+    """Say so when nothing finished for a while: usually actors waiting for CPUs another job holds."""
+    import ray
+
+    now = time.perf_counter()
+    if ready:
+        return now
+    if now - quiet_since < STALL_WARNING_S:
+        return quiet_since
+    log.warning("no slide finished in %.0f s; free resources %s (each tiling actor needs %s CPU): another job may "
+                "hold the cluster, or a slide is very large", now - quiet_since,
+                {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}, cfg.cpus_per_worker)
+    return now
 
 
 def _flush(actors: list[Any], driver: _Driver, pending: collections.deque, actor_error: type) -> None:
