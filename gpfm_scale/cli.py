@@ -85,6 +85,23 @@ def _pretrain_parser(sub: Any) -> None:
     _add_common(p)
 
 
+def _embed_parser(sub: Any) -> None:
+    p = sub.add_parser("embed", help="Embed tiles of a cohort (or labelled patches) with a model (stage 3).",
+                       description="Map a model over the tiler's shards, a slide manifest (tiled first into "
+                                   "DIR/tiles/) or an image folder (class/image.png) with Ray Data. Writes "
+                                   "DIR/features/{slide_id}.h5 (features + coords, CLAM/TRIDENT layout), "
+                                   "DIR/index.parquet and DIR/failed.parquet. Rerunning resumes.")
+    p.add_argument("--model", required=True,
+                   help="An export directory of `gpfm-scale pretrain`, expert:NAME, or timm:NAME (local weights).")
+    p.add_argument("--input", required=True, help="Tiler output / shards, a slide manifest, or an image folder.")
+    p.add_argument("--out", required=True, help="Output directory.")
+    p.add_argument("--batch-size", type=int, dest="batch_size", help="Images per forward pass.")
+    p.add_argument("--workers", type=int, dest="num_actors", help="Inference actors (usually one per GPU).")
+    p.add_argument("--metrics-port", type=int, dest="metrics_port", help="Serve Prometheus metrics on this port.")
+    p.add_argument("--ray-address", dest="ray_address", help="Ray cluster address (default: RAY_ADDRESS or local).")
+    _add_common(p)
+
+
 def _evaluate_parser(sub: Any) -> None:
     p = sub.add_parser("evaluate", help="Evaluate embeddings: probes, kNN, retrieval, ABMIL, survival, ranks (stage 4).",
                        description="Evaluate one or more models (one `gpfm-scale embed` output each) on downstream "
@@ -110,7 +127,7 @@ def _demo_parser(sub: Any) -> None:
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     skip = {"cmd", "config", "set", "print_config", "log_level", "slides", "out", "shards", "resume", "features",
-            "task", "labels", "argv"}
+            "task", "labels", "argv", "model", "input"}
     over = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
     if over.get("grid.max_tiles_per_slide") == 0:
         over["grid.max_tiles_per_slide"] = None
@@ -151,6 +168,21 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_embed(args: argparse.Namespace) -> int:
+    from gpfm_scale.embed.config import EmbedConfig
+    from gpfm_scale.embed.stage import run
+
+    cfg = load_config(EmbedConfig, args.config, _overrides(args))
+    if args.print_config:
+        print(describe_config(cfg))
+        return 0
+    result = run(cfg, args.model, args.input, args.out)
+    print(f"embedded {result.n_done}/{result.n_items} with {result.model} -> {result.index}")
+    for sid, reason in result.failed:
+        print(f"FAILED {sid}: {reason}", file=sys.stderr)
+    return 0 if result.ok else 1
+
+
 def _run_evaluate(args: argparse.Namespace) -> int:
     from gpfm_scale.evaluate.config import EvaluateConfig
     from gpfm_scale.evaluate.stage import run
@@ -178,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="cmd", required=True)
     _tile_parser(sub)
     _pretrain_parser(sub)
+    _embed_parser(sub)
     _evaluate_parser(sub)
     _demo_parser(sub)
     return parser
@@ -188,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handlers = {"tile": _run_tile, "pretrain": _run_pretrain, "evaluate": _run_evaluate, "demo": _run_demo}
+    handlers = {"tile": _run_tile, "pretrain": _run_pretrain, "embed": _run_embed, "evaluate": _run_evaluate, "demo": _run_demo}
     try:
         return handlers[args.cmd](args)
     except GpfmError as err:

@@ -74,6 +74,25 @@ PRETRAIN = PretrainMetrics(
 )
 
 
+
+@dataclass(frozen=True)
+class EmbedMetrics:
+    images: Counter
+    images_per_second: Gauge
+    slides: Counter
+    corrupt_samples: Counter
+
+
+EMBED = EmbedMetrics(
+    images=Counter("gpfm_embed_images", "Images (tiles) embedded.", registry=REGISTRY),
+    images_per_second=Gauge("gpfm_embed_images_per_second", "Images embedded per second over the run so far.",
+                            registry=REGISTRY),
+    slides=Counter("gpfm_embed_slides", "Slides finished, by status (done, skipped, failed).", ["status"],
+                   registry=REGISTRY),
+    corrupt_samples=Counter("gpfm_embed_corrupt_samples", "Tiles or images skipped as undecodable.",
+                            registry=REGISTRY),
+)
+
 def serve_metrics(port: int, addr: str = "127.0.0.1") -> int:
     """Start the HTTP exposition endpoint (port 0 picks a free one); returns the bound port."""
     server, _thread = start_http_server(port, addr=addr, registry=REGISTRY)

@@ -1,0 +1,152 @@
+"""Driver side of the embedding pipeline: rows arrive out of order from the actor pool and become feature files.
+
+`SlideCollector` keeps only the slides still open (their features, float16 [n, D], and coordinates), so memory
+follows the pipeline's in-flight window, not the cohort. A slide closes when its marker row (see `decode.py`)
+and all the rows it announces have arrived; it is then judged against the tiler manifest's tile count, written
+(rows sorted back into shard order = the tiler's coordinate order) or failed with a one-line reason.
+`ImageCollector` appends image features to one incrementally written `images.h5`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gpfm_scale.embed.store import ImageFeatureWriter
+
+
+@dataclass(frozen=True)
+class SlideVerdict:
+    slide_id: str
+    ok: bool
+    reason: str = ""
+    file: str = ""
+    n: int = 0
+    n_corrupt: int = 0
+
+
+@dataclass
+class _OpenSlide:
+    index: list[np.ndarray] = field(default_factory=list)
+    coords: list[np.ndarray] = field(default_factory=list)
+    features: list[np.ndarray] = field(default_factory=list)
+    n_rows: int = 0
+    n_corrupt: int = 0
+    first_error: str = ""
+    total: int | None = None
+    shard_error: str = ""
+
+
+# (slide_id, features [n, D], coords [n, 2], n_expected, n_corrupt) -> file written, relative to the output
+SlideWriter = Callable[[str, np.ndarray, np.ndarray, int, int], str]
+
+
+class SlideCollector:
+    """Groups tile rows per slide; `expected` (slide -> tiler n_tiles) is None for shards without a manifest."""
+
+    def __init__(self, write: SlideWriter, expected: dict[str, int] | None, max_corrupt_fraction: float) -> None:
+        self.write = write
+        self.expected = expected
+        self.max_corrupt_fraction = max_corrupt_fraction
+        self.open: dict[str, _OpenSlide] = {}
+        self.closed: set[str] = set()
+
+    def feed(self, batch: dict[str, np.ndarray]) -> list[SlideVerdict]:
+        """Take one output batch of the pipeline; returns the slides it completed."""
+        slide_ids = np.asarray(batch["slide_id"]).astype(str)
+        done = []
+        for sid in map(str, np.unique(slide_ids)):
+            rows = slide_ids == sid
+            state = self.open.setdefault(sid, _OpenSlide())
+            self._add(state, {k: np.asarray(v)[rows] for k, v in batch.items() if k != "slide_id"})
+            if state.total is not None and state.n_rows >= state.total:
+                done.append(self._close(sid))
+        return done
+
+    def _add(self, state: _OpenSlide, rows: dict[str, np.ndarray]) -> None:
+        marker = rows["total"] >= 0
+        for total, error in zip(rows["total"][marker], rows["error"][marker]):
+            state.total = (state.total or 0) + int(total)
+            state.shard_error = state.shard_error or str(error)
+        tiles = ~marker
+        ok = rows["ok"] & tiles
+        bad = tiles & ~rows["ok"]
+        state.n_rows += int(tiles.sum())
+        state.n_corrupt += int(bad.sum())
+        if bad.any() and not state.first_error:
+            state.first_error = str(rows["error"][bad][0])
+        if ok.any():
+            state.index.append(rows["index"][ok])
+            state.coords.append(np.stack([rows["x"][ok], rows["y"][ok]], axis=1))
+            state.features.append(rows["features"][ok])
+
+    def _close(self, sid: str) -> SlideVerdict:
+        state = self.open.pop(sid)
+        if sid in self.closed:
+            return SlideVerdict(sid, False, "tiles of this slide are in more than one shard (not a tiler output)")
+        self.closed.add(sid)
+        expected = self.expected.get(sid, state.total) if self.expected is not None else state.total
+        reason = self._fault(state, expected)
+        if reason:
+            return SlideVerdict(sid, False, reason, n_corrupt=state.n_corrupt)
+        order = np.argsort(np.concatenate(state.index), kind="stable")
+        features = np.concatenate(state.features)[order]
+        coords = np.concatenate(state.coords)[order].astype(np.int64)
+        file = self.write(sid, features, coords, expected, state.n_corrupt)
+        return SlideVerdict(sid, True, file=file, n=len(features), n_corrupt=state.n_corrupt)
+
+    def _fault(self, state: _OpenSlide, expected: int) -> str:
+        total = state.total or 0
+        damage = f": {state.shard_error}" if state.shard_error else ""
+        if total < expected:
+            return f"{expected - total} of {expected} tiles missing from the shards{damage}"
+        if total > expected:
+            return f"{total} tiles in the shards but {expected} in the tiler manifest"
+        if state.shard_error and self.expected is None:
+            return f"slide cut short by a damaged shard{damage}"
+        n_ok = total - state.n_corrupt
+        if n_ok == 0:
+            return f"no usable tile ({state.n_corrupt} undecodable): {state.first_error}"
+        if state.n_corrupt > self.max_corrupt_fraction * expected:
+            return (f"{state.n_corrupt} of {expected} tiles undecodable (max_corrupt_fraction "
+                    f"{self.max_corrupt_fraction:g}): {state.first_error}")
+        return ""
+
+    def sweep(self, wanted: list[str]) -> list[SlideVerdict]:
+        """At the end of the run: slides still open or never seen failed (their tiles never all arrived)."""
+        out = []
+        for sid in wanted:
+            if sid in self.closed:
+                continue
+            state = self.open.pop(sid, None)
+            seen = 0 if state is None else state.n_rows
+            out.append(SlideVerdict(sid, False, f"only {seen} tile(s) of this slide were found in its shards"))
+            self.closed.add(sid)
+        for sid in list(self.open):
+            out.append(SlideVerdict(sid, False, "incomplete: its read task ended without closing it"))
+            self.closed.add(sid)
+            del self.open[sid]
+        return out
+
+
+class ImageCollector:
+    """Appends the features of good images to `images.h5` in arrival order; remembers each image's row."""
+
+    def __init__(self, writer: ImageFeatureWriter, files: list[str]) -> None:
+        self.writer = writer
+        self.files = files
+        self.rows = np.full(len(files), -1, np.int64)
+        self.errors: dict[int, str] = {}
+
+    def feed(self, batch: dict[str, np.ndarray]) -> int:
+        """Returns the number of images embedded from this batch."""
+        ok = np.asarray(batch["ok"], bool)
+        idx = np.asarray(batch["row"], np.int64)
+        for i, err in zip(idx[~ok], np.asarray(batch["error"])[~ok]):
+            self.errors[int(i)] = str(err)
+        if ok.any():
+            first = self.writer.append(batch["features"][ok], [self.files[i] for i in idx[ok]])
+            self.rows[idx[ok]] = np.arange(first, first + int(ok.sum()))
+        return int(ok.sum())

@@ -1,0 +1,360 @@
+"""`run(cfg, model_spec, input_path, out) -> EmbedResult`: embed a cohort with any model through Ray Data.
+
+Inputs: the tiler's output (or bare shards), a slide manifest (tiled first into `OUT/tiles/` by the tiling stage:
+its resume, failure records, coordinates and thumbnails come for free, and the tiles serve every later model),
+or an image folder. Reading, decoding and resizing run as Ray Data tasks, the model in an actor pool
+(`predictor.build_pipeline`); the driver groups the returned features per slide (`collect.py`) and is the only
+writer of `OUT` (layout: `store.py`).
+
+Resume: a slide is skipped when `features/{slide_id}.h5` exists, was made with the same model (weights
+fingerprint) and holds every tile of the tiler manifest (rows + recorded undecodable tiles = n_tiles). Slides that
+failed embedding are retried on every run; slides that failed tiling follow `tiling.retry_failed`. Failures go to
+`OUT/failed.parquet` (slide_id, stage, reason), never into the index, which lists only slides with features.
+Writing into an `OUT` embedded with another model is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from gpfm_scale.config import dump_config
+from gpfm_scale.embed import store
+from gpfm_scale.embed.collect import ImageCollector, SlideCollector, SlideVerdict
+from gpfm_scale.embed.config import EmbedConfig
+from gpfm_scale.embed.inputs import TileSource, detect_kind, list_image_folder, load_tile_source
+from gpfm_scale.embed.models import ModelInfo, describe_model
+from gpfm_scale.errors import ConfigError, GpfmError
+from gpfm_scale.metrics.definitions import EMBED, serve_metrics
+
+log = logging.getLogger(__name__)
+
+FAILED = "failed.parquet"
+_ERROR_LINE = re.compile(r"^\s*(?:[\w.]+\.)?(\w+(?:Error|Exception): .*)$")
+RUN_FILE = "embed.json"
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    out: str
+    index: str
+    kind: str  # "slide" or "image"
+    model: str
+    n_items: int  # slides (or images) in the input
+    n_done: int  # with features, skipped ones included
+    n_skipped: int  # already complete before this run
+    n_failed: int
+    n_embedded: int  # tiles / images run through the model in this run
+    n_corrupt: int  # undecodable tiles / images met in this run
+    seconds: float
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    startup_seconds: float = 0.0  # run start -> first features back (tiling, Ray workers, actors, model build)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.n_embedded / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.n_failed == 0
+
+
+def run(cfg: EmbedConfig, model_spec: str, input_path: str, out: str) -> EmbedResult:
+    """Embed `input_path` (shards, slide manifest or image folder) with `model_spec` into `out`, resuming."""
+    start = time.perf_counter()
+    info = describe_model(model_spec, cfg)
+    out_dir = Path(out)
+    kind = detect_kind(input_path, cfg.input_kind)
+    _claim_output(out_dir, info, cfg)
+    log.info("embedding %s (%s) with %s (dim %d, %d px)", input_path, kind, info.name, info.dim, info.contract.size)
+    if cfg.metrics_port is not None:
+        serve_metrics(cfg.metrics_port)
+    if kind == "images":
+        return _run_images(cfg, info, input_path, out_dir, start)
+    if kind == "slides":
+        from gpfm_scale.tiling.stage import run as run_tiling
+
+        tiling_cfg = cfg.tiling.model_copy(update={"ray_address": cfg.tiling.ray_address or cfg.ray_address})
+        tiled = run_tiling(tiling_cfg, input_path, str(out_dir / "tiles"))
+        log.info("tiling: %d done, %d failed", tiled.n_done, tiled.n_failed)
+        input_path = str(out_dir / "tiles")
+    return _run_tiles(cfg, info, load_tile_source(input_path), out_dir, start)
+
+
+def _claim_output(out_dir: Path, info: ModelInfo, cfg: EmbedConfig) -> None:
+    """Refuse an output holding features of another model; record this run's model and config."""
+    run_file = out_dir / RUN_FILE
+    features = out_dir / "features"
+    if run_file.is_file() and features.is_dir() and any(features.iterdir()):
+        old = json.loads(run_file.read_text())
+        if old.get("fingerprint") != info.fingerprint:
+            raise ConfigError(f"{out_dir} holds features of {old.get('model')} (weights {old.get('fingerprint')}); "
+                              f"{info.name} has weights {info.fingerprint}: use a new --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_file.write_text(json.dumps({"model": info.name, "fingerprint": info.fingerprint, "dim": info.dim,
+                                    "input_size": info.contract.size}, indent=2) + "\n")
+    (out_dir / "config.yaml").write_text(dump_config(cfg))
+
+
+@dataclass(frozen=True)
+class _Stream:
+    embedded: int = 0
+    corrupt: int = 0
+    startup_seconds: float = 0.0
+
+
+def _stream(tasks: list[dict[str, Any]], info: ModelInfo, cfg: EmbedConfig, total: int | None,
+            feed: Callable[[dict[str, np.ndarray]], tuple[int, int, str]], start: float) -> _Stream:
+    """Run the pipeline over `tasks`, handing each output block to `feed` (-> embedded, corrupt, bar note)."""
+    import ray
+
+    from gpfm_scale.embed.predictor import build_pipeline, plan_resources
+    from gpfm_scale.ray_utils import ensure_ray
+
+    ensure_ray(cfg.ray_address)
+    plan = plan_resources(cfg, ray.cluster_resources())
+    log.info("%d inference actor(s) on %s (%g CPU, %g GPU each), batch %d", plan.num_actors, plan.device,
+             plan.cpus_per_actor, plan.gpus_per_actor, cfg.batch_size)
+    embedded = corrupt = 0
+    t0, first = time.perf_counter(), None
+    bar = tqdm(total=total, unit="img", desc="embedding", dynamic_ncols=True)
+    try:
+        for block in build_pipeline(tasks, info, cfg, plan).iter_batches(batch_size=None, batch_format="numpy"):
+            n_ok, n_bad, note = feed(block)
+            first = first or time.perf_counter()
+            embedded, corrupt = embedded + n_ok, corrupt + n_bad
+            EMBED.images.inc(n_ok)
+            EMBED.corrupt_samples.inc(n_bad)
+            rate = embedded / max(time.perf_counter() - t0, 1e-9)
+            EMBED.images_per_second.set(rate)
+            bar.update(n_ok + n_bad)
+            bar.set_postfix_str(f"{rate:.0f} img/s {note}")
+    except ray.exceptions.RayError as err:
+        raise GpfmError(f"embedding pipeline failed: {root_cause(err)}") from err
+    finally:
+        bar.close()
+    return _Stream(embedded, corrupt, (first or time.perf_counter()) - start)
+
+
+def root_cause(err: BaseException) -> str:
+    """The user-facing reason inside a Ray failure: Ray wraps an error raised in an actor or task (often twice) and
+    keeps the original only as the last `module.TypeError: message` line of its text."""
+    chain, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        chain.append(err)
+        err = getattr(err, "cause", None) or err.__cause__
+    for e in chain:
+        found = [m.group(1) for m in map(_ERROR_LINE.match, str(e).splitlines()) if m]
+        if found:
+            return found[-1][:500]
+    first_line = next(iter(str(chain[0]).strip().splitlines()), "")
+    return f"{type(chain[0]).__name__}: {first_line[:500]}"
+
+
+# ----------------------------------------------------------------------------------------------------- slides
+
+def complete_features(path: Path, fingerprint: str, expected: int | None) -> tuple[int, int] | None:
+    """(n, n_corrupt) when `path` is a finished feature file of this model covering `expected` tiles, else None."""
+    if not path.is_file():
+        return None
+    try:
+        with h5py.File(path, "r") as f:
+            n, attrs = len(f["features"]), dict(f.attrs)
+    except (OSError, KeyError):
+        log.warning("%s is unreadable; embedding its slide again", path)
+        return None
+    n_corrupt, n_expected = int(attrs.get("n_corrupt", -1)), int(attrs.get("n_expected", -1))
+    if attrs.get("model_fingerprint") != fingerprint or n + n_corrupt != n_expected:
+        return None
+    return (n, n_corrupt) if expected is None or n_expected == expected else None
+
+
+@dataclass
+class _SlidePlan:
+    todo: dict[str, list[str]]  # shard -> slides to embed from it (without a manifest: every shard, [])
+    expected: dict[str, int] | None
+    done: dict[str, tuple[int, int]]
+    failed: list[dict[str, str]]
+    order: list[str]
+
+
+def _plan_slides(source: TileSource, info: ModelInfo, out_dir: Path) -> _SlidePlan:
+    feats = out_dir / "features"
+    if source.manifest is None:
+        done = {p.stem: r for p in sorted(feats.glob("*.h5")) if p.stem != "images"
+                and (r := complete_features(p, info.fingerprint, None)) is not None}
+        return _SlidePlan({s: [] for s in source.shards}, None, done, [], [])
+    plan = _SlidePlan({}, {}, {}, [], [])
+    for row in source.manifest.to_dict("records"):
+        sid, status = str(row["slide_id"]), row["status"]
+        plan.order.append(sid)
+        n_tiles = int(row["n_tiles"] or 0) if status == "done" else 0
+        if status != "done":
+            reason = row["reason"] if isinstance(row["reason"], str) and row["reason"] else \
+                f"not tiled (status {status} in the tiler manifest)"
+            plan.failed.append({"slide_id": sid, "stage": "tiling", "reason": reason})
+        elif n_tiles == 0:
+            plan.failed.append({"slide_id": sid, "stage": "tiling", "reason": "no tiles (no tissue found)"})
+        elif (r := complete_features(feats / f"{sid}.h5", info.fingerprint, n_tiles)) is not None:
+            plan.done[sid] = r
+        else:
+            plan.expected[sid] = n_tiles
+            for name in row["shards"]:
+                plan.todo.setdefault(source.shard_url(str(name)), []).append(sid)
+    return plan
+
+
+def _slide_writer(out_dir: Path, info: ModelInfo, source: TileSource) -> Callable[..., str]:
+    def write(sid: str, features: np.ndarray, coords: np.ndarray, n_expected: int, n_corrupt: int) -> str:
+        attrs = {"model_fingerprint": info.fingerprint, "n_expected": n_expected, "n_corrupt": n_corrupt,
+                 "input_size": info.contract.size}
+        return store.write_slide_features(out_dir, sid, features, coords, info.name, attrs, _coords_attrs(source,
+                                                                                                           sid))
+    return write
+
+
+def _coords_attrs(source: TileSource, sid: str) -> dict[str, Any]:
+    """The tiler's CLAM/TRIDENT geometry attributes for the slide (local tiling outputs), else none."""
+    path = Path(source.root or "") / "coords" / f"{sid}.h5"
+    if source.root is None or "://" in source.root or not path.is_file():
+        return {}
+    with h5py.File(path, "r") as f:
+        return {k: v for k, v in f["coords"].attrs.items() if v is not None}
+
+
+def _run_tiles(cfg: EmbedConfig, info: ModelInfo, source: TileSource, out_dir: Path, start: float) -> EmbedResult:
+    plan = _plan_slides(source, info, out_dir)
+    skipped = set(plan.done)
+    EMBED.slides.labels(status="skipped").inc(len(skipped))
+    if source.manifest is None:
+        tasks = [{"shard": s, "exclude": sorted(skipped)} for s in plan.todo]
+    else:
+        tasks = [{"shard": s, "include": sids} for s, sids in plan.todo.items()]
+    collector = SlideCollector(_slide_writer(out_dir, info, source), plan.expected, cfg.max_corrupt_fraction)
+    verdicts: list[SlideVerdict] = []
+    log.info("%d slide(s) already embedded, %d shard(s) to read", len(skipped), len(tasks))
+
+    def feed(block: dict[str, np.ndarray]) -> tuple[int, int, str]:
+        is_tile = np.asarray(block["total"]) < 0
+        closed = collector.feed(block)
+        for v in closed:
+            EMBED.slides.labels(status="done" if v.ok else "failed").inc()
+            if not v.ok:
+                log.warning("FAILED %s: %s", v.slide_id, v.reason)
+        verdicts.extend(closed)
+        ok = np.asarray(block["ok"], bool)
+        return int((ok & is_tile).sum()), int((~ok & is_tile).sum()), f"slides {len(verdicts)}"
+
+    stream = _Stream()
+    try:
+        if tasks:
+            total = sum(plan.expected.values()) if plan.expected is not None else None
+            stream = _stream(tasks, info, cfg, total, feed, start)
+        verdicts.extend(collector.sweep(list(plan.expected or {})))
+    finally:  # what finished is recorded even when the pipeline fails: a rerun resumes from it
+        failed = _write_slide_outputs(out_dir, source, plan, verdicts)
+    n_done = len(plan.done) + sum(v.ok for v in verdicts)
+    return _result(out_dir, "slide", info, stream, start, n_items=n_done + len(failed), n_done=n_done,
+                   n_skipped=len(skipped), failed=[(f["slide_id"], f"{f['stage']}: {f['reason']}") for f in failed])
+
+
+def _result(out_dir: Path, kind: str, info: ModelInfo, stream: _Stream, start: float, **counts: Any) -> EmbedResult:
+    return EmbedResult(out=str(out_dir), index=str(out_dir / store.INDEX), kind=kind, model=info.name,
+                       n_failed=len(counts["failed"]), n_embedded=stream.embedded, n_corrupt=stream.corrupt,
+                       seconds=time.perf_counter() - start, startup_seconds=stream.startup_seconds, **counts)
+
+
+def _write_slide_outputs(out_dir: Path, source: TileSource, plan: _SlidePlan,
+                         verdicts: list[SlideVerdict]) -> list[dict[str, str]]:
+    """index.parquet (done slides, manifest order, clinical columns carried) and failed.parquet; returns the
+    failure rows."""
+    done = {sid: (f"features/{sid}.h5", n, nc) for sid, (n, nc) in plan.done.items()}
+    done.update({v.slide_id: (v.file, v.n, v.n_corrupt) for v in verdicts if v.ok})
+    extras: dict[str, dict[str, Any]] = {}
+    if source.manifest is not None:
+        cols = ["slide_id", *source.extra_columns]
+        extras = {str(r["slide_id"]): r for r in source.manifest[cols].to_dict("records")}
+    order = plan.order or sorted(done)
+    rows = [{"slide_id": sid, "kind": "slide", "file": done[sid][0], "row": -1, "n": done[sid][1],
+             "n_corrupt": done[sid][2]} | {k: v for k, v in extras.get(sid, {}).items() if k != "slide_id"}
+            for sid in order if sid in done]
+    store.write_index(out_dir, rows)
+    failed = plan.failed + [{"slide_id": v.slide_id, "stage": "embedding", "reason": v.reason}
+                            for v in verdicts if not v.ok]
+    pd.DataFrame(failed, columns=["slide_id", "stage", "reason"]).to_parquet(out_dir / FAILED, index=False)
+    return failed
+
+
+# ----------------------------------------------------------------------------------------------------- images
+
+def _run_images(cfg: EmbedConfig, info: ModelInfo, root: str, out_dir: Path, start: float) -> EmbedResult:
+    table = list_image_folder(root)
+    files = table["file"].tolist()
+    existing = _complete_images(out_dir / store.IMAGES_FILE, info, files)
+    stream = _Stream()
+    if existing is not None:
+        rows, errors = existing, _previous_failures(out_dir)
+        log.info("%s is complete for this model and these %d images: nothing to do", store.IMAGES_FILE, len(files))
+    else:
+        writer = store.ImageFeatureWriter(out_dir, info.name, info.dim, {
+            "model_fingerprint": info.fingerprint, "n_expected": len(files), "input_size": info.contract.size})
+        collector = ImageCollector(writer, files)
+        step = cfg.images_per_task
+        tasks = [{"root": root, "files": files[i:i + step], "first_row": i} for i in range(0, len(files), step)]
+
+        def feed(block: dict[str, np.ndarray]) -> tuple[int, int, str]:
+            n_ok = collector.feed(block)
+            return n_ok, len(block["ok"]) - n_ok, ""
+
+        try:
+            stream = _stream(tasks, info, cfg, len(files), feed, start)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close({"n_corrupt": len(collector.errors)})
+        rows, errors = collector.rows, {files[i].rsplit(".", 1)[0]: e for i, e in collector.errors.items()}
+    index = table.rename(columns={"file": "image"})
+    index.insert(0, "slide_id", [f.rsplit(".", 1)[0] for f in files])
+    index.insert(1, "kind", "image")
+    index.insert(2, "file", store.IMAGES_FILE)
+    index.insert(3, "row", rows)
+    index.insert(4, "n", 1)
+    index = index[index["row"] >= 0]
+    store.write_index(out_dir, index.to_dict("records"))
+    failed = [{"slide_id": sid, "stage": "embedding", "reason": r} for sid, r in errors.items()]
+    pd.DataFrame(failed, columns=["slide_id", "stage", "reason"]).to_parquet(out_dir / FAILED, index=False)
+    return _result(out_dir, "image", info, stream, start, n_items=len(files), n_done=len(index),
+                   n_skipped=len(files) if existing is not None else 0,
+                   failed=[(f["slide_id"], f["reason"]) for f in failed])
+
+
+def _complete_images(path: Path, info: ModelInfo, files: list[str]) -> np.ndarray | None:
+    """Row of each listed image in a finished images.h5 of this model over exactly these files, else None."""
+    if not path.is_file():
+        return None
+    with h5py.File(path, "r") as f:
+        attrs = dict(f.attrs)
+        stored = {p.decode() if isinstance(p, bytes) else str(p): i for i, p in enumerate(f["paths"][:])}
+    if attrs.get("model_fingerprint") != info.fingerprint or int(attrs.get("n_expected", -1)) != len(files) or \
+            len(stored) + int(attrs.get("n_corrupt", 0)) != len(files) or not set(stored) <= set(files):
+        return None
+    return np.asarray([stored.get(f, -1) for f in files], np.int64)
+
+
+def _previous_failures(out_dir: Path) -> dict[str, str]:
+    path = out_dir / FAILED
+    if not path.is_file():
+        return {}
+    return {str(sid): str(r) for sid, r in pd.read_parquet(path)[["slide_id", "reason"]].itertuples(index=False)}

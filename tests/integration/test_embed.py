@@ -1,0 +1,178 @@
+"""The embedding stage end to end on a real local Ray Data pipeline: slides tiled then embedded, an exported teacher
+on the tiler's shards (one tile corrupted), the hgsc-nuclei image folder, resume, and the refusals."""
+
+from __future__ import annotations
+
+import shutil
+import tarfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from gpfm_scale.config import apply_overrides, build_config, read_yaml
+from gpfm_scale.embed.config import EmbedConfig
+from gpfm_scale.embed.stage import run
+from gpfm_scale.errors import ConfigError
+from gpfm_scale.models.config import ExpertConfig
+from gpfm_scale.models.experts import build_expert
+from gpfm_scale.slides.synthetic import write_corrupt_slide
+from tests.integration.tiling_helpers import decode, make_cohort, meta, read_samples
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+TILE = 32  # px: tiny_a's and the tiny teacher's input size, so tiles reach the models unresized
+FP16 = {"rtol": 2e-3, "atol": 2e-3}
+
+
+def _cfg(**overrides) -> EmbedConfig:
+    base = {"batch_size": 16, "num_actors": 1, "read_tasks": 2, "decode_batch": 16, "images_per_task": 400,
+            "tiling": {"grid": {"tile_px": TILE, "max_tiles_per_slide": 24, "min_tissue_fraction": 0.25},
+                       "workers": 2, "encoding": "png", "thumbnails": False}}
+    return build_config(EmbedConfig, apply_overrides(base, overrides))
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    """3 synthetic slides + 1 corrupt file in a slide manifest, tiled on the fly and embedded with expert:tiny_a."""
+    root = tmp_path_factory.mktemp("embed")
+    manifest = make_cohort(root / "cohort", 3)
+    write_corrupt_slide(root / "cohort" / "broken.svs")
+    rows = pd.read_csv(manifest).to_dict("records") + [{"slide_id": "broken", "path": str(root / "cohort" /
+                                                                                           "broken.svs"), "label": "a"}]
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    result = run(_cfg(), "expert:tiny_a", str(manifest), str(root / "out"))
+    return root, result
+
+
+def _tiles_by_slide(tiles_dir: Path) -> dict[str, dict[tuple[int, int], np.ndarray]]:
+    """Every tile of the tiler's shards, decoded with PIL (independently of the stage's reader)."""
+    out: dict[str, dict[tuple[int, int], np.ndarray]] = {}
+    for s in read_samples(tiles_dir):
+        m = meta(s)
+        out.setdefault(m["slide_id"], {})[(m["x"], m["y"])] = decode(s["png"])
+    return out
+
+
+def _forward(model, tiles: list[np.ndarray]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).contiguous()).numpy()
+
+
+def test_slide_manifest_is_tiled_embedded_and_the_corrupt_slide_reported(embedded):
+    root, result = embedded
+    out = root / "out"
+    assert (result.n_done, result.n_failed, result.n_skipped) == (3, 1, 0)
+    assert result.failed[0][0] == "broken" and result.failed[0][1].startswith("tiling: ")
+    failed = pd.read_parquet(out / "failed.parquet")
+    assert failed[["slide_id", "stage"]].values.tolist() == [["broken", "tiling"]] and failed["reason"][0]
+    tiler = pd.read_parquet(out / "tiles" / "manifest.parquet").set_index("slide_id")
+    index = pd.read_parquet(out / "index.parquet")
+    assert index["slide_id"].tolist() == ["s00", "s01", "s02"] and index["label"].tolist() == ["a", "b", "a"]
+    assert (index["kind"] == "slide").all() and (index["row"] == -1).all()
+    tiles = _tiles_by_slide(out / "tiles")
+    expert = build_expert(ExpertConfig(name="tiny_a"))
+    for row in index.itertuples():
+        with h5py.File(out / row.file) as f:
+            features, coords = f["features"][:], f["coords"][:]
+            assert f.attrs["model"] == "expert:tiny_a" and f["coords"].attrs["patch_size"] == TILE
+        with h5py.File(out / "tiles" / "coords" / f"{row.slide_id}.h5") as f:
+            np.testing.assert_array_equal(coords, f["coords"][:])  # same tiles, same order as the tiler's file
+        n = int(tiler.loc[row.slide_id, "n_tiles"])
+        assert features.shape == (n, 48) and features.dtype == np.float16 and row.n == n and n > 0
+        expected = _forward(lambda x: expert(x)["cls"], [tiles[row.slide_id][tuple(c)] for c in coords])
+        np.testing.assert_allclose(features.astype(np.float32), expected, **FP16)
+    assert result.n_embedded == int(tiler["n_tiles"].sum())
+
+
+def test_rerun_skips_finished_slides_and_redoes_a_lost_one(embedded):
+    root, _ = embedded
+    out = root / "out"
+    files = sorted((out / "features").glob("*.h5"))
+    stamps = {p.name: p.stat().st_mtime_ns for p in files}
+    again = run(_cfg(), "expert:tiny_a", str(root / "cohort" / "manifest.csv"), str(out))
+    assert (again.n_skipped, again.n_embedded, again.n_done) == (3, 0, 3)
+    assert {p.name: p.stat().st_mtime_ns for p in files} == stamps
+    (out / "features" / "s01.h5").unlink()
+    redo = run(_cfg(), "expert:tiny_a", str(root / "cohort" / "manifest.csv"), str(out))
+    n01 = int(pd.read_parquet(out / "index.parquet").set_index("slide_id").loc["s01", "n"])
+    assert (redo.n_skipped, redo.n_done, redo.n_embedded) == (2, 3, n01)
+    assert all(p.stat().st_mtime_ns == stamps[p.name] for p in files if p.name != "s01.h5")
+    with pytest.raises(ConfigError, match="use a new --out"):
+        run(_cfg(), "expert:tiny_b", str(root / "cohort" / "manifest.csv"), str(out))
+
+
+def _corrupt_first_png(shard: Path) -> str:
+    """Overwrite the PNG header of the shard's first tile in place (the tar stays valid); returns its key."""
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".png"))
+    with open(shard, "r+b") as f:
+        f.seek(member.offset_data + 8)
+        f.write(b"\xff" * 16)
+    return member.name.rsplit(".", 1)[0]
+
+
+def test_exported_teacher_on_tiler_shards_counts_a_corrupt_tile(embedded, tmp_path):
+    from gpfm_scale.models.meta_arch import SSLMetaArch
+    from gpfm_scale.models.objective_config import ObjectiveConfig
+    from gpfm_scale.train.checkpoint import export_teacher, load_exported
+    from tests.integration.pretrain_helpers import TINY_YAML
+
+    root, _ = embedded
+    tiles_dir = tmp_path / "tiles"
+    shutil.copytree(root / "out" / "tiles", tiles_dir)
+    key = _corrupt_first_png(min((tiles_dir / "shards").glob("*.tar")))
+    bad_slide, bad_xy = key.split("/")[0], tuple(int(v) for v in key.split("/")[1].split("_"))
+    objective = build_config(ObjectiveConfig, apply_overrides(read_yaml(TINY_YAML)["objective"],
+                                                              {"model.experts": []}))
+    export = tmp_path / "run7" / "export"  # as `gpfm-scale pretrain` writes it: the label is the run's folder
+    export_teacher(SSLMetaArch(objective).eval(), objective.model.backbone, export, 5, True)
+    result = run(_cfg(), str(export), str(tiles_dir), str(tmp_path / "out"))
+    assert (result.n_done, result.n_corrupt) == (3, 1) and result.n_failed == 1  # + the slide that failed tiling
+    plain, config = load_exported(export)
+    mean, std = torch.tensor(config["mean"]).view(1, 3, 1, 1), torch.tensor(config["std"]).view(1, 3, 1, 1)
+    tiles = _tiles_by_slide(root / "out" / "tiles")
+    index = pd.read_parquet(tmp_path / "out" / "index.parquet").set_index("slide_id")
+    assert index.loc[bad_slide, "n_corrupt"] == 1 and index.loc[bad_slide, "n"] == len(tiles[bad_slide]) - 1
+    for sid in index.index:
+        with h5py.File(tmp_path / "out" / "features" / f"{sid}.h5") as f:
+            features, coords = f["features"][:], [tuple(c) for c in f["coords"][:]]
+            assert f.attrs["model"] == "teacher:run7@step5" and f.attrs["n_expected"] == len(tiles[sid])
+        assert (sid != bad_slide or bad_xy not in coords) and len(coords) == index.loc[sid, "n"]
+        expected = _forward(lambda x: plain.forward_features((x.float() / 255 - mean) / std)[:, 0],
+                            [tiles[sid][c] for c in coords])
+        np.testing.assert_allclose(features.astype(np.float32), expected, **FP16)
+
+
+def test_hgsc_image_folder(shared_data, tmp_path):
+    folder = shared_data / "hgsc-nuclei"
+    result = run(_cfg(), "expert:tiny_a", str(folder), str(tmp_path))
+    assert (result.kind, result.n_done, result.n_failed, result.n_embedded) == ("image", 1552, 0, 1552)
+    index = pd.read_parquet(tmp_path / "index.parquet")
+    labels = pd.read_csv(folder / "labels.csv").set_index("file")
+    assert len(index) == 1552 and (index["kind"] == "image").all()
+    assert index["label"].tolist() == [p.split("/")[0] for p in index["image"]]
+    assert (index["label"] == labels.loc[index["image"], "class"].to_numpy()).all()
+    with h5py.File(tmp_path / "features" / "images.h5") as f:
+        features, paths = f["features"][:], [p.decode() for p in f["paths"][:]]
+    assert features.shape == (1552, 48) and sorted(paths) == sorted(index["image"])
+    assert [paths[r] for r in index["row"]] == index["image"].tolist()
+    expert = build_expert(ExpertConfig(name="tiny_a"))  # resizes 64 -> 32 px itself, in float (ours rounds to uint8)
+    from PIL import Image
+
+    picks = index.iloc[::300]
+    direct = _forward(lambda x: expert(x)["cls"], [np.asarray(Image.open(folder / p).convert("RGB"))
+                                                   for p in picks["image"]])
+    got = features[picks["row"].to_numpy()].astype(np.float32)
+    cosine = (got * direct).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(direct, axis=1)
+    assert cosine.min() > 0.999
+    assert run(_cfg(), "expert:tiny_a", str(folder), str(tmp_path)).n_embedded == 0  # complete: nothing redone
+
+
+def test_timm_without_weights_refuses_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match="allow_random_init"):
+        run(_cfg(), "timm:vit_small_patch16_224", str(tmp_path), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
