@@ -5,8 +5,9 @@ distributed job. Each step: sample B tiles -> multi-crop + iBOT masks + collate 
 in-process experts on the uint8 global crops -> forward/backward -> clip the student's gradients -> AdamW step
 with the scheduled lr / weight decay -> EMA teacher update with the scheduled momentum.
 
-Reproducibility: the model is initialised from `seed`; step t draws its tiles, crops and masks from a seed derived
-from (seed, t) only, so the same arguments give the same run and a run can be replayed from any step.
+Reproducibility: the model is initialised from `seed` (unless a warm-start model is passed); step t draws its
+tiles, crops and masks from a seed derived from (seed, t) only, so the same arguments give the same run and a
+run can be replayed from any step.
 """
 
 from __future__ import annotations
@@ -122,16 +123,20 @@ def train_local(
     batch_size: int,
     seed: int,
     experts: Mapping[str, Expert] | None = None,
+    model: SSLMetaArch | None = None,
 ) -> LocalRun:
     """Train the objective for `steps` steps of `batch_size` tiles from images uint8 [n, 3, H, W] (on CPU).
 
     `experts`: already built in-process experts (e.g. random-init stand-ins, or loaded once and shared); when
     None they are built from `objective_cfg.model.experts` with `build_expert` (weights from local files).
+    `model`: a warm start (e.g. heads on a pretrained backbone, as GPFM starts from a run without experts),
+    built from `objective_cfg` and trained in place; None builds a random-init one from `seed`. The optimiser
+    and the schedules always start fresh.
     """
     if not crop_cfg.normalize:
         raise ConfigError("crop.normalize must be true for train_local: the student takes the float crops")
     torch.manual_seed(seed)
-    model = SSLMetaArch(objective_cfg)
+    model = SSLMetaArch(objective_cfg) if model is None else model
     model.train()
     experts = build_experts(objective_cfg.model.experts) if experts is None else experts
     if sorted(experts) != sorted(model.expert_names):
