@@ -2,7 +2,7 @@
 
 Architecture and checkpoint layout as GPFM uses it (birkhoffkiki/GPFM pretrain/dinov2/fms.py, class `UNI`) and as
 UNI's model card documents: `timm.create_model("vit_large_patch16_224", img_size=224, patch_size=16,
-init_values=1e-5, num_classes=0, dynamic_img_size=True)` then `load_state_dict(torch.load("pytorch_model.bin"),
+init_values=1e-5, num_classes=0, dynamic_img_size=True)` then `load_state_dict(<pytorch_model.bin>,
 strict=True)`. So the published file is in timm's own key layout (`cls_token`, `pos_embed` [1, 197, 1024],
 `patch_embed.proj.*`, `blocks.{i}.{norm1,attn.qkv,attn.proj,ls1.gamma,norm2,mlp.fc1,mlp.fc2,ls2.gamma}.*`,
 `norm.*`) with no head: nothing to map, nothing tolerated.
