@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,7 +59,8 @@ DEFAULT_PREFIX = "gpfm-expert"
 
 
 def actor_name(node_id: str, index: int, prefix: str = DEFAULT_PREFIX) -> str:
-    """Name of expert actor `index` of a node."""
+    """Name of expert actor `index` of a node; `prefix` carries the placement's own token (see
+    `place_expert_actors`)."""
     return f"{prefix}-{node_id[:8]}-{index}"
 
 
@@ -147,8 +149,8 @@ def place_expert_actors(
 ) -> ExpertActors:
     """Start the expert actors on every node in `node_ids` (default: `expert_nodes(cfg)`) and wait until each has
     loaded its experts. Its `names_by_node` ({node id: actor names}) is what a training worker passes to
-    `connect_node_experts`. `prefix` starts every actor and group name: two sets of experts in one Ray namespace
-    need different prefixes. On any failure everything started here is released and ExpertActorError raised."""
+    `connect_node_experts`. Every actor and group name is `prefix`, a token unique to this call, the node and
+    the index. On any failure everything started here is released and ExpertActorError raised."""
     groups_of = resolve_assignment([c.name for c in expert_cfgs], cfg)
     by_name = {c.name: c for c in expert_cfgs}
     nodes = list(node_ids) if node_ids is not None else expert_nodes(cfg)
@@ -156,6 +158,10 @@ def place_expert_actors(
         raise ExpertActorError(f"no node has {cfg.expert_gpus_per_node} x {cfg.accelerator_resource} for experts")
     if len({n[:8] for n in nodes}) != len(nodes):
         raise ExpertActorError(f"node ids not unique in their first 8 characters: {nodes}")
+    # A fresh token per placement: names are never reused within a Ray session. A driver that re-created an actor
+    # under the name of one it had killed earlier never heard the new one become ALIVE (Ray 2.60, seen in a long
+    # test session), and two jobs in one namespace must not collide.
+    prefix = f"{prefix}-{uuid.uuid4().hex[:6]}"
     placed = ExpertActors({n: [actor_name(n, i, prefix) for i in range(len(groups_of))] for n in nodes})
     deadline = time.monotonic() + cfg.ready_timeout_s
     try:
