@@ -63,7 +63,8 @@ def _tile_parser(sub: Any) -> None:
     p.add_argument("--retry-failed", action="store_const", const=True, dest="retry_failed",
                    help="Retry slides that failed in an earlier run into the same --out.")
     p.add_argument("--metrics-port", type=int, dest="metrics_port",
-                   help="Serve Prometheus metrics on 127.0.0.1:PORT while running.")
+                   help="Serve Prometheus metrics on PORT while running (127.0.0.1 unless --metrics-host).")
+    p.add_argument("--metrics-host", dest="metrics_host", help="Address the metrics endpoint binds (default 127.0.0.1).")
     p.add_argument("--ray-address", dest="ray_address", help="Ray cluster address (default: RAY_ADDRESS or local).")
     _add_common(p)
 
@@ -97,7 +98,9 @@ def _embed_parser(sub: Any) -> None:
     p.add_argument("--out", required=True, help="Output directory.")
     p.add_argument("--batch-size", type=int, dest="batch_size", help="Images per forward pass.")
     p.add_argument("--workers", type=int, dest="num_actors", help="Inference actors (usually one per GPU).")
-    p.add_argument("--metrics-port", type=int, dest="metrics_port", help="Serve Prometheus metrics on this port.")
+    p.add_argument("--metrics-port", type=int, dest="metrics_port",
+                   help="Serve Prometheus metrics on PORT while running (127.0.0.1 unless --metrics-host).")
+    p.add_argument("--metrics-host", dest="metrics_host", help="Address the metrics endpoint binds (default 127.0.0.1).")
     p.add_argument("--ray-address", dest="ray_address", help="Ray cluster address (default: RAY_ADDRESS or local).")
     _add_common(p)
 

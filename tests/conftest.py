@@ -35,12 +35,13 @@ def ray_session():
 
     4 logical CPUs on a 2-core machine: training workers, expert actors and Ray Data tasks each hold a CPU slot, and
     with only 2 slots they can wait on each other forever. `test_gpu` stands in for GPUs where placement is tested.
+    Ray's metrics agent exports every second (10 s by default) so that tests scraping it wait less.
     """
     import ray
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=4, resources={"test_gpu": 4}, include_dashboard=False,
-                 log_to_driver=False)
+                 log_to_driver=False, _system_config={"metrics_report_interval_ms": 1000})
     yield ray
     ray.shutdown()
 

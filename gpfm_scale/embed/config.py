@@ -65,5 +65,7 @@ class EmbedConfig(StrictModel):
                     "embedded and the count recorded (n_corrupt). Corrupt tiles are never replaced.")
     metrics_port: int | None = Field(
         default=None, ge=0, le=65535, description="Serve Prometheus metrics on this port (127.0.0.1) while running.")
+    metrics_host: str = Field(
+        default="127.0.0.1", description="Address the metrics endpoint binds (0.0.0.0 or the head's IP on a cluster).")
     ray_address: str | None = Field(
         default=None, description="Ray cluster to join; default: RAY_ADDRESS, else a local instance.")

@@ -36,7 +36,7 @@ from gpfm_scale.embed.config import EmbedConfig
 from gpfm_scale.embed.inputs import TileSource, detect_kind, list_image_folder, load_tile_source
 from gpfm_scale.embed.models import ModelInfo, describe_model
 from gpfm_scale.errors import ConfigError, GpfmError
-from gpfm_scale.metrics.definitions import EMBED, serve_metrics
+from gpfm_scale.metrics import EMBED, serve_metrics
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def run(cfg: EmbedConfig, model_spec: str, input_path: str, out: str) -> EmbedRe
     _claim_output(out_dir, info, cfg)
     log.info("embedding %s (%s) with %s (dim %d, %d px)", input_path, kind, info.name, info.dim, info.contract.size)
     if cfg.metrics_port is not None:
-        serve_metrics(cfg.metrics_port)
+        serve_metrics(cfg.metrics_port, cfg.metrics_host)
     if kind == "images":
         return _run_images(cfg, info, input_path, out_dir, start)
     if kind == "slides":

@@ -181,7 +181,7 @@ def run(cfg: TilingConfig, slides: str, out_url: str) -> TilingResult:
     driver = _Driver(cfg, out, manifest, _tasks(table), next_shard)
     if todo:
         if cfg.metrics_port is not None:
-            serve_metrics(cfg.metrics_port)
+            serve_metrics(cfg.metrics_port, cfg.metrics_host)
         _dispatch(cfg, out, driver, todo)
     out.clear_tmp()
     manifest.save(out)

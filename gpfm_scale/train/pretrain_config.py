@@ -31,8 +31,6 @@ class RunSettings(StrictModel):
     max_failures: int = Field(default=3, ge=0, description="Worker-group restarts from the last checkpoint.")
     seed: int = Field(default=0, ge=0, description="Seeds model init, augmentation and data order.")
     name: str = Field(default="pretrain", pattern=r"^[A-Za-z0-9_.-]+$", description="Ray Train run name.")
-    metrics_port: int | None = Field(default=None, ge=0, le=65535,
-                                     description="Rank 0 serves Prometheus metrics on 127.0.0.1:PORT.")
     ray_address: str | None = Field(default=None, description="Ray cluster; default RAY_ADDRESS, else local.")
 
 

@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 import torch
 
+from gpfm_scale.metrics import PRETRAIN, AgentRecorder
 from gpfm_scale.train.pretrain_config import PretrainConfig
 
 log = logging.getLogger(__name__)
@@ -105,21 +106,26 @@ def _metrics(step: int, terms: dict[str, Any], sched: Any, times: StepTimes, ima
     return out
 
 
-def _publish(metrics: dict[str, float], metrics_path: str | None) -> None:
-    from gpfm_scale.metrics import PRETRAIN
-
-    PRETRAIN.step.set(metrics["step"])
-    PRETRAIN.step_seconds.set(metrics["step_s"])
-    PRETRAIN.data_wait_seconds.set(metrics["data_wait_s"])
-    PRETRAIN.expert_wait_seconds.set(metrics["expert_wait_s"])
-    PRETRAIN.images_per_second.set(metrics["images_per_s"])
-    PRETRAIN.worker_images_per_second.set(metrics["images_per_s_worker"])
-    PRETRAIN.lr.set(metrics["lr"])
-    PRETRAIN.momentum.set(metrics["momentum"])
-    PRETRAIN.teacher_temperature.set(metrics["teacher_temp"])
+def _publish(recorder: AgentRecorder, metrics: dict[str, float], rank: int, new_corrupt: int,
+             metrics_path: str | None) -> None:
+    """Every rank records its own step timing through Ray's metrics agent; rank 0 also the run's figures and the
+    metrics.jsonl row."""
+    r = str(rank)
+    recorder.set(PRETRAIN.step_seconds, metrics["step_s"], rank=r)
+    recorder.set(PRETRAIN.data_wait_seconds, metrics["data_wait_s"], rank=r)
+    recorder.set(PRETRAIN.expert_wait_seconds, metrics["expert_wait_s"], rank=r)
+    recorder.set(PRETRAIN.worker_images_per_second, metrics["images_per_s_worker"], rank=r)
+    recorder.inc(PRETRAIN.corrupt_samples, new_corrupt, rank=r)
+    if rank != 0:
+        return
+    recorder.set(PRETRAIN.step, metrics["step"])
+    recorder.set(PRETRAIN.images_per_second, metrics["images_per_s"])
+    recorder.set(PRETRAIN.lr, metrics["lr"])
+    recorder.set(PRETRAIN.momentum, metrics["momentum"])
+    recorder.set(PRETRAIN.teacher_temperature, metrics["teacher_temp"])
     for key, value in metrics.items():
         if key == "total" or key.startswith(("dino", "ibot", "koleo", "expert/")):
-            PRETRAIN.loss.labels(term=key).set(value)
+            recorder.set(PRETRAIN.loss, value, term=key)
     if metrics_path:
         with open(metrics_path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
@@ -166,10 +172,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model, engine, optimizer, schedules = _build(cfg, device, world)
     start = _resume(engine)
     metrics_path = os.path.join(config["out"], "metrics.jsonl") if rank == 0 and config.get("out") else None
-    if rank == 0 and cfg.run.metrics_port is not None:
-        from gpfm_scale.metrics import serve_metrics
-
-        serve_metrics(cfg.run.metrics_port)
+    recorder, published_corrupt = AgentRecorder(), 0
     side = cfg.objective.model.backbone.grid_size
     grid = (side, side)
     loader = build_loader(cfg.loader, cfg.crops, cfg.masks, grid, rank, world, start_step=start)
@@ -194,8 +197,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         times = StepTimes(data_wait, expert_wait, time.perf_counter() - t0)
         metrics = _metrics(step, {k: v for k, v in terms.items() if not k.startswith("_")}, sched, times,
                            cfg.loader.batch_size, world, corrupt)
-        if rank == 0:
-            _publish(metrics, metrics_path)
+        _publish(recorder, metrics, rank, corrupt - published_corrupt, metrics_path)
+        published_corrupt = corrupt
         if ckpt:
             _save_and_report(engine, metrics, step)
         else:

@@ -13,9 +13,11 @@ import pytest
 import torch
 
 from gpfm_scale.errors import ConfigError
+from gpfm_scale.metrics import CATALOGUE
 from gpfm_scale.train.checkpoint import load_exported
 from gpfm_scale.train.stage import run
 from tests.integration.pretrain_helpers import read_metrics, tiny_config, write_tile_shards
+from tests.integration.scrape_helpers import ray_agent_url, value, wait_for
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -41,10 +43,28 @@ def test_remote_experts_losses_fall_and_teacher_exports(shards, tmp_path):
         assert all(np.isfinite(r[term]) for r in rows)
         assert np.mean([r[term] for r in last]) < np.mean([r[term] for r in first]), term
     assert all(r["expert_wait_s"] >= 0 and r["images_per_s"] > 0 for r in rows)
+    _check_agent_metrics(rows[-1])
     model, config = load_exported(result.export_dir)
     assert config["step"] == 30 and config["embed_dim"] == 64
     features = model.forward_features(torch.rand(2, 3, 32, 32))[:, 0]
     assert features.shape == (2, 64) and torch.isfinite(features).all()
+
+
+def _check_agent_metrics(last: dict) -> None:
+    """Every pretraining metric of the catalogue reaches Ray's metrics agent with the run's last values."""
+    specs = [s for s in CATALOGUE if s.recorded_in == "ray_worker" and s.kind == "gauge"]
+    samples = wait_for(ray_agent_url(), [f"ray_{s.exposed_name}" for s in specs])
+    assert value(samples, "ray_gpfm_pretrain_step") == 30
+    assert value(samples, "ray_gpfm_pretrain_loss", term="total") == pytest.approx(last["total"], rel=1e-5)
+    assert value(samples, "ray_gpfm_pretrain_learning_rate") == pytest.approx(last["lr"], rel=1e-5)
+    assert value(samples, "ray_gpfm_pretrain_teacher_momentum") == pytest.approx(last["momentum"], rel=1e-6)
+    for rank in ("0", "1"):
+        assert value(samples, "ray_gpfm_pretrain_step_seconds", rank=rank) > 0
+        assert value(samples, "ray_gpfm_pretrain_worker_images_per_second", rank=rank) > 0
+        assert value(samples, "ray_gpfm_pretrain_data_wait_seconds", rank=rank) >= 0
+        assert value(samples, "ray_gpfm_pretrain_expert_wait_seconds", rank=rank) >= 0
+    assert value(samples, "ray_gpfm_pretrain_images_per_second") > 0
+    assert "ray_gpfm_pretrain_corrupt_samples_total" not in samples  # clean shards: nothing skipped, nothing counted
 
 
 def test_stopped_and_resumed_run_matches_an_uninterrupted_one(shards, tmp_path):
