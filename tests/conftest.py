@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import sys
 import time
 from pathlib import Path
 
@@ -29,21 +31,45 @@ def real_svs(shared_data: Path) -> Path:
     return path
 
 
+_DASHBOARD: list[str] = []
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance for every test that needs it (starting Ray costs 5-10 s and ~0.7 GB).
 
     4 logical CPUs on a 2-core machine: training workers, expert actors and Ray Data tasks each hold a CPU slot, and
     with only 2 slots they can wait on each other forever. `test_gpu` stands in for GPUs where placement is tested.
-    Ray's metrics agent exports every second (10 s by default) so that tests scraping it wait less.
+    Ray's metrics agent exports every second (10 s by default) so that tests scraping it wait less. The dashboard
+    (~1 GB, a few seconds) serves the Job Submission API that tests/integration/test_job_submit.py uses: one Ray
+    instance for the whole session rather than a second head for that module.
     """
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, resources={"test_gpu": 4}, include_dashboard=False,
-                 log_to_driver=False, _system_config={"metrics_report_interval_ms": 1000})
+        # The job submission test sends `ray job submit` to this instance's dashboard, whose job agent runs the
+        # entrypoint in a shell of the node's environment: the installed CLI must be on its PATH, as on a cluster.
+        os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        context = ray.init(address="local", num_cpus=4, resources={"test_gpu": 4}, include_dashboard=True,
+                 dashboard_host="127.0.0.1", dashboard_port=_free_port(), log_to_driver=False,
+                 _system_config={"metrics_report_interval_ms": 1000})
+        _DASHBOARD.append(f"http://{context.dashboard_url}")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_dashboard(ray_session) -> str:
+    """http://127.0.0.1:PORT of the session instance's dashboard (the Job Submission API)."""
+    if not _DASHBOARD:
+        pytest.skip("Ray was started outside this test session: its dashboard address is unknown")
+    return _DASHBOARD[0]
 
 
 @pytest.fixture(scope="module", autouse=True)
