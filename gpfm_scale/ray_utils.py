@@ -13,7 +13,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
     Without an address we start our own instance (`address="local"`) rather than let Ray attach to whatever
     cluster this machine ran last; `ray job submit` sets RAY_ADDRESS, so jobs join their cluster. A local
-    instance is started without the dashboard: it saves ~1 GB and 5 s, and metrics are served by gpfm-scale itself.
+    instance is started without the dashboard (it saves ~1 GB and 5 s); its metrics agent still runs, so worker
+    metrics reach Prometheus as on a cluster, and drivers serve their own.
     """
     import ray
 
