@@ -42,7 +42,9 @@ def timm_create_kwargs(cfg: BackboneConfig) -> dict[str, Any]:
         "patch_size": cfg.patch_size,
         "num_classes": 0,
         "dynamic_img_size": True,
-        "init_values": cfg.layerscale_init,
+        # 0.0, not None, disables LayerScale: timm drops None keyword arguments, so the arch's own default
+        # (1e-5 for the dinov2 names) would come back.
+        "init_values": cfg.layerscale_init or 0.0,
     }
     for key in ("embed_dim", "depth", "num_heads"):
         value = getattr(cfg, key)

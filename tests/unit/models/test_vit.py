@@ -62,6 +62,12 @@ def test_layerscale_init_and_linear_drop_path_option() -> None:
     assert rates == pytest.approx([0.0, 0.1, 0.2])
 
 
+def test_layerscale_none_disables_it_even_for_an_arch_whose_default_has_it() -> None:
+    cfg = BackboneConfig(**{**TINY, "arch": "vit_large_patch14_dinov2", "patch_size": 8}, layerscale_init=None)
+    model = build_backbone(cfg)
+    assert all(isinstance(b.ls1, torch.nn.Identity) and isinstance(b.ls2, torch.nn.Identity) for b in model.vit.blocks)
+
+
 def _patch_region(index: int, grid: int = 4, patch: int = 8) -> tuple[slice, slice]:
     row, col = divmod(index, grid)
     return slice(row * patch, (row + 1) * patch), slice(col * patch, (col + 1) * patch)
