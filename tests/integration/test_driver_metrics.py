@@ -7,8 +7,6 @@ through Ray's metrics agent: tests/integration/test_pretrain.py scrapes those.
 
 from __future__ import annotations
 
-import socket
-
 import pandas as pd
 import pytest
 
@@ -19,16 +17,10 @@ from gpfm_scale.metrics import CATALOGUE, serve_metrics
 from gpfm_scale.slides.synthetic import write_corrupt_slide
 from gpfm_scale.tiling.config import TilingConfig
 from gpfm_scale.tiling.stage import run as tile
-from tests.integration.scrape_helpers import scrape, value
+from tests.integration.scrape_helpers import free_port, scrape, value
 from tests.integration.tiling_helpers import make_cohort
 
 pytestmark = pytest.mark.usefixtures("ray_session")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _total(samples, name: str, **labels: str) -> float:
@@ -38,7 +30,7 @@ def _total(samples, name: str, **labels: str) -> float:
 
 
 def test_tiling_and_embedding_feed_every_driver_metric(tmp_path):
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{serve_metrics(port)}/metrics"
     manifest = make_cohort(tmp_path / "cohort", 2)
     write_corrupt_slide(tmp_path / "cohort" / "broken.svs")

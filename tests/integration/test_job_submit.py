@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,17 +18,11 @@ from pathlib import Path
 import pandas as pd
 
 from tests.integration.pretrain_helpers import write_tile_shards
-from tests.integration.scrape_helpers import scrape
+from tests.integration.scrape_helpers import free_port, scrape
 from tests.integration.tiling_helpers import make_cohort
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).parent / "ray")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict[str, str]:
@@ -64,7 +57,7 @@ def _run_job(cmd: list[str], while_running: Callable[[], None] = lambda: None, t
 
 def test_tile_job_succeeds_and_its_metrics_are_scraped_while_it_runs(ray_dashboard, tmp_path):
     cohort = make_cohort(tmp_path / "slides", 3)
-    out, port = tmp_path / "tiles", _free_port()
+    out, port = tmp_path / "tiles", free_port()
     cmd = _submit_cmd(ray_dashboard, "gpfm-scale", "tile", "--slides", str(cohort), "--out", str(out),
                       "--tile-px", "64", "--max-tiles", "40", "--workers", "2", "--metrics-port", str(port))
     seen: list[float] = []
