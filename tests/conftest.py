@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -56,9 +57,15 @@ def ray_session():
         # The job submission test sends `ray job submit` to this instance's dashboard, whose job agent runs the
         # entrypoint in a shell of the node's environment: the installed CLI must be on its PATH, as on a cluster.
         os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-        context = ray.init(address="local", num_cpus=4, resources={"test_gpu": 4}, include_dashboard=True,
-                 dashboard_host="127.0.0.1", dashboard_port=_free_port(), log_to_driver=False,
-                 _system_config={"metrics_report_interval_ms": 1000})
+        # `ray job submit` entrypoints join the cluster that `{temp_dir}/ray_current_cluster` names, else any GCS
+        # process they find on the machine. `ray start` writes that file, `ray.init` does not: without it, and
+        # with the shared /tmp/ray, jobs joined clusters that other processes here had started (a test's
+        # subprocess, another session). So: a temp dir of our own, and the file written as `ray start` would.
+        temp_dir = tempfile.mkdtemp(prefix="gpfm-ray-", dir="/tmp")
+        context = ray.init(_temp_dir=temp_dir, address="local", num_cpus=4, resources={"test_gpu": 4},
+                           include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=_free_port(),
+                           log_to_driver=False, _system_config={"metrics_report_interval_ms": 1000})
+        ray._private.utils.write_ray_address(context.address_info["gcs_address"], temp_dir)
         _DASHBOARD.append(f"http://{context.dashboard_url}")
     yield ray
     ray.shutdown()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,8 +33,11 @@ def test_two_nodes_each_get_their_own_expert_actors(scenario: dict) -> None:
     nodes = list(scenario["nodes"].values())
     assert len(set(nodes)) == 2
     assert set(scenario["names_by_node"]) == set(nodes)
+    tokens = set()
     for node, names in scenario["names_by_node"].items():
-        assert names == [f"gpfm-expert-{node[:8]}-0", f"gpfm-expert-{node[:8]}-1"]
+        assert [re.sub(r"^gpfm-expert-[0-9a-f]{6}-", "", n) for n in names] == [f"{node[:8]}-0", f"{node[:8]}-1"]
+        tokens |= {n.split("-")[2] for n in names}
+    assert len(tokens) == 1  # one placement, one token
 
 
 def test_a_worker_connects_to_the_experts_of_its_own_node(scenario: dict) -> None:

@@ -52,6 +52,10 @@ def _run_job(cmd: list[str], while_running: Callable[[], None] = lambda: None, t
             break
         time.sleep(2)
     assert proc.returncode == 0 and "succeeded" in out, out[-4000:]
+    import ray
+
+    gcs = ray.get_runtime_context().gcs_address
+    assert f"joining Ray cluster at {gcs}" in out, f"the job did not join this session's cluster ({gcs})"
     return out
 
 

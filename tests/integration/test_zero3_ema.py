@@ -61,7 +61,9 @@ def _rank_main(rank: int, port: int, results: dict) -> None:
 
 def test_zero3_ema_on_slices_equals_the_formula():
     port = _free_port()
-    with mp.Manager() as manager:
+    # spawn, not the default fork: a forked copy of this process (the test session's Ray driver) broke the
+    # driver's connection to Ray's GCS, and every later actor creation in the session hung.
+    with mp.get_context("spawn").Manager() as manager:
         results = manager.dict()
         mp.spawn(_rank_main, args=(port, results), nprocs=2, join=True)
         results = dict(results)
