@@ -27,7 +27,7 @@ class RunSettings(StrictModel):
         "preemptible jobs); schedules still follow total_iters, and --resume continues.")
     checkpoint_every: int = Field(default=2_500, ge=1, description="Steps between checkpoints.")
     keep_checkpoints: int = Field(default=3, ge=1, description="Checkpoints kept (the newest ones).")
-    log_every: int = Field(default=10, ge=1, description="Steps between metric reports (metrics.jsonl, Ray).")
+    log_every: int = Field(default=10, ge=1, description="Steps between metric reports (metrics.jsonl, Prometheus).")
     max_failures: int = Field(default=3, ge=0, description="Worker-group restarts from the last checkpoint.")
     seed: int = Field(default=0, ge=0, description="Seeds model init, augmentation and data order.")
     name: str = Field(default="pretrain", pattern=r"^[A-Za-z0-9_.-]+$", description="Ray Train run name.")

@@ -199,10 +199,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                            cfg.loader.batch_size, world, corrupt)
         _publish(recorder, metrics, rank, corrupt - published_corrupt, metrics_path)
         published_corrupt = corrupt
-        if ckpt:
+        if ckpt:  # metrics alone go to metrics.jsonl and Prometheus: a bare ray.train.report cost 1-2 s here
             _save_and_report(engine, metrics, step)
-        else:
-            ray.train.report(metrics)
     if config.get("out") and _last_step(cfg) == cfg.run.total_iters:
         from gpfm_scale.train.checkpoint import export_teacher
 
