@@ -74,6 +74,13 @@ class StudentOutput:
     expert_proj: dict[str, ExpertTokens] = field(default_factory=dict)
 
 
+def _crops_as(batch: Mapping[str, Any], dtype: torch.dtype) -> Mapping[str, Any]:
+    """The float crops in the parameters' dtype (bf16 when DeepSpeed trains in bf16; the loader yields fp32)."""
+    crops = {k: batch[k].to(dtype) for k in ("global_crops", "local_crops")
+             if isinstance(batch.get(k), Tensor) and batch[k].is_floating_point() and batch[k].dtype != dtype}
+    return {**batch, **crops} if crops else batch
+
+
 def _select_masked(patch: Tensor, mask_indices: Tensor) -> Tensor:
     """Masked patch tokens [M, D] from [n, N, D] at flat indices into masks.flatten() (collate order)."""
     return patch.flatten(0, 1).index_select(0, mask_indices.to(patch.device))
@@ -155,6 +162,7 @@ class SSLMetaArch(nn.Module):
         out = self.teacher["backbone"](batch["global_crops"])
         masked = _select_masked(out["patch"], batch["mask_indices"])
         cls_logits, patch_logits = _head_logits(self.teacher, out["cls"], masked)
+        cls_logits, patch_logits = cls_logits.float(), patch_logits.float()  # centring and softmax in fp32
         if self.cfg.centering == "softmax":
             cls_probs = self.dino_loss.softmax_center_teacher(cls_logits, teacher_temp)
             patch_probs = self.ibot_loss.softmax_center_teacher(patch_logits, teacher_temp)
@@ -192,12 +200,18 @@ class SSLMetaArch(nn.Module):
         batch: Mapping[str, Any],
         expert_targets: ExpertTargets | None,
     ) -> dict[str, Tensor]:
-        """Unweighted terms (dino_global, dino_local, ibot, koleo, expert/<name>/{cls,patch}) plus "total"."""
-        terms = self.dino_loss(student.global_logits, student.local_logits, teacher.cls_probs)
+        """Unweighted terms (dino_global, dino_local, ibot, koleo, expert/<name>/{cls,patch}) plus "total".
+
+        Every loss is computed in fp32 whatever the model's dtype (bf16 under DeepSpeed on GPU): softmaxes at
+        temperature 0.1 and KoLeo's log nearest-neighbour distances lose too much in bf16."""
+        terms = self.dino_loss(student.global_logits.float(), student.local_logits.float(), teacher.cls_probs)
         masks_weight = batch["masks_weight"].to(student.masked_logits.device)
-        terms["ibot"] = self.ibot_loss(student.masked_logits, teacher.patch_probs, batch["masks"], masks_weight)
-        terms["koleo"] = self.koleo_loss(student.global_cls, num_chunks=NUM_GLOBAL_CROPS)
-        terms.update(self.expert_loss(student.expert_proj, self._checked_targets(expert_targets)))
+        terms["ibot"] = self.ibot_loss(student.masked_logits.float(), teacher.patch_probs, batch["masks"],
+                                       masks_weight)
+        terms["koleo"] = self.koleo_loss(student.global_cls.float(), num_chunks=NUM_GLOBAL_CROPS)
+        proj = {name: ExpertTokens(t.cls.float(), None if t.patch is None else t.patch.float())
+                for name, t in student.expert_proj.items()}
+        terms.update(self.expert_loss(proj, self._checked_targets(expert_targets)))
         terms["total"] = weighted_total(terms, self.term_weights)
         return terms
 
@@ -214,6 +228,7 @@ class SSLMetaArch(nn.Module):
         the batch's uint8 global crops (required iff experts are configured). Returns the loss terms and
         "total" as tensors, plus `health/*` detached Python floats when `with_health`.
         """
+        batch = _crops_as(batch, next(self.parameters()).dtype)
         teacher = self.teacher_forward(batch, teacher_temp)
         student = self.student_forward(batch)
         out: dict[str, Tensor | float] = dict(self.compute_losses(student, teacher, batch, expert_targets))

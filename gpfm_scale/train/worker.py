@@ -194,6 +194,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         report, ckpt = _report_every(cfg, step)
         if not report:
             continue
+        if device.type == "cuda":  # kernels are queued asynchronously: the step ends when they have run
+            torch.cuda.synchronize(device)
         times = StepTimes(data_wait, expert_wait, time.perf_counter() - t0)
         metrics = _metrics(step, {k: v for k, v in terms.items() if not k.startswith("_")}, sched, times,
                            cfg.loader.batch_size, world, corrupt)

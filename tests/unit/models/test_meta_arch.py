@@ -283,3 +283,18 @@ def test_separate_ibot_head_is_built_and_paired() -> None:
     logs = model.forward_backward(make_batch(random_masks()), None, TEMP)
     assert logs["ibot"] > 0.0
     assert model.student["ibot_head"].mlp[0].weight.grad is not None
+
+
+def test_a_bf16_model_takes_fp32_crops_and_computes_its_losses_in_fp32() -> None:
+    # What DeepSpeed's bf16 mode does to the module (parameters cast, inputs left to the caller): the fp32 crops
+    # of the loader are cast on entry and every term comes out fp32, close to the fp32 model's on the same batch.
+    batch, targets = make_batch(random_masks()), random_targets()
+    fp32 = make_model()
+    bf16 = make_model().to(torch.bfloat16)
+    ref = fp32(batch, expert_targets=targets, teacher_temp=TEMP, with_health=False)
+    out = bf16(batch, expert_targets=targets, teacher_temp=TEMP, with_health=False)
+    out["total"].backward()
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in out.values())
+    for term in TERMS | EXPERT_TERMS | {"total"}:
+        assert float(out[term].detach()) == pytest.approx(float(ref[term].detach()), rel=0.05, abs=0.02), term
+    assert all(p.grad is None or p.grad.dtype == torch.bfloat16 for p in bf16.parameters())
