@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray 2.60 secures new clusters with a token (~/.ray/auth_token, created by the head if missing); every client
+# (this driver, `ray job submit`, job entrypoints) sends it only when RAY_AUTH_MODE says so, and Ray reads the
+# variable once per process, at import: hence here, before anything imports ray.
+os.environ["RAY_AUTH_MODE"] = "token"
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -32,51 +38,90 @@ def real_svs(shared_data: Path) -> Path:
     return path
 
 
-_DASHBOARD: list[str] = []
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+@dataclass
+class _Head:
+    """The session's Ray head: a `ray start --head --block` process, as on a cluster."""
+
+    proc: subprocess.Popen
+    gcs_address: str
+    dashboard_url: str
+
+
+def _start_head() -> _Head:
+    """`ray start --head` on loopback, with every port chosen free and its own temp dir.
+
+    Not `ray.init()`: that cannot move the dashboard agent off its fixed default port (52365), so a second Ray on
+    the machine (another test session, the demo) left this one without a job agent; nor does it write the temp
+    dir's `ray_current_cluster`, from which job entrypoints resolve RAY_ADDRESS=auto. 4 logical CPUs on 2 cores:
+    training workers, expert actors and Ray Data tasks each hold a CPU slot, and with only 2 they can wait on each
+    other forever. `test_gpu` stands in for GPUs where placement is tested. The metrics agent exports every second
+    (10 s by default) so that tests scraping it wait less.
+    """
+    gcs_port, dashboard_port = _free_port(), _free_port()
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--disable-usage-stats",
+           f"--temp-dir={tempfile.mkdtemp(prefix='gpfm-ray-', dir='/tmp')}", "--node-ip-address=127.0.0.1",
+           f"--port={gcs_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+           f"--dashboard-port={dashboard_port}", f"--dashboard-agent-listen-port={_free_port()}",
+           f"--dashboard-agent-grpc-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+           f"--runtime-env-agent-port={_free_port()}", "--num-cpus=4", '--resources={"test_gpu": 4}',
+           '--system-config={"metrics_report_interval_ms": 1000}']
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    return _Head(proc, f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}")
+
+
+def _connect(ray, head: _Head, timeout_s: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if head.proc.poll() is not None:
+            raise RuntimeError(f"`ray start --head` exited with {head.proc.returncode}")
+        try:
+            ray.init(address=head.gcs_address, log_to_driver=False)
+            return
+        except ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
+_HEAD: list[_Head] = []
+
+
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray instance for every test that needs it (starting Ray costs 5-10 s and ~0.7 GB).
-
-    4 logical CPUs on a 2-core machine: training workers, expert actors and Ray Data tasks each hold a CPU slot, and
-    with only 2 slots they can wait on each other forever. `test_gpu` stands in for GPUs where placement is tested.
-    Ray's metrics agent exports every second (10 s by default) so that tests scraping it wait less. The dashboard
-    (~1 GB, a few seconds) serves the Job Submission API that tests/integration/test_job_submit.py uses: one Ray
-    instance for the whole session rather than a second head for that module.
-    """
+    """One Ray head for every test that needs it (starting Ray costs 5-10 s and ~1 GB with its dashboard, which
+    serves the Job Submission API of tests/integration/test_job_submit.py)."""
     import ray
 
     if not ray.is_initialized():
-        # The job submission test sends `ray job submit` to this instance's dashboard, whose job agent runs the
-        # entrypoint in a shell of the node's environment: the installed CLI must be on its PATH, as on a cluster.
+        # Job entrypoints run in a shell of the node's environment: the installed CLI must be on its PATH.
         os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-        # `ray job submit` entrypoints join the cluster that `{temp_dir}/ray_current_cluster` names, else any GCS
-        # process they find on the machine. `ray start` writes that file, `ray.init` does not: without it, and
-        # with the shared /tmp/ray, jobs joined clusters that other processes here had started (a test's
-        # subprocess, another session). So: a temp dir of our own, and the file written as `ray start` would.
-        temp_dir = tempfile.mkdtemp(prefix="gpfm-ray-", dir="/tmp")
-        context = ray.init(_temp_dir=temp_dir, address="local", num_cpus=4, resources={"test_gpu": 4},
-                           include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=_free_port(),
-                           log_to_driver=False, _system_config={"metrics_report_interval_ms": 1000})
-        ray._private.utils.write_ray_address(context.address_info["gcs_address"], temp_dir)
-        _DASHBOARD.append(f"http://{context.dashboard_url}")
+        os.environ.pop("RAY_ADDRESS", None)
+        head = _start_head()
+        _HEAD.append(head)
+        try:
+            _connect(ray, head)
+        except BaseException:
+            head.proc.terminate()
+            raise
     yield ray
     ray.shutdown()
+    for head in _HEAD:
+        head.proc.terminate()
+        head.proc.wait(timeout=60)
 
 
 @pytest.fixture(scope="session")
 def ray_dashboard(ray_session) -> str:
-    """http://127.0.0.1:PORT of the session instance's dashboard (the Job Submission API)."""
-    if not _DASHBOARD:
+    """http://127.0.0.1:PORT of the session head's dashboard (the Job Submission API)."""
+    if not _HEAD:
         pytest.skip("Ray was started outside this test session: its dashboard address is unknown")
-    return _DASHBOARD[0]
+    return _HEAD[0].dashboard_url
 
 
 @pytest.fixture(scope="module", autouse=True)
