@@ -48,6 +48,11 @@ class EmbedConfig(StrictModel):
         default=512, ge=1, description="Image-folder files per read task.")
     dtype: DType = Field(
         default="auto", description="Inference precision: auto = bfloat16 autocast on GPU, float32 on CPU.")
+    feature_dtype: Literal["float16", "float32"] = Field(
+        default="float16",
+        description="Stored feature precision: float16 halves the disk; float32 keeps features that barely vary "
+                    "across images apart (float16 resolves ~1e-3 of a value: a random-init model with LayerScale "
+                    "1e-5 falls below it).")
     weights: Path | None = Field(
         default=None, description="Local weight file for expert:NAME or timm:NAME (never downloaded).")
     allow_random_init: bool = Field(

@@ -77,7 +77,7 @@ class Predictor:
     """`map_batches` callable class: builds the model once per actor, then batch -> batch with `features`.
 
     Input columns: `image` uint8 [B, 3, S, S] and `ok` (bool); every other column passes through unchanged.
-    Output: the same minus `image`, plus `features` float16 [B, D] (zeros where `ok` is False: those rows are
+    Output: the same minus `image`, plus `features` [B, D] in `feature_dtype` (zeros where `ok` is False: those rows are
     markers or corrupt samples, which the driver counts and never stores as features).
     """
 
@@ -89,6 +89,7 @@ class Predictor:
         self.embedder = build_embedder(info, cfg).to(self.device)
         self.dim = info.dim
         self.dtype = autocast_dtype(cfg, device)
+        self.feature_dtype = np.dtype(cfg.feature_dtype)
         log.info("embedding actor ready: %s on %s (%s)", info.name, device, self.dtype or torch.float32)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -99,7 +100,7 @@ class Predictor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = batch.pop("image")
         ok = np.asarray(batch["ok"], bool)
-        features = np.zeros((len(ok), self.dim), np.float16)
+        features = np.zeros((len(ok), self.dim), self.feature_dtype)
         if ok.any():
             tiles = torch.from_numpy(np.ascontiguousarray(images[ok])).to(self.device, non_blocking=True)
             with self._autocast():

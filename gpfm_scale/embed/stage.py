@@ -93,7 +93,7 @@ def run(cfg: EmbedConfig, model_spec: str, input_path: str, out: str) -> EmbedRe
 
 
 def _claim_output(out_dir: Path, info: ModelInfo, cfg: EmbedConfig) -> None:
-    """Refuse an output holding features of another model; record this run's model and config."""
+    """Refuse an output holding features of another model or precision; record this run's model and config."""
     run_file = out_dir / RUN_FILE
     features = out_dir / "features"
     if run_file.is_file() and features.is_dir() and any(features.iterdir()):
@@ -101,9 +101,13 @@ def _claim_output(out_dir: Path, info: ModelInfo, cfg: EmbedConfig) -> None:
         if old.get("fingerprint") != info.fingerprint:
             raise ConfigError(f"{out_dir} holds features of {old.get('model')} (weights {old.get('fingerprint')}); "
                               f"{info.name} has weights {info.fingerprint}: use a new --out")
+        if old.get("feature_dtype", "float16") != cfg.feature_dtype:
+            raise ConfigError(f"{out_dir} holds {old.get('feature_dtype', 'float16')} features; this run would add "
+                              f"{cfg.feature_dtype} ones: use a new --out (or the same feature_dtype)")
     out_dir.mkdir(parents=True, exist_ok=True)
     run_file.write_text(json.dumps({"model": info.name, "fingerprint": info.fingerprint, "dim": info.dim,
-                                    "input_size": info.contract.size}, indent=2) + "\n")
+                                    "input_size": info.contract.size, "feature_dtype": cfg.feature_dtype},
+                                   indent=2) + "\n")
     (out_dir / "config.yaml").write_text(dump_config(cfg))
 
 
@@ -309,7 +313,8 @@ def _run_images(cfg: EmbedConfig, info: ModelInfo, root: str, out_dir: Path, sta
         log.info("%s is complete for this model and these %d images: nothing to do", store.IMAGES_FILE, len(files))
     else:
         writer = store.ImageFeatureWriter(out_dir, info.name, info.dim, {
-            "model_fingerprint": info.fingerprint, "n_expected": len(files), "input_size": info.contract.size})
+            "model_fingerprint": info.fingerprint, "n_expected": len(files), "input_size": info.contract.size},
+            dtype=cfg.feature_dtype)
         collector = ImageCollector(writer, files)
         step = cfg.images_per_task
         tasks = [{"root": root, "files": files[i:i + step], "first_row": i} for i in range(0, len(files), step)]

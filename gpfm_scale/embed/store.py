@@ -1,15 +1,16 @@
 """The features contract between `embed` and `evaluate` (DESIGN.md "Features").
 
 Layout of an embedding output directory DIR:
-    DIR/features/{slide_id}.h5   one per slide: `features` (N, D) float16, `coords` (N, 2) int64 level-0 (x, y)
+    DIR/features/{slide_id}.h5   one per slide: `features` (N, D) float16 (or float32), `coords` (N, 2) int64 level-0 (x, y)
                                  (CLAM/TRIDENT layout: their MIL code reads `features` and `coords` unchanged),
                                  attributes `model`, `dim`, `slide_id`.
-    DIR/features/images.h5       for an image folder: `features` (N, D) float16 and `paths` (N,) of the images.
+    DIR/features/images.h5       for an image folder: `features` (N, D) float16 (or float32) and `paths` (N,) of the images.
     DIR/index.parquet            one row per slide (kind "slide") or per image (kind "image"): `slide_id`,
                                  `kind`, `file` (relative to DIR), `row` (the image's row in images.h5, -1 for
                                  slides), `n` (vectors), `label`, `case_id`, `time`, `event` (when known) and
                                  every other column of the input manifest, carried through.
-Features are stored as float16 (half the disk of float32; probes and MIL upcast on load).
+Features are stored as float16 by default (half the disk of float32; probes and MIL upcast on load), float32 on
+request (`feature_dtype`).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def write_slide_features(directory: str | Path, slide_id: str, features: np.ndar
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".h5.partial")
     with h5py.File(tmp, "w") as f:
-        f.create_dataset("features", data=np.asarray(features, dtype=np.float16))
+        f.create_dataset("features", data=_stored(features))
         ds = f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64).reshape(-1, 2))
         ds.attrs.update(coords_attrs or {})
         f.attrs.update({"model": model, "dim": int(features.shape[1]) if features.ndim == 2 else 0,
@@ -70,11 +71,19 @@ def write_image_features(directory: str | Path, features: np.ndarray, paths: lis
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".h5.partial")
     with h5py.File(tmp, "w") as f:
-        f.create_dataset("features", data=np.asarray(features, dtype=np.float16))
+        f.create_dataset("features", data=_stored(features))
         f.create_dataset("paths", data=np.asarray(paths, dtype=object), dtype=h5py.string_dtype())
         f.attrs.update({"model": model, "dim": int(features.shape[1])})
     os.replace(tmp, path)
     return rel
+
+
+def _stored(features: np.ndarray) -> np.ndarray:
+    """Features as they go to disk: float16 or float32 as the run chose (`EmbedConfig.feature_dtype`)."""
+    array = np.asarray(features)
+    if array.dtype not in (np.float16, np.float32):
+        raise GpfmError(f"features must be float16 or float32, got {array.dtype}")
+    return array
 
 
 class ImageFeatureWriter:
@@ -84,13 +93,14 @@ class ImageFeatureWriter:
     `close` renames it into place, so a killed run never leaves a torn images.h5.
     """
 
-    def __init__(self, directory: str | Path, model: str, dim: int, attrs: dict[str, Any] | None = None) -> None:
+    def __init__(self, directory: str | Path, model: str, dim: int, attrs: dict[str, Any] | None = None,
+                 dtype: str = "float16") -> None:
         self.path = Path(directory) / IMAGES_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_suffix(".h5.partial")
         self.file = h5py.File(self.tmp, "w")
         self.features = self.file.create_dataset("features", shape=(0, dim), maxshape=(None, dim),
-                                                 dtype=np.float16, chunks=(256, dim))
+                                                 dtype=np.dtype(dtype), chunks=(256, dim))
         self.paths = self.file.create_dataset("paths", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype(),
                                               chunks=(1024,))
         self.file.attrs.update({"model": model, "dim": dim} | (attrs or {}))
@@ -100,7 +110,7 @@ class ImageFeatureWriter:
         first, self.n = self.n, self.n + len(paths)
         self.features.resize(self.n, axis=0)
         self.paths.resize(self.n, axis=0)
-        self.features[first:self.n] = np.asarray(features, dtype=np.float16)
+        self.features[first:self.n] = np.asarray(features, dtype=self.features.dtype)
         self.paths[first:self.n] = np.asarray(paths, dtype=object)
         return first
 

@@ -170,6 +170,14 @@ def test_hgsc_image_folder(shared_data, tmp_path):
     cosine = (got * direct).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(direct, axis=1)
     assert cosine.min() > 0.999
     assert run(_cfg(), "expert:tiny_a", str(folder), str(tmp_path)).n_embedded == 0  # complete: nothing redone
+    with pytest.raises(ConfigError, match="float16 features"):
+        run(_cfg(feature_dtype="float32"), "expert:tiny_a", str(folder), str(tmp_path))
+    run(_cfg(feature_dtype="float32"), "expert:tiny_a", str(folder), str(tmp_path / "fp32"))
+    with h5py.File(tmp_path / "fp32" / "features" / "images.h5") as f:
+        full = f["features"][:]
+    assert full.dtype == np.float32 and full.shape == features.shape
+    np.testing.assert_allclose(full, features.astype(np.float32), **FP16)  # the same features...
+    assert (full != full.astype(np.float16).astype(np.float32)).any()  # ...not rounded to float16
 
 
 def test_timm_without_weights_refuses_before_any_work(tmp_path):
