@@ -79,11 +79,10 @@ def write_image_features(directory: str | Path, features: np.ndarray, paths: lis
 
 
 def _stored(features: np.ndarray) -> np.ndarray:
-    """Features as they go to disk: float16 or float32 as the run chose (`EmbedConfig.feature_dtype`)."""
+    """Features as they go to disk: float32 kept when the run chose it (`EmbedConfig.feature_dtype`), any other
+    dtype as float16, the default."""
     array = np.asarray(features)
-    if array.dtype not in (np.float16, np.float32):
-        raise GpfmError(f"features must be float16 or float32, got {array.dtype}")
-    return array
+    return array if array.dtype == np.float32 else array.astype(np.float16)
 
 
 class ImageFeatureWriter:
