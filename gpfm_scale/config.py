@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gpfm_scale.errors import ConfigError
 
@@ -22,6 +22,17 @@ class StrictModel(BaseModel):
     """Base of every config: unknown keys are errors, values are validated on assignment too."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class DriverSettings(StrictModel):
+    """Where a stage's driver finds Ray and serves its metrics (the stages whose driver counts their work)."""
+
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65535, description="Serve Prometheus metrics on this port while running.")
+    metrics_host: str = Field(
+        default="127.0.0.1", description="Address the metrics endpoint binds (0.0.0.0 or the head's IP on a cluster).")
+    ray_address: str | None = Field(
+        default=None, description="Ray cluster to join; default: RAY_ADDRESS, else a local instance.")
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

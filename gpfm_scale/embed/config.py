@@ -14,14 +14,14 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from gpfm_scale.config import StrictModel
+from gpfm_scale.config import DriverSettings
 from gpfm_scale.tiling.config import TilingConfig
 
 InputKind = Literal["auto", "tiles", "slides", "images"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
-class EmbedConfig(StrictModel):
+class EmbedConfig(DriverSettings):
     batch_size: int = Field(default=256, ge=1, description="Images per forward pass of an inference actor.")
     num_actors: int | None = Field(
         default=None, ge=1,
@@ -68,9 +68,3 @@ class EmbedConfig(StrictModel):
         default=0.05, ge=0, le=1,
         description="A slide with more undecodable tiles than this fraction fails; below it the good tiles are "
                     "embedded and the count recorded (n_corrupt). Corrupt tiles are never replaced.")
-    metrics_port: int | None = Field(
-        default=None, ge=0, le=65535, description="Serve Prometheus metrics on this port (127.0.0.1) while running.")
-    metrics_host: str = Field(
-        default="127.0.0.1", description="Address the metrics endpoint binds (0.0.0.0 or the head's IP on a cluster).")
-    ray_address: str | None = Field(
-        default=None, description="Ray cluster to join; default: RAY_ADDRESS, else a local instance.")

@@ -6,11 +6,11 @@ from typing import Literal
 
 from pydantic import Field
 
-from gpfm_scale.config import StrictModel
+from gpfm_scale.config import DriverSettings
 from gpfm_scale.slides.config import GridConfig, TissueConfig
 
 
-class TilingConfig(StrictModel):
+class TilingConfig(DriverSettings):
     grid: GridConfig = Field(default_factory=GridConfig, description="Tile size, resolution, stride and selection.")
     tissue: TissueConfig = Field(default_factory=TissueConfig, description="Tissue mask thresholds.")
     readers: list[Literal["cucim", "openslide", "tiffslide"]] = Field(
@@ -42,12 +42,6 @@ class TilingConfig(StrictModel):
     thumbnails: bool = Field(default=True, description="Write a QC thumbnail PNG per slide.")
     staging_dir: str | None = Field(
         default=None, description="Local scratch for remote slides and shards (default: the system temp dir).")
-    metrics_port: int | None = Field(
-        default=None, ge=0, le=65535, description="Serve Prometheus metrics on this port (127.0.0.1) while running.")
-    metrics_host: str = Field(
-        default="127.0.0.1", description="Address the metrics endpoint binds (0.0.0.0 or the head's IP on a cluster).")
-    ray_address: str | None = Field(
-        default=None, description="Ray cluster to join; default: RAY_ADDRESS, else a local instance.")
 
     def layout_key(self) -> dict:
         """The settings that decide which tiles exist and their bytes: a rerun must agree on these to resume."""
