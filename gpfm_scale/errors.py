@@ -27,3 +27,11 @@ class ShardError(GpfmError):
 
 class CheckpointMismatchError(GpfmError):
     """A checkpoint or weight file does not match the model it is loaded into."""
+
+
+class UnsafeNameError(GpfmError):
+    """A name taken from data (slide id, tar key, class folder, manifest column) would escape its directory."""
+
+
+class OutputLockedError(GpfmError):
+    """Another run holds the output directory; the message names the holder."""
