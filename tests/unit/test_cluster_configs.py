@@ -30,7 +30,14 @@ REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
 DASHBOARD = CLUSTER / "grafana" / "gpfm-dashboard.json"
 LAUNCHERS = ["aws.yaml", "gcp.yaml"]
-GPU_NODES = {"aws.yaml": {"p4d.24xlarge", "p5.48xlarge"}, "gcp.yaml": {"a2-highgpu-8g", "a3-highgpu-8g"}}
+GPU_NODES = {"aws.yaml": {"p4d.24xlarge", "p4de.24xlarge", "p5.48xlarge"},
+             "gcp.yaml": {"a2-highgpu-8g", "a2-ultragpu-8g", "a3-highgpu-8g"}}
+# GB of memory per GPU of each 8-GPU machine type: the recipe (ViT-L/14, 96 images per GPU, experts) needs 80.
+GPU_MEMORY_GB = {"p4d.24xlarge": 40, "p4de.24xlarge": 80, "p5.48xlarge": 80,
+                 "a2-highgpu-8g": 40, "a2-ultragpu-8g": 80, "a3-highgpu-8g": 80}
+# (vCPUs, memory GiB) of the machine types the KubeRay pod sizes name (cloud providers' published figures).
+MACHINES = {"a2-ultragpu-8g": (96, 1360 / 1.073741824), "p4de.24xlarge": (96, 1152), "p5.48xlarge": (192, 2048),
+            "n2-standard-64": (64, 256 / 1.073741824), "m6i.16xlarge": (64, 256)}
 # Ray system metrics the dashboard may query besides gpfm_* (documented in docs/cluster.md, "Metrics").
 RAY_SYSTEM_METRICS = frozenset({"ray_object_store_memory", "ray_node_gpus_utilization"})
 # file_mounts sources the user makes before `ray up` (docs/cluster.md, step 1); every other source must exist.
@@ -156,6 +163,49 @@ def test_recipe_expert_weights_live_under_weights():
     assert paths and all(p.startswith("/weights/") for p in paths), paths
 
 
+@pytest.mark.parametrize("name", LAUNCHERS)
+def test_launcher_default_gpu_type_has_the_memory_the_recipe_needs(name):
+    types = load_yaml(f"cluster/{name}")["available_node_types"]
+    machine = {t: spec["node_config"].get("InstanceType") or spec["node_config"].get("machineType")
+               for t, spec in types.items()}
+    gpu = [m for m in machine.values() if m in GPU_NODES[name]]
+    assert gpu and all(GPU_MEMORY_GB[m] >= 80 for m in gpu), gpu
+
+
+def test_aws_gpu_nodes_share_one_subnet_a_cluster_placement_group_and_efa():
+    """NCCL between nodes needs EFA, one AZ and a cluster placement group. Ray's rule for NetworkInterfaces
+    (ray/autoscaler/_private/aws/config.py, `_configure_subnets_and_groups_from_network_interfaces`; importing it
+    needs boto3): subnets and security groups only per interface, and every interface has both."""
+    node = load_yaml("cluster/aws.yaml")["available_node_types"]["gpu_8x"]
+    cfg = node["node_config"]
+    assert cfg["Placement"]["GroupName"], "GPU nodes must launch into a cluster placement group"
+    nics = cfg["NetworkInterfaces"]
+    assert {n["InterfaceType"] for n in nics} == {"efa"}
+    assert len({n["SubnetId"] for n in nics}) == 1, "every GPU interface in one subnet (one availability zone)"
+    cards = sorted(n["NetworkCardIndex"] for n in nics)
+    assert cards == list(range(32 if cfg["InstanceType"] == "p5.48xlarge" else len(nics)))
+    primary = [n for n in nics if n["DeviceIndex"] == 0]
+    assert len(primary) == 1 and primary[0]["NetworkCardIndex"] == 0
+    assert not {"SubnetId", "SubnetIds", "SecurityGroupIds"} & set(cfg)
+    assert all(n["SubnetId"] and n["Groups"] for n in nics)
+    setup = " ".join(node["worker_setup_commands"])
+    assert "FI_PROVIDER=efa" in setup and "FI_EFA_USE_DEVICE_RDMA=1" in setup
+
+
+def test_gcp_workers_carry_a_service_account_and_cpu_nodes_are_spot_not_preemptible():
+    """Ray attaches a service account to the head only; `preemptible` VMs stop after 24 h, Spot VMs do not."""
+    cfg = load_yaml("cluster/gcp.yaml")
+    assert "preemptible" not in json.dumps(cfg)
+    for name, spec in cfg["available_node_types"].items():
+        if name == cfg["head_node_type"]:
+            continue
+        accounts = spec["node_config"].get("serviceAccounts")
+        assert accounts and accounts[0]["email"].endswith(".iam.gserviceaccount.com"), name
+        assert "https://www.googleapis.com/auth/cloud-platform" in accounts[0]["scopes"]
+    sched = cfg["available_node_types"]["cpu_tiling"]["node_config"]["scheduling"]
+    assert sched["provisioningModel"] == "SPOT" and sched["automaticRestart"] is False
+
+
 # ---------------------------------------------------------------- gpfm-scale commands (KubeRay, docs)
 
 def gpfm_parser():
@@ -225,6 +275,81 @@ def test_kuberay_manifests():
     assert [c[1] for c in commands] == ["pretrain"]
     check_gpfm_command(commands[0], "rayjob.yaml")
     yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+
+
+def _quantity_gib(q: str) -> float:
+    units = {"Gi": 1.0, "Mi": 1 / 1024, "Ti": 1024.0, "G": 1 / 1.073741824, "M": 1 / 1073.741824}
+    for suffix, scale in units.items():
+        if q.endswith(suffix):
+            return float(q[: -len(suffix)]) * scale
+    return float(q) / 2**30
+
+
+def _gke_allocatable(cpus: int, mem_gib: float) -> tuple[float, float]:
+    """GKE's published reservations (the larger of GKE's and EKS's), less 3% for DaemonSets (GPU plugin, logging)."""
+    cpu_res = 0.06 + 0.01 + 0.005 * 2 + 0.0025 * (cpus - 4)
+    tiers = [(4, 0.25), (4, 0.20), (8, 0.10), (112, 0.06), (float("inf"), 0.02)]
+    left, mem_res = mem_gib, 0.0
+    for size, frac in tiers:
+        part = min(left, size)
+        mem_res, left = mem_res + part * frac, left - part
+    return (cpus - cpu_res) * 0.97, (mem_gib - mem_res - 0.1) * 0.97
+
+
+def test_kuberay_pods_fit_the_named_machines_and_carry_what_a_long_run_needs():
+    cluster = load_yaml("cluster/kuberay/raycluster.yaml")
+    spec = cluster["spec"]
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    fits = {"gpu-8x": ["a2-ultragpu-8g", "p4de.24xlarge", "p5.48xlarge"], "cpu-tiling": ["n2-standard-64", "m6i.16xlarge"]}
+    for group, machines in fits.items():
+        pod = groups[group]["template"]["spec"]
+        req = pod["containers"][0]["resources"]["requests"]
+        for machine in machines:
+            cpus, mem = _gke_allocatable(*MACHINES[machine])
+            assert float(req["cpu"]) <= cpus and _quantity_gib(req["memory"]) <= mem, (group, machine, req)
+        limit = _quantity_gib(pod["containers"][0]["resources"]["limits"]["memory"])
+        shm = next(v for v in pod["volumes"] if v["name"] == "dshm")["emptyDir"]
+        assert _quantity_gib(shm["sizeLimit"]) <= limit / 2, "memory-backed /dev/shm counts against the pod's limit"
+    # bucket access: one ServiceAccount for every pod, defined beside the cluster
+    account = load_yaml("cluster/kuberay/serviceaccount.yaml")
+    assert account["kind"] == "ServiceAccount"
+    for pod in [spec["headGroupSpec"], *groups.values()]:
+        assert pod["template"]["spec"]["serviceAccountName"] == account["metadata"]["name"]
+    # slide staging on node-local disk, accounted for as ephemeral storage
+    tiling = groups["cpu-tiling"]["template"]["spec"]
+    container = tiling["containers"][0]
+    assert _quantity_gib(container["resources"]["requests"]["ephemeral-storage"]) >= 100
+    scratch = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}["scratch"]
+    assert {"name": "TMPDIR", "value": scratch} in container["env"]
+    # multi-day jobs survive a head restart
+    assert spec["gcsFaultToleranceOptions"]["redisAddress"]
+    # a RayJob can be submitted again: a generated name, retries, and a resuming entrypoint
+    job = load_yaml("cluster/kuberay/rayjob.yaml")
+    assert "name" not in job["metadata"] and job["metadata"]["generateName"]
+    assert job["spec"]["backoffLimit"] >= 1 and "--resume" in job["spec"]["entrypoint"]
+
+
+def test_prometheus_keeps_its_data_off_nfs():
+    """Prometheus' TSDB is unsupported on NFS (EFS / Filestore, mounted at /mnt/gpfm)."""
+    texts = [(CLUSTER / "prometheus" / "prometheus.yml").read_text(), (REPO / "docs" / "cluster.md").read_text()]
+    paths = [m for t in texts for m in re.findall(r"--storage\.tsdb\.path=(\S+)", t)]
+    assert paths and not any(p.startswith("/mnt/") for p in paths), paths
+
+
+def test_podmonitor_driver_target_matches_what_the_driver_binds():
+    """Prometheus scrapes the head pod's IP: a driver bound to 127.0.0.1 is unreachable, so the documented
+    KubeRay commands with --metrics-port must also pass --metrics-host 0.0.0.0."""
+    monitor = load_yaml("cluster/kuberay/podmonitor.yaml")
+    ports = [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]]
+    spec = load_yaml("cluster/kuberay/raycluster.yaml")["spec"]
+    head_ports = {p["name"]: p["containerPort"] for p in spec["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert head_ports["gpfm-driver"] == DEFAULT_PORT and "gpfm-driver" in ports
+    for g in spec["workerGroupSpecs"]:
+        assert all(p["name"] != "gpfm-driver" for p in g["template"]["spec"]["containers"][0]["ports"])
+    doc = (REPO / "docs" / "cluster.md").read_text()
+    kuberay = doc[doc.index("## KubeRay"):]
+    commands = [line for line in kuberay.splitlines() if "gpfm-scale" in line and "--metrics-port" in line]
+    assert commands and all("--metrics-host 0.0.0.0" in c for c in commands), commands
 
 
 def test_dockerfile_copies_existing_paths_onto_the_pinned_ray_image():
