@@ -51,6 +51,12 @@ class SlideOutcome:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _listed(row: dict[str, Any]) -> bool:
+    """In this run's input (rows of manifests written before the column existed count as listed)."""
+    value = row.get("in_input")
+    return value is None or bool(value)
+
+
 class RunManifest:
     def __init__(self, rows: dict[str, dict[str, Any]], extra_columns: list[str]) -> None:
         self.rows = rows
@@ -90,8 +96,7 @@ class RunManifest:
             df = pd.read_parquet(io.BytesIO(out.read_bytes(MANIFEST_NAME)))
         except (ValueError, OSError) as err:  # pyarrow's ArrowInvalid is a ValueError
             raise ConfigError(f"{out.path(MANIFEST_NAME)} is not a readable run manifest ({type(err).__name__}); "
-                              "move it away only if the shards beside it can be discarded, else use a new --out"
-                              ) from None
+                              "restore it from a backup or use a new --out") from None
         missing = {"slide_id", "status", "shards"} - set(df.columns)
         if missing:
             raise ConfigError(f"{out.path(MANIFEST_NAME)} is not a tiling run manifest (no {sorted(missing)} "
@@ -115,11 +120,11 @@ class RunManifest:
         return [sid for sid, r in self.rows.items() if r["status"] in statuses]
 
     def in_input(self) -> list[str]:
-        return [sid for sid, r in self.rows.items() if r.get("in_input") is not False]
+        return [sid for sid, r in self.rows.items() if _listed(r)]
 
     def absent(self) -> list[str]:
         """Slides of earlier runs that are not in this run's input (kept, never touched)."""
-        return [sid for sid, r in self.rows.items() if r.get("in_input") is False]
+        return [sid for sid, r in self.rows.items() if not _listed(r)]
 
     def referenced_shards(self) -> set[str]:
         """Every shard any row names, whatever its status or input: none of these may ever be deleted."""

@@ -173,9 +173,9 @@ def _run_locked(cfg: TilingConfig, table: pd.DataFrame, out_url: str, start: flo
     out.makedirs()
     check_layout(out, cfg)
     previous = RunManifest.load(out)
-    out.write_bytes_atomic(dump_config(cfg).encode(), CONFIG_NAME)
     manifest = RunManifest.from_inputs(table, previous)
-    next_shard = reconcile(out, manifest, previous is not None, cfg.run_name)
+    next_shard = reconcile(out, manifest, previous is not None, cfg.run_name)  # refuses a DIR that is not ours
+    out.write_bytes_atomic(dump_config(cfg).encode(), CONFIG_NAME)
     inputs = manifest.in_input()
     if cfg.retry_failed:
         manifest.reset([sid for sid in inputs if manifest.rows[sid]["status"] == "failed"])
