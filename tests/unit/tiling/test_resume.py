@@ -6,10 +6,10 @@ import pandas as pd
 import pytest
 
 from gpfm_scale.errors import ConfigError
+from gpfm_scale.tiling.config import TilingConfig
 from gpfm_scale.tiling.manifest import RunManifest, SlideOutcome
 from gpfm_scale.tiling.outputs import OutputDir
 from gpfm_scale.tiling.resume import check_layout, reconcile
-from gpfm_scale.tiling.config import TilingConfig
 
 
 def _table(*ids: str) -> pd.DataFrame:
