@@ -150,6 +150,12 @@ def _run_tile(args: argparse.Namespace) -> int:
     print(f"tiled {result.n_done}/{result.n_slides} slides, {result.n_tiles} tiles this run "
           f"({result.tiles_per_second:.0f} tiles/s) -> {result.out}")
     print(f"manifest: {result.manifest}")
+    if result.absent:
+        more = f" and {len(result.absent) - 20} more" if len(result.absent) > 20 else ""
+        print(f"kept {len(result.absent)} slide(s) of earlier runs that are not in --slides (see the manifest's "
+              f"in_input): {', '.join(result.absent[:20])}{more}")
+    for sid, reason in result.no_tiles:
+        print(f"NO TILES {sid}: {reason}", file=sys.stderr)
     for sid, reason in result.failed:
         print(f"FAILED {sid}: {reason}", file=sys.stderr)
     return 0 if result.ok else 1

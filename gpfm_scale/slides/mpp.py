@@ -25,6 +25,29 @@ def _usable(value: float | None) -> float | None:
     return number if math.isfinite(number) and number > 0 else None
 
 
+def parse_manifest_mpp(value: object) -> float | None:
+    """A manifest's `mpp` cell as µm/px; None when the cell is empty (NaN, None, blank): "not given".
+
+    Anything else must be a positive finite number, written plainly: '0.25um' or '0,25' raise ValueError with
+    the value quoted rather than becoming NaN, which would quietly hand the slide to its (possibly wrong) metadata
+    when the user wrote the column precisely to override it.
+    """
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, str) and not value.strip():
+        return None
+    problem = f"invalid mpp {value!r} in the manifest: expected a positive number of µm per pixel, e.g. 0.25"
+    if isinstance(value, bool):
+        raise ValueError(problem)
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(problem) from None
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError(problem)
+    return number
+
+
 def resolve_mpp(
     slide_mpp: float | None, manifest_mpp: float | None, fallback_mpp: float | None, slide_id: str
 ) -> tuple[float, str]:

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from gpfm_scale.config import DriverSettings
 from gpfm_scale.slides.config import GridConfig, TissueConfig
+
+MAX_TILE_PX = 16384
+"""Largest tile or stride side in output px. A 16384-px RGB tile is 768 MiB decoded; anything larger is a typo
+(an extra zero) that would otherwise finish 'done' with 0 tiles on every slide smaller than the tile."""
+MAX_OVERLAP = 16
+"""Smallest stride is tile_px / MAX_OVERLAP: each axis then repeats a pixel in 16 tiles (256x the tiles of a
+non-overlapping grid); a smaller stride is a units mix-up (level-0 px for output px), not a sampling choice."""
 
 
 class TilingConfig(DriverSettings):
     grid: GridConfig = Field(default_factory=GridConfig, description="Tile size, resolution, stride and selection.")
     tissue: TissueConfig = Field(default_factory=TissueConfig, description="Tissue mask thresholds.")
     readers: list[Literal["cucim", "openslide", "tiffslide"]] = Field(
-        default=["cucim", "openslide", "tiffslide"],
+        default=["cucim", "openslide", "tiffslide"], min_length=1,
         description="Slide readers tried in order; the first that opens and reads the slide is used and recorded.")
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="cuCIM decode device: auto uses cuda when the worker was given a GPU.")
@@ -42,6 +49,27 @@ class TilingConfig(DriverSettings):
     thumbnails: bool = Field(default=True, description="Write a QC thumbnail PNG per slide.")
     staging_dir: str | None = Field(
         default=None, description="Local scratch for remote slides and shards (default: the system temp dir).")
+
+    @field_validator("readers")
+    @classmethod
+    def _distinct_readers(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"readers must not repeat a reader, got {v}")
+        return v
+
+    @field_validator("grid")
+    @classmethod
+    def _sane_grid(cls, g: GridConfig) -> GridConfig:
+        """Bounds that a tile grid must meet to tile anything (see MAX_TILE_PX, MAX_OVERLAP)."""
+        if g.tile_px > MAX_TILE_PX:
+            raise ValueError(f"grid.tile_px {g.tile_px} is larger than {MAX_TILE_PX} px")
+        stride = g.effective_stride_px
+        if stride > MAX_TILE_PX:
+            raise ValueError(f"grid.stride_px {stride} is larger than {MAX_TILE_PX} px")
+        if stride * MAX_OVERLAP < g.tile_px:
+            raise ValueError(f"grid.stride_px {stride} is below tile_px / {MAX_OVERLAP} "
+                             f"({g.tile_px / MAX_OVERLAP:g}): more than {MAX_OVERLAP}x overlap per axis")
+        return g
 
     def layout_key(self) -> dict:
         """The settings that decide which tiles exist and their bytes: a rerun must agree on these to resume."""

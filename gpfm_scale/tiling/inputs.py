@@ -1,26 +1,23 @@
 """Turn `--slides PATH` into a slide table: a manifest (CSV/Parquet), a folder, or a glob; local or fsspec URLs.
 
 The table has `slide_id, path` and optionally `mpp` plus any clinical columns, which are carried into the run
-manifest. Slide ids must be unique and safe as file names (they name the coordinate file and the WebDataset key).
+manifest. Slide ids must be unique and safe as file names (they name the coordinate file and the WebDataset key):
+ids are mapped with `gpfm_scale.names.safe_id`, and one that stays unsafe ('.', '..', hidden) refuses the table.
+The `mpp` column is passed through as read: each value is parsed per slide (`slides.mpp.parse_manifest_mpp`) so
+that one bad cell fails that slide with the reason, instead of being dropped silently for the slide's metadata.
 """
 
 from __future__ import annotations
 
 import posixpath
-import re
 
 import fsspec
 import pandas as pd
 
-from gpfm_scale.errors import ConfigError
+from gpfm_scale.errors import ConfigError, UnsafeNameError
+from gpfm_scale.names import safe_id
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm")
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
-
-
-def safe_slide_id(name: str) -> str:
-    """File- and WebDataset-key-safe id: anything outside [A-Za-z0-9._-] becomes '_'."""
-    return _UNSAFE.sub("_", name)
 
 
 def _join(base_url: str, path: str) -> str:
@@ -30,10 +27,34 @@ def _join(base_url: str, path: str) -> str:
 
 
 def _read_table(url: str) -> pd.DataFrame:
-    with fsspec.open(url, "rb") as f:
-        if url.endswith(".parquet"):
-            return pd.read_parquet(f)
-        return pd.read_csv(f)
+    """The manifest as a frame; a missing, empty or unparseable file is a ConfigError naming it."""
+    try:
+        with fsspec.open(url, "rb") as f:
+            if url.endswith(".parquet"):
+                return pd.read_parquet(f)
+            return pd.read_csv(f)
+    except FileNotFoundError:
+        raise ConfigError(f"slide manifest not found: {url}") from None
+    except pd.errors.EmptyDataError:
+        raise ConfigError(f"{url}: slide manifest is empty (expected a header with slide_id, path)") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{url}: slide manifest is a directory, not a CSV/Parquet file") from None
+    except (ValueError, OSError) as err:  # pandas ParserError / UnicodeDecodeError / pyarrow ArrowInvalid
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{url}: not a readable {'Parquet' if url.endswith('.parquet') else 'CSV'} "
+                          f"slide manifest: {first}") from None
+
+
+def _safe_ids(raw: list, spec: str) -> list[str]:
+    ids = []
+    for value in raw:
+        if value is None or (isinstance(value, float) and value != value):
+            raise ConfigError(f"{spec}: a row has an empty slide_id")
+        try:
+            ids.append(safe_id(str(value)))
+        except UnsafeNameError as err:
+            raise ConfigError(f"{spec}: slide id {str(value)!r} cannot name files: {err}") from None
+    return ids
 
 
 def _list_files(url: str) -> list[str]:
@@ -52,10 +73,7 @@ def _list_files(url: str) -> list[str]:
 def load_slide_table(spec: str) -> pd.DataFrame:
     """Read the slide list; raises ConfigError with the reason when it is empty, malformed or ambiguous."""
     if spec.endswith((".csv", ".parquet")):
-        try:
-            df = _read_table(spec)
-        except FileNotFoundError:
-            raise ConfigError(f"slide manifest not found: {spec}") from None
+        df = _read_table(spec)
         missing = {"slide_id", "path"} - set(df.columns)
         if "path" in missing:
             raise ConfigError(f"{spec}: slide manifest needs a 'path' column (has {list(df.columns)})")
@@ -69,11 +87,9 @@ def load_slide_table(spec: str) -> pd.DataFrame:
         df = pd.DataFrame({"slide_id": [posixpath.splitext(posixpath.basename(p))[0] for p in paths], "path": paths})
     if df.empty:
         raise ConfigError(f"{spec}: no slides listed")
-    df["slide_id"] = [safe_slide_id(str(s)) for s in df["slide_id"]]
+    df["slide_id"] = _safe_ids(df["slide_id"].tolist(), spec)
     dup = df["slide_id"][df["slide_id"].duplicated()].unique().tolist()
     if dup:
         raise ConfigError(f"{spec}: slide ids are not unique (after making them file-safe): {dup[:5]}")
-    if "mpp" in df.columns:
-        df["mpp"] = pd.to_numeric(df["mpp"], errors="coerce")
     cols = ["slide_id", "path"] + [c for c in df.columns if c not in ("slide_id", "path")]
     return df[cols].reset_index(drop=True)

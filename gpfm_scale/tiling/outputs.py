@@ -1,9 +1,10 @@
 """The output directory of a tiling run, local or any fsspec URL, and its layout.
 
 Everything is written under a temporary name and moved into place when complete, so a reader (or a rerun) never
-sees half a file. Layout (DESIGN.md contracts):
+sees half a file; local files get the mode `open()` would give (0666 minus the umask, `gpfm_scale.atomic`), not
+mkstemp's 0600. Layout (DESIGN.md contracts):
     DIR/shards/{run}-{NNNNNN}.tar    WebDataset shards (whole slides only)
-    DIR/shards/.tmp/                 shards being written; cleared when a run starts
+    DIR/shards/.tmp/                 shards being written; our temporary files there are cleared when a run starts
     DIR/coords/{slide_id}.h5         CLAM/TRIDENT coordinates
     DIR/thumbnails/{slide_id}.png    QC thumbnails (tissue mask and kept tiles drawn)
     DIR/manifest.parquet             the run manifest
@@ -20,7 +21,12 @@ from pathlib import Path
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from gpfm_scale import atomic
+
 SHARD_RE = re.compile(r"^(?P<run>.+)-(?P<index>\d{6})\.tar$")
+TMP_RE = re.compile(r"^([0-9a-f]{32}\.tar|tmp\w+\.(h5|png))(\.partial)?$")
+"""Names of the temporary files tiling makes in shards/.tmp (ShardWriter's uuid shards, mkstemp's coords and
+thumbnails, and their remote `.partial` uploads): the only files a run removes there."""
 
 
 class OutputDir:
@@ -52,7 +58,7 @@ class OutputDir:
         """Move a finished local file to `parts` under the output, atomically where the filesystem allows."""
         dest = self.path(*parts)
         if self.is_local:
-            os.replace(local_path, dest)
+            atomic.replace_into_place(local_path, dest)
         else:
             tmp = dest + ".partial"
             self.fs.put_file(local_path, tmp)
@@ -69,12 +75,7 @@ class OutputDir:
     def write_bytes_atomic(self, data: bytes, *parts: str) -> None:
         dest = self.path(*parts)
         if self.is_local:
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".", suffix=".partial")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, dest)
+            atomic.write_bytes_atomic(dest, data)
         else:
             with self.fs.open(dest + ".partial", "wb") as f:
                 f.write(data)
@@ -100,11 +101,13 @@ class OutputDir:
         return out
 
     def clear_tmp(self) -> int:
-        """Remove shards left half-written by a killed run; returns how many."""
+        """Remove the temporary files a killed run of ours left in shards/.tmp (TMP_RE); returns how many.
+
+        Safe because the caller holds the output lock: no other run is writing there. Anything else is left."""
         tmp = self.path("shards", ".tmp")
         if not self.fs.exists(tmp):
             return 0
-        files = self.fs.ls(tmp, detail=False)
+        files = [p for p in self.fs.ls(tmp, detail=False) if TMP_RE.match(Path(p).name)]
         for p in files:
             self.fs.rm(p)
         return len(files)

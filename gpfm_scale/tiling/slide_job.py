@@ -101,6 +101,17 @@ def _publish_side_files(out: OutputDir, slide_id: str, grid: TileGrid, cfg: Tili
         out.publish(tmp, "thumbnails", f"{slide_id}.png")
 
 
+def _why_no_tiles(grid: TileGrid, mask: np.ndarray, cfg: TilingConfig) -> str:
+    """The reason recorded on a slide that is done with 0 tiles (kept apart from failures: nothing went wrong)."""
+    if grid.num_positions == 0:
+        w, h = grid.read_level_size
+        return (f"no tiles: a {grid.read_size_px}-px read ({cfg.grid.tile_px}-px tile at {grid.target_mpp:g} µm/px) "
+                f"does not fit in the {w}x{h} level")
+    if not mask.any():
+        return "no tiles: no tissue found"
+    return f"no tiles: none of {grid.num_positions} positions is at least {cfg.grid.min_tissue_fraction:g} tissue"
+
+
 def tile_slide(task: SlideTask, cfg: TilingConfig, writer: ShardWriter, out: OutputDir,
                device: str = "cpu") -> SlideOutcome:
     """Tile one slide into `writer` (committed by the caller). Never raises for a bad slide: returns ok=False."""
@@ -119,6 +130,7 @@ def tile_slide(task: SlideTask, cfg: TilingConfig, writer: ShardWriter, out: Out
             grid = plan_grid(reader.level_dimensions, reader.level_downsamples, mpp0, cfg.grid, mask, mask_ds,
                              task.slide_id)
             outcome.mpp, outcome.magnification = grid.target_mpp, grid.magnification
+            outcome.reason = _why_no_tiles(grid, mask, cfg) if len(grid.coords) == 0 else ""
             layout = reader.raw_tile_layout(grid.read_level) if cfg.zero_decode else None
             outcome.zero_decode = bool(layout is not None and zero_decode_compatible(grid, layout))
             tiles = _raw_tiles(reader, grid, layout) if outcome.zero_decode else \

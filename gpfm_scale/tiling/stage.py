@@ -1,12 +1,15 @@
 """`run(cfg, slides, out) -> TilingResult`: the tiling stage, driven from one process over a pool of Ray actors.
 
-The driver is the only writer of the run manifest and the only one that names shards. Actors tile slides into a
-private temporary shard; when a shard is sealed (at a slide boundary past the size cap) the driver renames it to
-`{run}-{NNNNNN}.tar` and then marks its slides done. Exactness under failure follows from that order:
+The driver is the only writer of the run manifest and the only one that names shards; it holds the output lock
+(`gpfm_scale.run_lock`) on `out` from before it reads anything there to the end, so a second run into the same
+directory is refused (exit 2, naming the holder). Actors tile slides into a private temporary shard; when a shard
+is sealed (at a slide boundary past the size cap) the driver renames it to `{run}-{NNNNNN}.tar` and then marks its
+slides done. Exactness under failure follows from that order:
 - a killed actor loses only slides whose shard was never renamed: they go back to pending and are redone;
 - a killed driver leaves temporary shards (cleared on the next start) and, at worst, a renamed shard whose slides
-  were not yet marked done: such an orphan is deleted on the next start and its slides are redone.
+  were not yet marked done: such an orphan is deleted on the next start and its slides are redone (`resume.py`).
 So every tile of a done slide is in exactly one committed shard, and no shard holds a tile of an unfinished slide.
+Slides of earlier runs that are not in this run's input keep their rows and shards untouched (`manifest.py`).
 """
 
 from __future__ import annotations
@@ -18,17 +21,20 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
+import pandas as pd
 from tqdm import tqdm
 
+from gpfm_scale.atomic import current_umask
 from gpfm_scale.config import dump_config
-from gpfm_scale.errors import ConfigError
 from gpfm_scale.metrics import TILING, serve_metrics
 from gpfm_scale.ray_utils import ensure_ray
+from gpfm_scale.run_lock import OutputLock
+from gpfm_scale.slides.mpp import parse_manifest_mpp
 from gpfm_scale.tiling.config import TilingConfig
 from gpfm_scale.tiling.inputs import load_slide_table
 from gpfm_scale.tiling.manifest import MANIFEST_NAME, RunManifest, SlideOutcome
 from gpfm_scale.tiling.outputs import OutputDir
+from gpfm_scale.tiling.resume import CONFIG_NAME, check_layout, reconcile
 from gpfm_scale.tiling.shards import SealedShard
 from gpfm_scale.tiling.slide_job import SlideTask
 from gpfm_scale.tiling.worker import TileWorker
@@ -48,6 +54,10 @@ class TilingResult:
     seconds: float
     worker_restarts: int
     failed: list[tuple[str, str]] = field(default_factory=list)
+    no_tiles: list[tuple[str, str]] = field(default_factory=list)
+    """Input slides done with 0 tiles, and why (no tissue found, no tile fits): done, but worth a look."""
+    absent: list[str] = field(default_factory=list)
+    """Slides of earlier runs into `out` that are not in this run's input: kept as they were, not counted above."""
 
     @property
     def tiles_per_second(self) -> float:
@@ -56,36 +66,6 @@ class TilingResult:
     @property
     def ok(self) -> bool:
         return self.n_failed == 0
-
-
-def _check_layout(out: OutputDir, cfg: TilingConfig) -> None:
-    """Refuse to resume into an output made with settings that change the tile set."""
-    if not out.exists("config.yaml"):
-        return
-    old = TilingConfig.model_validate(yaml.safe_load(out.read_bytes("config.yaml"))).layout_key()
-    new = cfg.layout_key()
-    if old != new:
-        diffs = [f"{k}: {old[k]} -> {new[k]}" for k in new if old.get(k) != new[k]]
-        raise ConfigError(f"{out.url} was tiled with other settings ({'; '.join(diffs)}); use a new --out")
-
-
-def _reconcile(out: OutputDir, manifest: RunManifest) -> int:
-    """Clear what a killed run left behind; returns the next free shard index."""
-    cleared = out.clear_tmp()
-    if cleared:
-        log.info("removed %d unfinished shard(s) of an interrupted run", cleared)
-    referenced = manifest.referenced_shards()
-    shards = out.list_shards()
-    for name in sorted(set(shards) - referenced):
-        log.warning("removing orphan shard %s (its slides were never marked done; they will be redone)", name)
-        out.fs.rm(out.path("shards", name))
-        del shards[name]
-    missing = {s for s in referenced if s not in shards}
-    lost = [sid for sid, r in manifest.rows.items() if r["status"] == "done" and set(r["shards"]) & missing]
-    if lost:
-        log.warning("%d done slide(s) lost their shard; redoing them: %s", len(lost), lost[:5])
-        manifest.reset(lost)
-    return max(shards.values(), default=-1) + 1
 
 
 class _Driver:
@@ -123,6 +103,7 @@ class _Driver:
             TILING.slides.labels(status="failed").inc()
             self.manifest.save(self.out)
         elif outcome.n_tiles == 0:
+            log.warning("slide %s is done with no tiles: %s", outcome.slide_id, outcome.reason)
             self.manifest.mark_done(outcome, None, None)
             TILING.slides.labels(status="done").inc()
             self.manifest.save(self.out)
@@ -156,41 +137,72 @@ class _Driver:
         return len(lost)
 
 
-def _tasks(table: Any) -> dict[str, SlideTask]:
-    mpp = table["mpp"] if "mpp" in table.columns else [None] * len(table)
-    return {sid: SlideTask(sid, path, None if m is None or m != m else float(m))
-            for sid, path, m in zip(table["slide_id"], table["path"], mpp)}
+def _tasks(table: pd.DataFrame) -> tuple[dict[str, SlideTask], dict[str, str]]:
+    """Per-slide work, and the slides whose manifest `mpp` cell is unusable (slide id -> reason)."""
+    raw = table["mpp"] if "mpp" in table.columns else [None] * len(table)
+    tasks, invalid = {}, {}
+    for sid, path, m in zip(table["slide_id"], table["path"], raw):
+        try:
+            mpp = parse_manifest_mpp(None if pd.api.types.is_scalar(m) and pd.isna(m) else m)
+        except ValueError as err:
+            invalid[sid], mpp = str(err), None
+        tasks[sid] = SlideTask(sid, path, mpp)
+    return tasks, invalid
+
+
+def _refuse_invalid(manifest: RunManifest, todo: list[str], invalid: dict[str, str]) -> list[str]:
+    """Fail the slides to tile whose input is unusable, with the reason; the rest is still to do."""
+    for sid in todo:
+        if sid in invalid:
+            log.warning("slide %s failed: %s", sid, invalid[sid])
+            manifest.mark_failed(SlideOutcome(sid, ok=False, reason=f"ConfigError: {invalid[sid]}"))
+            TILING.slides.labels(status="failed").inc()
+    return [sid for sid in todo if sid not in invalid]
 
 
 def run(cfg: TilingConfig, slides: str, out_url: str) -> TilingResult:
     """Tile every slide of `slides` (manifest, folder or glob) into `out_url`, resuming what is already there."""
     start = time.perf_counter()
     table = load_slide_table(slides)
+    with OutputLock(out_url, "tile"):
+        return _run_locked(cfg, table, out_url, start)
+
+
+def _run_locked(cfg: TilingConfig, table: pd.DataFrame, out_url: str, start: float) -> TilingResult:
     out = OutputDir(out_url, cfg.staging_dir)
     out.makedirs()
-    _check_layout(out, cfg)
-    out.write_bytes_atomic(dump_config(cfg).encode(), "config.yaml")
-    manifest = RunManifest.from_inputs(table, RunManifest.load(out))
-    next_shard = _reconcile(out, manifest)
+    check_layout(out, cfg)
+    previous = RunManifest.load(out)
+    manifest = RunManifest.from_inputs(table, previous)
+    next_shard = reconcile(out, manifest, previous is not None, cfg.run_name)  # refuses a DIR that is not ours
+    out.write_bytes_atomic(dump_config(cfg).encode(), CONFIG_NAME)
+    inputs = manifest.in_input()
     if cfg.retry_failed:
-        manifest.reset(manifest.with_status("failed"))
-    todo = manifest.with_status("pending")
+        manifest.reset([sid for sid in inputs if manifest.rows[sid]["status"] == "failed"])
+    tasks, invalid = _tasks(table)
+    todo = _refuse_invalid(manifest, [sid for sid in inputs if manifest.rows[sid]["status"] == "pending"], invalid)
     manifest.save(out)
-    log.info("%d slide(s): %d to tile, %d done, %d failed", len(manifest.rows), len(todo),
-             len(manifest.with_status("done")), len(manifest.with_status("failed")))
-    driver = _Driver(cfg, out, manifest, _tasks(table), next_shard)
+    absent = manifest.absent()
+    if absent:
+        log.warning("%d slide(s) of earlier runs are not in this input; kept as they are: %s%s", len(absent),
+                    ", ".join(absent[:10]), " ..." if len(absent) > 10 else "")
+    status = collections.Counter(manifest.rows[sid]["status"] for sid in inputs)
+    log.info("%d slide(s): %d to tile, %d done, %d failed", len(inputs), len(todo), status["done"], status["failed"])
+    driver = _Driver(cfg, out, manifest, tasks, next_shard)
     if todo:
         if cfg.metrics_port is not None:
             serve_metrics(cfg.metrics_port, cfg.metrics_host)
         _dispatch(cfg, out, driver, todo)
     out.clear_tmp()
     manifest.save(out)
-    failed = [(sid, manifest.rows[sid]["reason"]) for sid in manifest.with_status("failed")]
-    done = manifest.with_status("done")
+    rows = {sid: manifest.rows[sid] for sid in inputs}
+    failed = [(sid, r["reason"]) for sid, r in rows.items() if r["status"] == "failed"]
+    done = [sid for sid, r in rows.items() if r["status"] == "done"]
+    no_tiles = [(sid, rows[sid]["reason"]) for sid in done if not rows[sid]["n_tiles"]]
     return TilingResult(
-        out=out.url, manifest=out.path(MANIFEST_NAME), n_slides=len(manifest.rows), n_done=len(done),
+        out=out.url, manifest=out.path(MANIFEST_NAME), n_slides=len(rows), n_done=len(done),
         n_failed=len(failed), n_tiles=driver.tiles, n_bytes=driver.bytes, seconds=time.perf_counter() - start,
-        worker_restarts=driver.restarts, failed=failed)
+        worker_restarts=driver.restarts, failed=failed, no_tiles=no_tiles, absent=absent)
 
 
 def _dispatch(cfg: TilingConfig, out: OutputDir, driver: _Driver, todo: list[str]) -> None:
@@ -205,7 +217,8 @@ def _dispatch(cfg: TilingConfig, out: OutputDir, driver: _Driver, todo: list[str
             "max_task_retries": 0}
     cfg_dict = cfg.model_dump(mode="json")
     token = uuid.uuid4().hex[:8]  # named so operators (and tests) can find them: gpfm-tiling-{run}-{i}
-    actors = [remote_cls.options(name=f"gpfm-tiling-{token}-{i}", **opts).remote(cfg_dict, out.url)
+    umask = current_umask()  # the user's, not that of whoever started the Ray workers: files get the modes they expect
+    actors = [remote_cls.options(name=f"gpfm-tiling-{token}-{i}", **opts).remote(cfg_dict, out.url, umask)
               for i in range(n_workers)]
     log.info("tiling with %d actor(s)", n_workers)
     pending = collections.deque(driver.tasks[sid] for sid in todo)
@@ -219,6 +232,7 @@ def _dispatch(cfg: TilingConfig, out: OutputDir, driver: _Driver, todo: list[str
                 for i, actor in enumerate(actors):
                     if pending and len(driver.queues[i]) <= _depth:
                         task = pending.popleft()
+                        driver.manifest.count_attempt(task.slide_id)  # saved with the next commit or failure
                         ref = actor.process.remote(task)
                         inflight[ref] = (i, task)
                         driver.queues[i].append(ref)

@@ -23,7 +23,9 @@ def _worker_device(cfg: TilingConfig) -> str:
 class TileWorker:
     """Plain class; the stage wraps it with `ray.remote`. State: the open shard of this process."""
 
-    def __init__(self, cfg: dict[str, Any], out_url: str) -> None:
+    def __init__(self, cfg: dict[str, Any], out_url: str, umask: int | None = None) -> None:
+        if umask is not None:  # this process is the actor's alone: its files get the driver user's permissions
+            os.umask(umask)
         self.cfg = TilingConfig.model_validate(cfg)
         self.out = OutputDir(out_url, self.cfg.staging_dir)
         self.writer = ShardWriter(self.out.local_tmp_dir(), self.cfg.shard_max_bytes)

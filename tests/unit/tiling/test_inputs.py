@@ -60,3 +60,32 @@ def test_empty_folder_and_missing_manifest(tmp_path):
         load_slide_table(str(tmp_path))
     with pytest.raises(ConfigError, match="not found"):
         load_slide_table(str(tmp_path / "nope.csv"))
+
+
+def test_mpp_cells_are_parsed_per_slide_not_coerced(tmp_path):
+    """Issue 10.7: '0.25um' / '0,25' must not turn into NaN (which hands the slide to its own metadata)."""
+    from gpfm_scale.slides.mpp import parse_manifest_mpp
+
+    pd.DataFrame({"slide_id": ["a", "b", "c", "d"], "path": ["a.svs", "b.svs", "c.svs", "d.svs"],
+                  "mpp": ["0.25um", "0,25", "", "0.5"]}).to_csv(tmp_path / "m.csv", index=False)
+    df = load_slide_table(str(tmp_path / "m.csv"))
+    assert df["mpp"].iloc[0] == "0.25um" and df["mpp"].iloc[1] == "0,25"  # kept as written, judged per slide
+    for bad in ["0.25um", "0,25", "-1", 0.0, "inf", True]:
+        with pytest.raises(ValueError, match=f"invalid mpp {bad!r} in the manifest"):
+            parse_manifest_mpp(bad)
+    assert [parse_manifest_mpp(v) for v in [None, float("nan"), "", "  ", " 0.5 ", 0.25]] == [
+        None, None, None, None, 0.5, 0.25]
+
+
+@pytest.mark.parametrize("sid", ["..", ".", ".hidden"])
+def test_ids_unsafe_after_mapping_are_refused_by_name(tmp_path, sid):
+    pd.DataFrame({"slide_id": ["ok", sid], "path": ["a.svs", "b.svs"]}).to_csv(tmp_path / "m.csv", index=False)
+    with pytest.raises(ConfigError, match=f"slide id '{sid}'"):
+        load_slide_table(str(tmp_path / "m.csv"))
+
+
+@pytest.mark.parametrize("content,match", [(b"", "empty"), (b"\xff\xfe\x00garbage\x00", "not a readable CSV")])
+def test_unreadable_manifest_is_a_config_error(tmp_path, content, match):
+    (tmp_path / "m.csv").write_bytes(content)
+    with pytest.raises(ConfigError, match=match):
+        load_slide_table(str(tmp_path / "m.csv"))
