@@ -27,7 +27,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_png
 
 from gpfm_scale.data.tar_samples import (CorruptSampleError, RawSample, decode_image_bytes, decode_sample,
                                          iter_raw_samples)
@@ -36,7 +35,6 @@ from gpfm_scale.errors import ShardError
 log = logging.getLogger(__name__)
 
 TILE_COLUMNS = ("slide_id", "index", "x", "y", "ok", "error", "total", "image")
-_PIL_EXTS = (".tif", ".tiff", ".bmp", ".webp")
 
 
 def resize_uint8(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -167,14 +165,12 @@ def read_image_file(path: Path) -> torch.Tensor:
     where = str(path)
     try:
         data = path.read_bytes()
-        suffix = path.suffix.lower()
-        if suffix in _PIL_EXTS:
-            with Image.open(BytesIO(data)) as img:
-                return _pil_rgb8(img, where)
-        if suffix == ".png":
-            return rgb8(decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                                   mode=ImageReadMode.RGB_ALPHA), where)
-        return decode_image_bytes(data, "jpg")
+        if path.suffix.lower() in (".jpg", ".jpeg"):
+            return decode_image_bytes(data, "jpg")
+        # PIL, not torchvision, for PNG: torchvision's RGB_ALPHA gives some palette PNGs alpha 0 (measured here,
+        # torchvision 0.29), which compositing would turn white; PIL expands palettes and keeps 16-bit high bytes
+        with Image.open(BytesIO(data)) as img:
+            return _pil_rgb8(img, where)
     except CorruptSampleError:
         raise
     except Exception as err:  # noqa: BLE001 - libpng, libjpeg and PIL's plugins raise OSError, ValueError,
