@@ -57,3 +57,32 @@ def test_metrics_port_in_use_exits_2_with_one_line(images, tmp_path, capsys):
         port = busy.getsockname()[1]
         assert _embed(images, tmp_path / "out", "--metrics-port", str(port)) == 2
     assert str(port) in _one_error_line(capsys)
+
+
+def test_tiler_manifest_rows_with_unsafe_slide_ids_or_shard_names_fail_alone(tmp_path):
+    import pandas as pd
+
+    from gpfm_scale.embed.config import EmbedConfig
+    from gpfm_scale.embed.inputs import TileSource
+    from gpfm_scale.embed.models import describe_model
+    from gpfm_scale.embed.stage import _plan_slides
+
+    manifest = pd.DataFrame({"slide_id": ["..", "ok", "evil", ".hidden"], "status": ["done"] * 4,
+                             "n_tiles": [2, 2, 2, 2], "reason": [""] * 4,
+                             "shards": [["s0.tar"], ["s0.tar"], ["../../elsewhere.tar"], ["s0.tar"]]})
+    source = TileSource([str(tmp_path / "shards" / "s0.tar")], manifest, [], str(tmp_path))
+    plan = _plan_slides(source, describe_model("expert:tiny_a", EmbedConfig()), tmp_path / "out")
+    assert plan.todo == {str(tmp_path / "shards" / "s0.tar"): ["ok"]} and plan.expected == {"ok": 2}
+    failed = {f["slide_id"]: f["reason"] for f in plan.failed}
+    assert set(failed) == {"..", "evil", ".hidden"} and "shard name" in failed["evil"]
+    assert all(f["stage"] == "embedding" for f in plan.failed)
+
+
+def test_the_feature_writer_refuses_a_slide_id_that_is_not_one_component(tmp_path):
+    from gpfm_scale.embed.store import write_slide_features
+    from gpfm_scale.errors import UnsafeNameError
+
+    for sid in ("../x", "..", "a/b", ""):
+        with pytest.raises(UnsafeNameError):
+            write_slide_features(tmp_path, sid, np.zeros((1, 2), np.float32), np.zeros((1, 2), np.int64), "m")
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []
