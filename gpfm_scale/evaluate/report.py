@@ -66,14 +66,16 @@ def _figures(inputs: ReportInputs, out: Path) -> dict[str, list[tuple[str, Path]
             name = f"{slug(model)}_{slug(task)}"
             if task in ROC_TASKS and res.scores is not None and res.y_true is not None:
                 figs["roc"].append((f"{model}: {task}", plot_roc(
-                    res.y_true, res.scores, res.classes, f"{model} - {task} (test)", _figure_path(fig_dir, f"roc_{name}.png"), dpi)))
+                    res.y_true, res.scores, res.classes, f"{model} - {task} (test)",
+                    _figure_path(fig_dir, f"roc_{name}.png"), dpi)))
             if res.times is not None and res.events is not None and res.risk is not None:
                 figs["km"].append((f"{model}: {task}", plot_kaplan_meier(
-                    res.times, res.events, res.risk, _figure_path(fig_dir, f"km_{name}.png"), f"{model} - {task}", dpi)))
+                    res.times, res.events, res.risk, _figure_path(fig_dir, f"km_{name}.png"), f"{model} - {task}",
+                    dpi)))
     for model, data in inputs.embeddings.items():
         figs["pca"].append((model, plot_embedding_pca(
-            data.features, data.labels, data.classes, f"{model}: PCA of embeddings", _figure_path(fig_dir, f"pca_{slug(model)}.png"),
-            inputs.cfg.report.max_points, inputs.cfg.seed, dpi)))
+            data.features, data.labels, data.classes, f"{model}: PCA of embeddings",
+            _figure_path(fig_dir, f"pca_{slug(model)}.png"), inputs.cfg.report.max_points, inputs.cfg.seed, dpi)))
     return figs
 
 
