@@ -30,7 +30,8 @@ from PIL import Image
 
 from gpfm_scale.data.tar_samples import (CorruptSampleError, RawSample, decode_image_bytes, decode_sample,
                                          iter_raw_samples)
-from gpfm_scale.errors import ShardError
+from gpfm_scale.errors import ShardError, UnsafeNameError
+from gpfm_scale.names import child_path
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +183,10 @@ def read_image_file(path: Path) -> torch.Tensor:
 
 def iter_image_batches(root: str, files: list[str], first_row: int, size: int,
                        rows: int) -> Iterator[dict[str, np.ndarray]]:
-    """Decoded images `root/files[i]` as batches of `row` (first_row + i), ok, error, image [B, 3, S, S]."""
+    """Decoded images `root/files[i]` as batches of `row` (first_row + i), ok, error, image [B, 3, S, S].
+
+    A file whose path is not plain components under `root` (a hidden class folder such as `.ipynb_checkpoints/`,
+    a symlink leading outside `root`) fails with its reason instead of joining the cohort as a class of its own."""
     cols: dict[str, list[Any]] = {"row": [], "ok": [], "error": [], "image": []}
 
     def take() -> dict[str, np.ndarray]:
@@ -194,7 +198,10 @@ def iter_image_batches(root: str, files: list[str], first_row: int, size: int,
 
     for i, rel in enumerate(files):
         try:
-            image, error = resize_uint8(read_image_file(Path(root) / rel), size).numpy(), ""
+            path = Path(child_path(root, *rel.split("/")))
+            image, error = resize_uint8(read_image_file(path), size).numpy(), ""
+        except UnsafeNameError as err:
+            image, error = np.zeros((3, size, size), np.uint8), f"{rel}: {err}"
         except CorruptSampleError as err:
             image, error = np.zeros((3, size, size), np.uint8), str(err)
         for col, value in zip(cols, (first_row + i, not error, error, image)):

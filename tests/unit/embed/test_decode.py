@@ -162,3 +162,16 @@ def test_alpha_palette_and_odd_images_convert_or_fail_alone(tmp_path):
     assert out["image"][1][:, 3, 3].tolist() == [0, 128, 255]
     assert "float.tif" in out["error"][2] and "32-bit" in out["error"][2] and "cut.png" in out["error"][3]
     np.testing.assert_array_equal(out["image"][4], _tile(4).transpose(2, 0, 1))
+
+
+def test_hidden_folders_and_links_leading_outside_the_image_folder_fail_alone(tmp_path):
+    root = tmp_path / "images"
+    for rel in ("a/x.png", ".ipynb_checkpoints/y.png", "a/._z.png"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(_tile(7)).save(root / rel, format="PNG")
+    Image.fromarray(_tile(8)).save(tmp_path / "secret.png")
+    (root / "a" / "link.png").symlink_to(tmp_path / "secret.png")
+    files = ["a/x.png", ".ipynb_checkpoints/y.png", "a/._z.png", "a/link.png"]
+    out = _concat(list(iter_image_batches(str(root), files, 0, size=8, rows=8)))
+    assert out["ok"].tolist() == [True, False, False, False]
+    assert all(f in e for f, e in zip(files[1:], out["error"][1:])) and "outside" in out["error"][3]
