@@ -173,7 +173,7 @@ def load_image_features(directory: str | Path) -> tuple[np.ndarray, pd.DataFrame
     bad = ~np.isfinite(feats).all(axis=1)
     if bad.any():
         raise GpfmError(f"{Path(directory) / IMAGES_FILE}: {int(bad.sum())} of {len(feats)} feature rows are not "
-                        f"finite (NaN/inf), e.g. {rows.loc[bad, 'image'].head(3).tolist()}: re-embed them")
+                        f"finite (NaN/inf), e.g. {rows.loc[bad, 'slide_id'].head(3).tolist()}: re-embed them")
     return feats, rows
 
 
