@@ -5,6 +5,11 @@ follows the pipeline's in-flight window, not the cohort. A slide closes when its
 and all the rows it announces have arrived; it is then judged against the tiler manifest's tile count, written
 (rows sorted back into shard order = the tiler's coordinate order) or failed with a one-line reason.
 `ImageCollector` appends image features to one incrementally written `images.h5`.
+
+Two checks happen here, before anything is written, because only here a bad item can fail alone: a slide id that
+is not one safe path component (from a tar key such as `../../x/0_0.jpg` or `./0_0.jpg`) fails its slide, and
+non-finite features (NaN/inf in the stored dtype: a diverged model, or float16 overflowing past 65504) fail their
+slide, or their image, by name. Writing them would hand the evaluation NaN metrics or a crash.
 """
 
 from __future__ import annotations
@@ -15,6 +20,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gpfm_scale.embed.store import ImageFeatureWriter
+from gpfm_scale.errors import UnsafeNameError
+from gpfm_scale.names import checked_component
+
+NONFINITE = "the model gave non-finite features (NaN/inf in the stored feature_dtype)"
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,8 @@ class _OpenSlide:
     n_rows: int = 0
     n_corrupt: int = 0
     first_error: str = ""
+    n_nonfinite: int = 0
+    first_nonfinite: tuple[int, int] | None = None
     total: int | None = None
     shard_error: str = ""
 
@@ -77,6 +88,11 @@ class SlideCollector:
         state.n_corrupt += int(bad.sum())
         if bad.any() and not state.first_error:
             state.first_error = str(rows["error"][bad][0])
+        finite = np.isfinite(rows["features"]).all(axis=1)
+        if (ok & ~finite).any():
+            state.n_nonfinite += int((ok & ~finite).sum())
+            first = np.flatnonzero(ok & ~finite)[0]
+            state.first_nonfinite = state.first_nonfinite or (int(rows["x"][first]), int(rows["y"][first]))
         if ok.any():
             state.index.append(rows["index"][ok])
             state.coords.append(np.stack([rows["x"][ok], rows["y"][ok]], axis=1))
@@ -87,6 +103,10 @@ class SlideCollector:
         if sid in self.closed:
             return SlideVerdict(sid, False, "tiles of this slide are in more than one shard (not a tiler output)")
         self.closed.add(sid)
+        try:
+            checked_component(sid, "slide id")
+        except UnsafeNameError as err:
+            return SlideVerdict(sid, False, str(err), n_corrupt=state.n_corrupt)
         expected = self.expected.get(sid, state.total) if self.expected is not None else state.total
         reason = self._fault(state, expected)
         if reason:
@@ -106,6 +126,8 @@ class SlideCollector:
             return f"{total} tiles in the shards but {expected} in the tiler manifest"
         if state.shard_error and self.expected is None:
             return f"slide cut short by a damaged shard{damage}"
+        if state.n_nonfinite:
+            return f"{NONFINITE} for {state.n_nonfinite} tile(s), the first at (x, y) = {state.first_nonfinite}"
         n_ok = total - state.n_corrupt
         if n_ok == 0:
             return f"no usable tile ({state.n_corrupt} undecodable): {state.first_error}"
@@ -146,6 +168,10 @@ class ImageCollector:
         idx = np.asarray(batch["row"], np.int64)
         for i, err in zip(idx[~ok], np.asarray(batch["error"])[~ok]):
             self.errors[int(i)] = str(err)
+        nonfinite = ok & ~np.isfinite(batch["features"]).all(axis=1)
+        for i in idx[nonfinite]:
+            self.errors[int(i)] = f"{self.files[i]}: {NONFINITE}"
+        ok &= ~nonfinite
         if ok.any():
             first = self.writer.append(batch["features"][ok], [self.files[i] for i in idx[ok]])
             self.rows[idx[ok]] = np.arange(first, first + int(ok.sum()))

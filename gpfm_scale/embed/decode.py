@@ -26,15 +26,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from gpfm_scale.data.tar_samples import CorruptSampleError, RawSample, decode_sample, iter_raw_samples
-from gpfm_scale.errors import ShardError
+from gpfm_scale.data.tar_samples import (CorruptSampleError, RawSample, decode_image_bytes, decode_sample,
+                                         iter_raw_samples)
+from gpfm_scale.errors import ShardError, UnsafeNameError
+from gpfm_scale.names import child_path
 
 log = logging.getLogger(__name__)
 
 TILE_COLUMNS = ("slide_id", "index", "x", "y", "ok", "error", "total", "image")
-_PIL_EXTS = (".tif", ".tiff", ".bmp", ".webp")
 
 
 def resize_uint8(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -44,6 +45,34 @@ def resize_uint8(image: torch.Tensor, size: int) -> torch.Tensor:
         return image.contiguous()
     x = F.interpolate(image[None].float(), size=(size, size), mode="bicubic", align_corners=False, antialias=True)
     return x[0].round().clamp(0, 255).to(torch.uint8)
+
+
+def rgb8(image: torch.Tensor, where: str) -> torch.Tensor:
+    """uint8 or uint16 [C, H, W] (C = 3: RGB, 4: RGBA) -> uint8 RGB [3, H, W]; CorruptSampleError otherwise.
+
+    16-bit samples keep their high byte (`x >> 8`: 65535 -> 255, 40000 -> 156), as libpng's strip-16 and PIL do;
+    clamping them to 255 instead turned every 16-bit image white. Alpha is composited over white (the glass of a
+    slide) rather than dropped: dropping it shows whatever colour a transparent pixel happens to hold (often black).
+    """
+    if image.dtype == torch.uint16:
+        image = (image.to(torch.int32) >> 8).to(torch.uint8)
+    if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] not in (3, 4):
+        raise CorruptSampleError(f"{where}: unsupported pixel layout {image.dtype} {list(image.shape)} "
+                                 "(expected 8- or 16-bit RGB/RGBA)")
+    if image.shape[0] == 3:
+        return image
+    rgb, alpha = image[:3].to(torch.int32), image[3:].to(torch.int32)
+    return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).to(torch.uint8)
+
+
+def _pil_rgb8(img: Image.Image, where: str) -> torch.Tensor:
+    """A PIL image of any 8- or 16-bit mode (L, P, LA, PA, RGBA, CMYK, I;16...) -> uint8 RGB [3, H, W]."""
+    if img.mode.startswith("I;16"):  # 16-bit grayscale: PIL's convert() would clip it to 255
+        gray = np.asarray(img).astype(np.uint16)
+        return rgb8(torch.from_numpy(np.repeat(gray[None], 3, axis=0).copy()), where)
+    if img.mode in ("I", "F"):
+        raise CorruptSampleError(f"{where}: {img.mode}-mode image (32-bit samples): no known range to map to 8 bits")
+    return rgb8(torch.from_numpy(np.asarray(img.convert("RGBA")).copy()).permute(2, 0, 1), where)
 
 
 class _TileBatch:
@@ -91,7 +120,7 @@ def _decode_tile(raw: RawSample, size: int) -> tuple[tuple[int, int], torch.Tens
         xy = (int(meta["x"]), int(meta["y"]))
     except (KeyError, TypeError, ValueError):
         raise CorruptSampleError(f"{raw.key} in {raw.shard}: json has no integer x, y") from None
-    return xy, resize_uint8(sample["image"], size)
+    return xy, resize_uint8(rgb8(sample["image"], f"{raw.key} in {raw.shard}"), size)
 
 
 def iter_shard_batches(shard: str, size: int, rows: int, include: Iterable[str] | None = None,
@@ -132,23 +161,32 @@ def iter_shard_batches(shard: str, size: int, rows: int, include: Iterable[str] 
 
 
 def read_image_file(path: Path) -> torch.Tensor:
-    """An image file -> uint8 RGB [3, H, W]; CorruptSampleError when it cannot be decoded."""
-    from gpfm_scale.data.tar_samples import decode_image_bytes
-
+    """An image file -> uint8 RGB [3, H, W] (16-bit, gray, palette and alpha converted: `rgb8`); CorruptSampleError
+    when it cannot be decoded or converted."""
+    where = str(path)
     try:
         data = path.read_bytes()
-        if path.suffix.lower() in _PIL_EXTS:
-            with Image.open(BytesIO(data)) as img:
-                return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)
-        ext = "png" if path.suffix.lower() == ".png" else "jpg"
-        return decode_image_bytes(data, ext)
-    except (OSError, ValueError, RuntimeError, UnidentifiedImageError) as err:
-        raise CorruptSampleError(f"{path}: undecodable image: {str(err).splitlines()[0][:200]}") from None
+        if path.suffix.lower() in (".jpg", ".jpeg"):
+            return decode_image_bytes(data, "jpg")
+        # PIL, not torchvision, for PNG: torchvision's RGB_ALPHA gives some palette PNGs alpha 0 (measured here,
+        # torchvision 0.29), which compositing would turn white; PIL expands palettes and keeps 16-bit high bytes
+        with Image.open(BytesIO(data)) as img:
+            return _pil_rgb8(img, where)
+    except CorruptSampleError:
+        raise
+    except Exception as err:  # noqa: BLE001 - libpng, libjpeg and PIL's plugins raise OSError, ValueError,
+        # RuntimeError, SyntaxError, struct.error, DecompressionBombError...: each means this one file is unusable,
+        # and one file must never end the run
+        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise CorruptSampleError(f"{path}: undecodable image: {reason}") from None
 
 
 def iter_image_batches(root: str, files: list[str], first_row: int, size: int,
                        rows: int) -> Iterator[dict[str, np.ndarray]]:
-    """Decoded images `root/files[i]` as batches of `row` (first_row + i), ok, error, image [B, 3, S, S]."""
+    """Decoded images `root/files[i]` as batches of `row` (first_row + i), ok, error, image [B, 3, S, S].
+
+    A file whose path is not plain components under `root` (a hidden class folder such as `.ipynb_checkpoints/`,
+    a symlink leading outside `root`) fails with its reason instead of joining the cohort as a class of its own."""
     cols: dict[str, list[Any]] = {"row": [], "ok": [], "error": [], "image": []}
 
     def take() -> dict[str, np.ndarray]:
@@ -160,7 +198,10 @@ def iter_image_batches(root: str, files: list[str], first_row: int, size: int,
 
     for i, rel in enumerate(files):
         try:
-            image, error = resize_uint8(read_image_file(Path(root) / rel), size).numpy(), ""
+            path = Path(child_path(root, *rel.split("/")))
+            image, error = resize_uint8(read_image_file(path), size).numpy(), ""
+        except UnsafeNameError as err:
+            image, error = np.zeros((3, size, size), np.uint8), f"{rel}: {err}"
         except CorruptSampleError as err:
             image, error = np.zeros((3, size, size), np.uint8), str(err)
         for col, value in zip(cols, (first_row + i, not error, error, image)):

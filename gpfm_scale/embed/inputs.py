@@ -24,7 +24,8 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from gpfm_scale.embed.config import InputKind
-from gpfm_scale.errors import ConfigError
+from gpfm_scale.errors import ConfigError, UnsafeNameError
+from gpfm_scale.names import checked_component
 from gpfm_scale.tiling.inputs import SLIDE_SUFFIXES
 from gpfm_scale.tiling.manifest import COLUMNS as TILER_COLUMNS
 from gpfm_scale.tiling.manifest import MANIFEST_NAME
@@ -131,11 +132,21 @@ def load_tile_source(path: str) -> TileSource:
     if not _isfile(posixpath.join(root, MANIFEST_NAME)):
         raise ConfigError(f"--input {path}: a tiling output needs {MANIFEST_NAME} (is the tiling run finished?)")
     manifest = _read_manifest(posixpath.join(root, MANIFEST_NAME))
-    shards = sorted({posixpath.join(root, "shards", s) for lst in manifest["shards"] for s in _names(lst)})
+    # a name that is not one safe component fails its slide in the stage (`_unsafe_names`), never becomes a path
+    shards = sorted({posixpath.join(root, "shards", s) for lst in manifest["shards"] for s in shard_names(lst)
+                     if _is_component(s)})
     return TileSource(shards, manifest, _extra(manifest), root)
 
 
-def _names(value: object) -> list[str]:
+def _is_component(name: str) -> bool:
+    try:
+        checked_component(name)
+    except UnsafeNameError:
+        return False
+    return True
+
+
+def shard_names(value: object) -> list[str]:
     """A manifest `shards` cell (list, numpy array or None) as a list of names."""
     return [] if value is None else [str(v) for v in value]
 

@@ -3,6 +3,7 @@
 `--model` takes three forms:
 - a directory written by `export_teacher` (`model.safetensors` + `config.json`): features = the CLS token after
   the final norm (`forward_features(x)[:, 0]`, as the export's config states), ImageNet mean/std, its `img_size`;
+  the config is validated first (`export.py`: allowed keys only, never `pretrained`, grid = the weights');
 - `expert:NAME` or `expert:NAME=/path/weights`: `Expert.forward(uint8)["cls"]` with the expert's own input
   contract (UNI/Phikon/CONCH need a weight file: from the spec or `EmbedConfig.weights`);
 - `timm:NAME`: `timm.create_model(NAME, pretrained=False, num_classes=0)` (pooled pre-logits features), input
@@ -18,7 +19,6 @@ normalises with the model's own mean/std. Tiles are resized whole (no centre cro
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,21 +81,20 @@ def _weights_path(given: str | None, cfg: EmbedConfig, spec: str) -> Path | None
 
 
 def _describe_export(spec: str) -> ModelInfo:
+    from gpfm_scale.embed.export import WEIGHTS_FILE, read_export_config
+
     directory = Path(spec)
-    for name in ("config.json", "model.safetensors"):
-        if not (directory / name).is_file():
-            raise ConfigError(f"--model {spec}: not an exported teacher (no {name}); expected expert:NAME, "
-                              "timm:NAME or a directory written by `gpfm-scale pretrain` (OUT/export)")
+    if not directory.is_dir():
+        raise ConfigError(f"--model {spec}: not an exported teacher (no such directory); expected expert:NAME, "
+                          "timm:NAME or a directory written by `gpfm-scale pretrain` (OUT/export)")
     try:
-        config = json.loads((directory / "config.json").read_text())
-        contract = InputContract(int(config["img_size"]), tuple(config["mean"]), tuple(config["std"]))
-        dim = int(config["embed_dim"])
-    except (ValueError, KeyError, TypeError) as err:
-        raise ConfigError(f"--model {spec}: config.json is not an export's ({type(err).__name__}: {err})") from None
+        config = read_export_config(directory)
+    except ConfigError as err:
+        raise ConfigError(f"--model {spec}: {err}") from None
+    contract = InputContract(config.img_size, config.mean, config.std)
     label = directory.resolve().parent.name if directory.resolve().name == "export" else directory.resolve().name
-    return ModelInfo("export", str(directory), directory / "model.safetensors",
-                     f"teacher:{label}@step{config.get('step', '?')}", _sha256(directory / "model.safetensors"),
-                     dim, contract)
+    return ModelInfo("export", str(directory), directory / WEIGHTS_FILE, f"teacher:{label}@step{config.step}",
+                     _sha256(directory / WEIGHTS_FILE), config.embed_dim, contract)
 
 
 def _describe_expert(spec: str, name: str, given: str | None, cfg: EmbedConfig) -> ModelInfo:

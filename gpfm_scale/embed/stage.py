@@ -11,6 +11,11 @@ fingerprint) and holds every tile of the tiler manifest (rows + recorded undecod
 failed embedding are retried on every run; slides that failed tiling follow `tiling.retry_failed`. Failures go to
 `OUT/failed.parquet` (slide_id, stage, reason), never into the index, which lists only slides with features.
 Writing into an `OUT` embedded with another model is refused.
+
+One run per `OUT`: the run holds `OUT/.gpfm.lock` (`run_lock.OutputLock`) from before it reads or writes anything
+there to its end; a second run exits 2 naming the holder. A bad item fails alone, with its reason in
+failed.parquet: a slide id that is not one safe path component (tar key `../../x/0_0.jpg`, manifest slide_id `..`),
+an undecodable or unconvertible image, non-finite features (see `collect.py`).
 """
 
 from __future__ import annotations
@@ -29,14 +34,17 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from gpfm_scale.atomic import write_bytes_atomic
 from gpfm_scale.config import dump_config
 from gpfm_scale.embed import store
 from gpfm_scale.embed.collect import ImageCollector, SlideCollector, SlideVerdict
 from gpfm_scale.embed.config import EmbedConfig
-from gpfm_scale.embed.inputs import TileSource, detect_kind, list_image_folder, load_tile_source
+from gpfm_scale.embed.inputs import TileSource, detect_kind, list_image_folder, load_tile_source, shard_names
 from gpfm_scale.embed.models import ModelInfo, describe_model
-from gpfm_scale.errors import ConfigError, GpfmError
+from gpfm_scale.errors import ConfigError, GpfmError, UnsafeNameError
 from gpfm_scale.metrics import EMBED, serve_metrics
+from gpfm_scale.names import checked_component
+from gpfm_scale.run_lock import OutputLock
 
 log = logging.getLogger(__name__)
 
@@ -76,20 +84,31 @@ def run(cfg: EmbedConfig, model_spec: str, input_path: str, out: str) -> EmbedRe
     info = describe_model(model_spec, cfg)
     out_dir = Path(out)
     kind = detect_kind(input_path, cfg.input_kind)
-    _claim_output(out_dir, info, cfg)
-    log.info("embedding %s (%s) with %s (dim %d, %d px)", input_path, kind, info.name, info.dim, info.contract.size)
-    if cfg.metrics_port is not None:
-        serve_metrics(cfg.metrics_port, cfg.metrics_host)
-    if kind == "images":
-        return _run_images(cfg, info, input_path, out_dir, start)
-    if kind == "slides":
-        from gpfm_scale.tiling.stage import run as run_tiling
+    with OutputLock(out, "embed"):
+        _claim_output(out_dir, info, cfg)
+        log.info("embedding %s (%s) with %s (dim %d, %d px)", input_path, kind, info.name, info.dim,
+                 info.contract.size)
+        if cfg.metrics_port is not None:
+            _serve_metrics(cfg)
+        if kind == "images":
+            return _run_images(cfg, info, input_path, out_dir, start)
+        if kind == "slides":
+            from gpfm_scale.tiling.stage import run as run_tiling
 
-        tiling_cfg = cfg.tiling.model_copy(update={"ray_address": cfg.tiling.ray_address or cfg.ray_address})
-        tiled = run_tiling(tiling_cfg, input_path, str(out_dir / "tiles"))
-        log.info("tiling: %d done, %d failed", tiled.n_done, tiled.n_failed)
-        input_path = str(out_dir / "tiles")
-    return _run_tiles(cfg, info, load_tile_source(input_path), out_dir, start)
+            tiling_cfg = cfg.tiling.model_copy(update={"ray_address": cfg.tiling.ray_address or cfg.ray_address})
+            tiled = run_tiling(tiling_cfg, input_path, str(out_dir / "tiles"))
+            log.info("tiling: %d done, %d failed", tiled.n_done, tiled.n_failed)
+            input_path = str(out_dir / "tiles")
+        return _run_tiles(cfg, info, load_tile_source(input_path), out_dir, start)
+
+
+def _serve_metrics(cfg: EmbedConfig) -> None:
+    """Start the metrics endpoint; a port in use is the user's setting to change (exit 2), not a traceback."""
+    try:
+        serve_metrics(cfg.metrics_port, cfg.metrics_host)
+    except OSError as err:
+        raise ConfigError(f"metrics_port {cfg.metrics_port} on {cfg.metrics_host}: {err.strerror or err}; "
+                          "choose another --metrics-port (0 picks a free one)") from None
 
 
 def _claim_output(out_dir: Path, info: ModelInfo, cfg: EmbedConfig) -> None:
@@ -97,18 +116,20 @@ def _claim_output(out_dir: Path, info: ModelInfo, cfg: EmbedConfig) -> None:
     run_file = out_dir / RUN_FILE
     features = out_dir / "features"
     if run_file.is_file() and features.is_dir() and any(features.iterdir()):
-        old = json.loads(run_file.read_text())
+        try:
+            old = json.loads(run_file.read_text())
+        except ValueError as err:
+            raise ConfigError(f"{run_file} is not valid JSON ({err}); restore it or use a new --out") from None
         if old.get("fingerprint") != info.fingerprint:
             raise ConfigError(f"{out_dir} holds features of {old.get('model')} (weights {old.get('fingerprint')}); "
                               f"{info.name} has weights {info.fingerprint}: use a new --out")
         if old.get("feature_dtype", "float16") != cfg.feature_dtype:
             raise ConfigError(f"{out_dir} holds {old.get('feature_dtype', 'float16')} features; this run would add "
                               f"{cfg.feature_dtype} ones: use a new --out (or the same feature_dtype)")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    run_file.write_text(json.dumps({"model": info.name, "fingerprint": info.fingerprint, "dim": info.dim,
-                                    "input_size": info.contract.size, "feature_dtype": cfg.feature_dtype},
-                                   indent=2) + "\n")
-    (out_dir / "config.yaml").write_text(dump_config(cfg))
+    record = {"model": info.name, "fingerprint": info.fingerprint, "dim": info.dim, "input_size": info.contract.size,
+           "feature_dtype": cfg.feature_dtype}
+    write_bytes_atomic(str(run_file), (json.dumps(record, indent=2) + "\n").encode())
+    write_bytes_atomic(str(out_dir / "config.yaml"), dump_config(cfg).encode())
 
 
 @dataclass(frozen=True)
@@ -205,7 +226,10 @@ def _plan_slides(source: TileSource, info: ModelInfo, out_dir: Path) -> _SlidePl
         sid, status = str(row["slide_id"]), row["status"]
         plan.order.append(sid)
         n_tiles = int(row["n_tiles"] or 0) if status == "done" else 0
-        if status != "done":
+        unsafe = _unsafe_names(sid, shard_names(row["shards"]) if status == "done" else [])
+        if unsafe:
+            plan.failed.append({"slide_id": sid, "stage": "embedding", "reason": unsafe})
+        elif status != "done":
             reason = row["reason"] if isinstance(row["reason"], str) and row["reason"] else \
                 f"not tiled (status {status} in the tiler manifest)"
             plan.failed.append({"slide_id": sid, "stage": "tiling", "reason": reason})
@@ -215,9 +239,20 @@ def _plan_slides(source: TileSource, info: ModelInfo, out_dir: Path) -> _SlidePl
             plan.done[sid] = r
         else:
             plan.expected[sid] = n_tiles
-            for name in row["shards"]:
+            for name in shard_names(row["shards"]):
                 plan.todo.setdefault(source.shard_url(str(name)), []).append(sid)
     return plan
+
+
+def _unsafe_names(slide_id: str, shards: list[str]) -> str:
+    """Why a tiler-manifest row cannot be used (its slide id or a shard name is not one safe path component)."""
+    try:
+        checked_component(slide_id, "slide id")
+        for name in shards:
+            checked_component(name, "shard name")
+    except UnsafeNameError as err:
+        return str(err)
+    return ""
 
 
 def _slide_writer(out_dir: Path, info: ModelInfo, source: TileSource) -> Callable[..., str]:
@@ -297,7 +332,7 @@ def _write_slide_outputs(out_dir: Path, source: TileSource, plan: _SlidePlan,
     store.write_index(out_dir, rows)
     failed = plan.failed + [{"slide_id": v.slide_id, "stage": "embedding", "reason": v.reason}
                             for v in verdicts if not v.ok]
-    pd.DataFrame(failed, columns=["slide_id", "stage", "reason"]).to_parquet(out_dir / FAILED, index=False)
+    store.write_parquet(out_dir / FAILED, pd.DataFrame(failed, columns=["slide_id", "stage", "reason"]))
     return failed
 
 
@@ -339,7 +374,7 @@ def _run_images(cfg: EmbedConfig, info: ModelInfo, root: str, out_dir: Path, sta
     index = index[index["row"] >= 0]
     store.write_index(out_dir, index.to_dict("records"))
     failed = [{"slide_id": sid, "stage": "embedding", "reason": r} for sid, r in errors.items()]
-    pd.DataFrame(failed, columns=["slide_id", "stage", "reason"]).to_parquet(out_dir / FAILED, index=False)
+    store.write_parquet(out_dir / FAILED, pd.DataFrame(failed, columns=["slide_id", "stage", "reason"]))
     return _result(out_dir, "image", info, stream, start, n_items=len(files), n_done=len(index),
                    n_skipped=len(files) if existing is not None else 0,
                    failed=[(f["slide_id"], f["reason"]) for f in failed])

@@ -11,11 +11,16 @@ Layout of an embedding output directory DIR:
                                  every other column of the input manifest, carried through.
 Features are stored as float16 by default (half the disk of float32; probes and MIL upcast on load), float32 on
 request (`feature_dtype`).
+
+Paths: a slide id becomes a file name only through `names.child_path` (one safe component under `features/`), and
+the index's `file` column is read back the same way, so neither a tar key nor an edited index reaches outside DIR.
+Readers refuse non-finite features (GpfmError naming the files): every metric computed on them would be NaN.
+Files appear whole (written under a temporary name, then renamed) with the umask's mode (`gpfm_scale.atomic`).
 """
 
 from __future__ import annotations
 
-import os
+import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +30,9 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from gpfm_scale.errors import GpfmError
+from gpfm_scale.atomic import replace_into_place, write_bytes_atomic
+from gpfm_scale.errors import GpfmError, UnsafeNameError
+from gpfm_scale.names import checked_component, child_path
 
 INDEX = "index.parquet"
 IMAGES_FILE = "features/images.h5"
@@ -50,9 +57,9 @@ def write_slide_features(directory: str | Path, slide_id: str, features: np.ndar
     `coords` dataset (the tiler's CLAM/TRIDENT geometry: patch_size, patch_level, ...), as TRIDENT expects."""
     if len(features) != len(coords):
         raise GpfmError(f"{slide_id}: {len(features)} feature vectors for {len(coords)} coordinates")
-    rel = f"features/{slide_id}.h5"
-    path = Path(directory) / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
+    rel = f"features/{checked_component(slide_id, 'slide id')}.h5"
+    Path(directory, "features").mkdir(parents=True, exist_ok=True)
+    path = Path(child_path(str(directory), "features", f"{slide_id}.h5"))
     tmp = path.with_suffix(".h5.partial")
     with h5py.File(tmp, "w") as f:
         f.create_dataset("features", data=_stored(features))
@@ -61,7 +68,7 @@ def write_slide_features(directory: str | Path, slide_id: str, features: np.ndar
         f.attrs.update({"model": model, "dim": int(features.shape[1]) if features.ndim == 2 else 0,
                         "slide_id": slide_id})
         f.attrs.update(attrs or {})
-    os.replace(tmp, path)
+    replace_into_place(str(tmp), str(path))
     return rel
 
 
@@ -74,7 +81,7 @@ def write_image_features(directory: str | Path, features: np.ndarray, paths: lis
         f.create_dataset("features", data=_stored(features))
         f.create_dataset("paths", data=np.asarray(paths, dtype=object), dtype=h5py.string_dtype())
         f.attrs.update({"model": model, "dim": int(features.shape[1])})
-    os.replace(tmp, path)
+    replace_into_place(str(tmp), str(path))
     return rel
 
 
@@ -122,16 +129,20 @@ class ImageFeatureWriter:
         """Add final attributes (counts known only at the end), then rename into place; returns the file."""
         self.file.attrs.update(attrs or {})
         self.file.close()
-        os.replace(self.tmp, self.path)
+        replace_into_place(str(self.tmp), str(self.path))
         return IMAGES_FILE
 
 
+def write_parquet(path: str | Path, table: pd.DataFrame) -> Path:
+    """Atomic parquet write (index and failure tables: small enough to build in memory)."""
+    buffer = io.BytesIO()
+    table.to_parquet(buffer, index=False)
+    write_bytes_atomic(str(path), buffer.getvalue())
+    return Path(path)
+
+
 def write_index(directory: str | Path, rows: list[dict[str, Any]]) -> Path:
-    path = Path(directory) / INDEX
-    tmp = path.with_suffix(".parquet.partial")
-    pd.DataFrame(rows).to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-    return path
+    return write_parquet(Path(directory) / INDEX, pd.DataFrame(rows))
 
 
 def read_index(directory: str | Path) -> pd.DataFrame:
@@ -145,7 +156,7 @@ def model_name(directory: str | Path) -> str:
     """The model an embedding directory was made with (from its first feature file), else the folder name."""
     index = read_index(directory)
     if len(index):
-        with h5py.File(Path(directory) / index["file"].iloc[0]) as f:
+        with h5py.File(feature_file(directory, index["file"].iloc[0])) as f:
             return str(f.attrs.get("model", Path(directory).name))
     return Path(directory).name
 
@@ -158,12 +169,34 @@ def load_image_features(directory: str | Path) -> tuple[np.ndarray, pd.DataFrame
         raise GpfmError(f"{directory}: no image features (patch tasks need an image-folder embedding)")
     with h5py.File(Path(directory) / IMAGES_FILE) as f:
         feats = f["features"][:]
-    return feats[rows["row"].to_numpy()].astype(np.float32), rows
+    feats = feats[rows["row"].to_numpy()].astype(np.float32)
+    bad = ~np.isfinite(feats).all(axis=1)
+    if bad.any():
+        raise GpfmError(f"{Path(directory) / IMAGES_FILE}: {int(bad.sum())} of {len(feats)} feature rows are not "
+                        f"finite (NaN/inf), e.g. {rows.loc[bad, 'slide_id'].head(3).tolist()}: re-embed them")
+    return feats, rows
+
+
+def feature_file(directory: str | Path, rel: str) -> Path:
+    """DIR/features/NAME for an index `file` cell; UnsafeNameError for any other form (an edited index)."""
+    parts = str(rel).split("/")
+    if len(parts) != 2 or parts[0] != "features":
+        raise UnsafeNameError(f"{directory}/{INDEX}: file {rel!r} is not features/NAME")
+    return Path(child_path(str(directory), *parts))
 
 
 def iter_slide_bags(directory: str | Path) -> Iterator[Bag]:
-    """Every slide's bag of tile features, in index order."""
+    """Every slide's bag of tile features, in index order (unchecked: see `check_finite_bags`)."""
     index = read_index(directory)
     for row in index[index["kind"] == "slide"].to_dict("records"):
-        with h5py.File(Path(directory) / row["file"]) as f:
+        with h5py.File(feature_file(directory, row["file"])) as f:
             yield Bag(row["slide_id"], f["features"][:].astype(np.float32), f["coords"][:], row)
+
+
+def check_finite_bags(directory: str | Path, bags: list[Bag]) -> None:
+    """GpfmError naming every feature file of `bags` with a non-finite row."""
+    bad = [f"{b.row['file']} ({int((~np.isfinite(b.features).all(axis=1)).sum())} rows)" for b in bags
+           if not np.isfinite(b.features).all()]
+    if bad:
+        raise GpfmError(f"{directory}: non-finite (NaN/inf) features in {len(bad)} file(s): "
+                        f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}: re-embed those slides")

@@ -7,6 +7,7 @@ UMAP: umap-learn is not a dependency, and PCA is deterministic.
 
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from sksurv.compare import compare_survival
 from sksurv.nonparametric import kaplan_meier_estimator
 
+from gpfm_scale.atomic import write_bytes_atomic
+
 log = logging.getLogger(__name__)
 
 
@@ -31,7 +34,9 @@ def _axes(width: float, height: float) -> tuple[Figure, Any]:
 def _save(fig: Figure, path: str | Path, dpi: int) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    write_bytes_atomic(str(path), buffer.getvalue())
     return path
 
 

@@ -1,5 +1,8 @@
 """`DIR/results.json` and `DIR/report.md` (+ `DIR/figures/*.png`): the numbers, their CIs, and how to redo them.
 
+File names come from model and task names (a model name is the `model` attribute of a feature file: data), so
+each goes through `slug` and `names.child_path`: one safe component under `figures/`, whatever the name.
+
 The report's header holds the exact command line; with the seed and config stored in results.json it
 reproduces every number. Figures come first for a reader who wants the picture: ranks, ROC curves,
 Kaplan-Meier curves, embedding PCA; the tables follow.
@@ -12,11 +15,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpfm_scale.atomic import write_bytes_atomic
 from gpfm_scale.evaluate.config import EvaluateConfig
 from gpfm_scale.evaluate.plots import plot_embedding_pca, plot_kaplan_meier, plot_rank_heatmap, plot_roc
 from gpfm_scale.evaluate.ranking import RankSummary, rank_markdown
 from gpfm_scale.evaluate.results import RESULTS_FILE, Results, results_payload, write_results_json
 from gpfm_scale.evaluate.splits import PatchData
+from gpfm_scale.names import child_path, safe_id
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +43,14 @@ class ReportInputs:
 
 
 def slug(name: str) -> str:
-    """A file-name-safe form of a model or task name."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "x"
+    """A file-name-safe form of a model or task name (runs of other characters -> '_'; never empty, '.' or '..',
+    never hidden, at most 80 characters so that two fit in one file name)."""
+    return safe_id(re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("_.")[:80] or "x")
+
+
+def _figure_path(fig_dir: Path, name: str) -> Path:
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    return Path(child_path(str(fig_dir), name))
 
 
 def _figures(inputs: ReportInputs, out: Path) -> dict[str, list[tuple[str, Path]]]:
@@ -49,20 +60,22 @@ def _figures(inputs: ReportInputs, out: Path) -> dict[str, list[tuple[str, Path]
     figs: dict[str, list[tuple[str, Path]]] = {"ranks": [], "roc": [], "km": [], "pca": []}
     if inputs.summary is not None and len(inputs.summary.scores):
         figs["ranks"].append(("rank per task", plot_rank_heatmap(
-            inputs.summary.ranks, inputs.summary.average_rank, fig_dir / "ranks.png", dpi)))
+            inputs.summary.ranks, inputs.summary.average_rank, _figure_path(fig_dir, "ranks.png"), dpi)))
     for model, tasks in inputs.results.items():
         for task, res in tasks.items():
             name = f"{slug(model)}_{slug(task)}"
             if task in ROC_TASKS and res.scores is not None and res.y_true is not None:
                 figs["roc"].append((f"{model}: {task}", plot_roc(
-                    res.y_true, res.scores, res.classes, f"{model} - {task} (test)", fig_dir / f"roc_{name}.png", dpi)))
+                    res.y_true, res.scores, res.classes, f"{model} - {task} (test)",
+                    _figure_path(fig_dir, f"roc_{name}.png"), dpi)))
             if res.times is not None and res.events is not None and res.risk is not None:
                 figs["km"].append((f"{model}: {task}", plot_kaplan_meier(
-                    res.times, res.events, res.risk, fig_dir / f"km_{name}.png", f"{model} - {task}", dpi)))
+                    res.times, res.events, res.risk, _figure_path(fig_dir, f"km_{name}.png"), f"{model} - {task}",
+                    dpi)))
     for model, data in inputs.embeddings.items():
         figs["pca"].append((model, plot_embedding_pca(
-            data.features, data.labels, data.classes, f"{model}: PCA of embeddings", fig_dir / f"pca_{slug(model)}.png",
-            inputs.cfg.report.max_points, inputs.cfg.seed, dpi)))
+            data.features, data.labels, data.classes, f"{model}: PCA of embeddings",
+            _figure_path(fig_dir, f"pca_{slug(model)}.png"), inputs.cfg.report.max_points, inputs.cfg.seed, dpi)))
     return figs
 
 
@@ -119,7 +132,7 @@ def write_report(inputs: ReportInputs, out: str | Path) -> tuple[Path, Path, lis
     json_path = write_results_json(out / RESULTS_FILE, payload)
     figs = _figures(inputs, out)
     md_path = out / REPORT_FILE
-    md_path.write_text(_markdown(inputs, figs, out))
+    write_bytes_atomic(str(md_path), _markdown(inputs, figs, out).encode())
     figure_paths = [p for section in figs.values() for _, p in section]
     log.info("report: %s (%d figures), %s", md_path, len(figure_paths), json_path)
     return json_path, md_path, figure_paths

@@ -7,14 +7,14 @@ test labels and class scores feed the ROC figure, survival times/events/risk the
 from __future__ import annotations
 
 import json
-import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from gpfm_scale.atomic import write_bytes_atomic
 from gpfm_scale.evaluate.metrics import Metric
 
 RESULTS_FILE = "results.json"
@@ -69,9 +69,7 @@ def _info(res: TaskResult) -> dict[str, Any]:
 def write_results_json(path: str | Path, payload: dict[str, Any]) -> Path:
     """Atomic write; NaN is refused (not JSON): a metric that cannot be computed must be None upstream."""
     path = Path(path)
-    tmp = path.with_suffix(".json.partial")
-    tmp.write_text(json.dumps(payload, indent=2, allow_nan=False, default=_plain))
-    os.replace(tmp, path)
+    write_bytes_atomic(str(path), json.dumps(payload, indent=2, allow_nan=False, default=_plain).encode())
     return path
 
 

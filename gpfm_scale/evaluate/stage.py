@@ -3,7 +3,9 @@
 One embedding directory per model (`gpfm-scale embed` output). Patch tasks (linear-probe, knn, few-shot,
 retrieval) run on its image features; slide tasks (abmil, survival) on its per-slide bags through
 `gpfm_scale.evaluate.slide_tasks.run_slide_task`, imported only when a slide task is asked for. With two or
-more models the tasks are ranked; the report and results.json are written under `out`.
+more models the tasks are ranked; the report and results.json are written under `out`, which the run holds
+(`run_lock.OutputLock`) from before it reads anything to its end. Non-finite features (NaN/inf) are refused when
+read (GpfmError naming the files, exit 2): every metric computed on them would be NaN or a crash.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from gpfm_scale.embed.store import Bag, iter_slide_bags, load_image_features, model_name
+from gpfm_scale.embed.store import Bag, check_finite_bags, iter_slide_bags, load_image_features, model_name
 from gpfm_scale.errors import ConfigError, GpfmError
 from gpfm_scale.evaluate.config import EvaluateConfig
 from gpfm_scale.evaluate.patch_tasks import PATCH_TASKS
@@ -25,6 +27,7 @@ from gpfm_scale.evaluate.ranking import RankSummary, scores_table, summarize_ran
 from gpfm_scale.evaluate.report import ReportInputs, write_report
 from gpfm_scale.evaluate.results import Results, TaskResult, as_task_result
 from gpfm_scale.evaluate.splits import PatchData, apply_label_table, prepare_patch_data, read_label_table
+from gpfm_scale.run_lock import OutputLock
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,7 @@ def _bags(directory: str, labels: pd.DataFrame | None) -> list[Bag]:
     bags = list(iter_slide_bags(directory))
     if not bags:
         raise GpfmError(f"{directory}: no slide features (slide tasks need a slide embedding)")
+    check_finite_bags(directory, bags)
     if labels is None:
         return bags
     index = apply_label_table(pd.DataFrame([b.row for b in bags]), labels)
@@ -124,6 +128,12 @@ def run(cfg: EvaluateConfig, features_dirs: list[str], tasks: list[str], out: st
     tasks = _check_tasks(tasks)
     if not features_dirs:
         raise ConfigError("no --features directory given")
+    with OutputLock(str(out), "evaluate"):
+        return _run(cfg, features_dirs, tasks, out, labels, command)
+
+
+def _run(cfg: EvaluateConfig, features_dirs: list[str], tasks: list[str], out: str, labels: str | None,
+         command: str) -> EvaluateResult:
     label_table = read_label_table(labels) if labels else None
     names = _model_names(features_dirs)
     results: Results = {}

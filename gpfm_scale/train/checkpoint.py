@@ -76,11 +76,15 @@ def export_teacher(model: Any, backbone_cfg: Any, directory: str | Path, step: i
 
 
 def load_exported(directory: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild an exported teacher with plain timm (what users and `embed` do)."""
+    """Rebuild an exported teacher with plain timm (what users and `embed` do), its config.json validated first
+    (`embed.export`: a tampered file must not make timm download or change the input size)."""
     import timm
 
+    from gpfm_scale.embed.export import read_export_config
+
     directory = Path(directory)
-    config = json.loads((directory / "config.json").read_text())
-    model = timm.create_model(**config["timm"])
+    checked = read_export_config(directory)
+    config = checked.model_dump(mode="json", exclude_none=True)
+    model = timm.create_model(**checked.create_kwargs())
     model.load_state_dict(load_file(str(directory / "model.safetensors"), device=device), strict=True)
     return model.eval().to(device), config

@@ -3,6 +3,7 @@ on the tiler's shards (one tile corrupted), the hgsc-nuclei image folder, resume
 
 from __future__ import annotations
 
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -186,3 +187,89 @@ def test_timm_without_weights_refuses_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="allow_random_init"):
         run(_cfg(), "timm:vit_small_patch16_224", str(tmp_path), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def _tar(path: Path, samples: list[tuple[str, np.ndarray]]) -> Path:
+    """A real WebDataset shard: one PNG + json per key, keys exactly as given (no normalisation)."""
+    import io
+    import json
+
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, rgb in samples:
+            buf = io.BytesIO()
+            Image.fromarray(rgb).save(buf, format="PNG")
+            x, y = (int(v) for v in key.rsplit("/", 1)[-1].split("_"))
+            for ext, data in (("png", buf.getvalue()), ("json", json.dumps({"x": x, "y": y}).encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_tar_keys_that_escape_out_fail_their_slide_and_write_nothing_outside(tmp_path):
+    rng = np.random.default_rng(0)
+    tile = lambda: rng.integers(0, 256, (TILE, TILE, 3), dtype=np.uint8)  # noqa: E731
+    shard = _tar(tmp_path / "in" / "s.tar", [("../../x/0_0", tile()), ("../../x/32_0", tile()), ("./0_0", tile()),
+                                             ("good/0_0", tile()), ("good/32_0", tile())])
+    out = tmp_path / "a" / "b" / "out"
+    old = os.umask(0o027)
+    try:
+        result = run(_cfg(), "expert:tiny_a", str(shard), str(out))
+    finally:
+        os.umask(old)
+    everything = {p for p in tmp_path.rglob("*") if p.is_file()}
+    assert {p for p in everything if out not in p.parents} == {shard}  # nothing written outside --out
+    failed = pd.read_parquet(out / "failed.parquet").set_index("slide_id")
+    assert sorted(failed.index) == [".", "../../x"] and failed["reason"].str.contains("unsafe slide id").all()
+    assert (result.n_done, result.n_failed) == (1, 2) and sorted(p.name for p in (out / "features").iterdir()) == \
+        ["good.h5"]
+    assert pd.read_parquet(out / "index.parquet")["slide_id"].tolist() == ["good"]
+    modes = {p.relative_to(out).as_posix(): oct(p.stat().st_mode & 0o777) for p in out.rglob("*") if p.is_file()}
+    assert set(modes.values()) == {oct(0o640)}, modes  # the umask's mode, not mkstemp's 0600
+
+
+def test_16_bit_and_broken_images_are_converted_or_fail_alone(tmp_path):
+    import cv2
+
+    folder = tmp_path / "images" / "a"
+    folder.mkdir(parents=True)
+    rgb16 = np.random.default_rng(1).integers(0, 65536, (TILE, TILE, 3), dtype=np.uint16)
+    cv2.imwrite(str(folder / "deep.png"), rgb16[..., ::-1])  # a real 16-bit PNG (cv2 takes BGR)
+    plain = np.random.default_rng(2).integers(0, 256, (TILE, TILE, 3), dtype=np.uint8)
+    cv2.imwrite(str(folder / "plain.png"), plain[..., ::-1])
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    result = run(_cfg(), "expert:tiny_a", str(folder.parent), str(tmp_path / "out"))
+    assert (result.n_done, result.n_failed) == (2, 1) and result.failed[0][0] == "a/broken"
+    failed = pd.read_parquet(tmp_path / "out" / "failed.parquet")
+    assert failed["slide_id"].tolist() == ["a/broken"] and "broken.png" in failed["reason"][0]
+    index = pd.read_parquet(tmp_path / "out" / "index.parquet").set_index("image")
+    with h5py.File(tmp_path / "out" / "features" / "images.h5") as f:
+        features = f["features"][:][index.loc[["a/deep.png", "a/plain.png"], "row"].to_numpy()]
+    expert = build_expert(ExpertConfig(name="tiny_a"))
+    expected = _forward(lambda x: expert(x)["cls"], [(rgb16 >> 8).astype(np.uint8), plain])
+    np.testing.assert_allclose(features.astype(np.float32), expected, **FP16)
+
+
+def test_a_model_giving_non_finite_features_fails_each_image_by_name(tmp_path):
+    import timm
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    tiny = {"img_size": TILE, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
+    weights = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, **tiny).state_dict()
+    weights["norm.weight"] = torch.full_like(weights["norm.weight"], float("nan"))  # a diverged model
+    save_file(weights, str(tmp_path / "nan.safetensors"))
+    folder = tmp_path / "images" / "a"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((TILE, TILE, 3), 60 * i, np.uint8)).save(folder / f"{i}.png")
+    cfg = _cfg(weights=str(tmp_path / "nan.safetensors"), timm_kwargs=tiny)
+    result = run(cfg, "timm:vit_small_patch16_224", str(folder.parent), str(tmp_path / "out"))
+    assert (result.n_done, result.n_failed) == (0, 3)
+    failed = pd.read_parquet(tmp_path / "out" / "failed.parquet").set_index("slide_id")
+    assert sorted(failed.index) == ["a/0", "a/1", "a/2"] and failed["reason"].str.contains("non-finite").all()
+    assert failed.loc["a/1", "reason"].startswith("a/1.png")
+    assert pd.read_parquet(tmp_path / "out" / "index.parquet").empty

@@ -99,3 +99,39 @@ def test_image_collector_maps_each_good_image_to_its_row():
     assert col.feed({"row": np.array([0]), "ok": np.array([True]), "error": np.array([""]),
                      "features": np.array([[0.5]], np.float16)}) == 1
     assert col.rows.tolist() == [1, -1, 0] and sink.paths == ["z.png", "x.png"] and col.errors == {1: "bad"}
+
+
+def test_slide_ids_that_are_not_one_safe_path_component_fail_alone_and_are_never_written():
+    """Tar keys such as `../../x/0_0.jpg`, `./0_0.jpg` or `0_0.jpg` give slide ids '../../x', '.', ''."""
+    sink = _Sink()
+    col = SlideCollector(sink, None, max_corrupt_fraction=0.0)
+    verdicts = []
+    for sid in ("../../x", ".", "", ".hidden", "good"):
+        verdicts += col.feed(_merge(_rows(sid, [0, 1]), _marker(sid, 2)))
+    by_id = {v.slide_id: v for v in verdicts}
+    assert list(sink.files) == ["good"] and by_id["good"].ok
+    for sid in ("../../x", ".", "", ".hidden"):
+        assert not by_id[sid].ok and "slide id" in by_id[sid].reason, sid
+
+
+def test_non_finite_features_fail_the_slide_naming_the_first_tile():
+    sink = _Sink()
+    col = SlideCollector(sink, {"a": 3, "b": 1}, max_corrupt_fraction=0.5)
+    rows = _rows("a", [0, 1, 2])
+    rows["features"][1] = [np.nan, 0]
+    rows["features"][2] = [np.inf, 0]  # also what a float32 value past 65504 becomes when stored as float16
+    verdicts = col.feed(_merge(rows, _marker("a", 3), _rows("b", [0]), _marker("b", 1)))
+    by_id = {v.slide_id: v for v in verdicts}
+    assert by_id["b"].ok and list(sink.files) == ["b"]
+    assert not by_id["a"].ok and "non-finite" in by_id["a"].reason and "2 tile(s)" in by_id["a"].reason
+    assert "(10, 100)" in by_id["a"].reason
+
+
+def test_image_collector_fails_images_with_non_finite_features_by_name():
+    sink = _ImageSink()
+    col = ImageCollector(sink, ["x.png", "y.png", "z.png"])
+    batch = {"row": np.array([0, 1, 2]), "ok": np.array([True, True, True]), "error": np.array(["", "", ""]),
+             "features": np.array([[1.0], [np.inf], [np.nan]], np.float16)}
+    assert col.feed(batch) == 1
+    assert sink.paths == ["x.png"] and col.rows.tolist() == [0, -1, -1]
+    assert set(col.errors) == {1, 2} and "y.png" in col.errors[1] and "non-finite" in col.errors[2]

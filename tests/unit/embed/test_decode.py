@@ -104,3 +104,74 @@ def test_image_batches_keep_rows_and_flag_bad_files(tmp_path):
     assert out["row"].tolist() == [10, 11, 12] and out["ok"].tolist() == [True, False, True]
     np.testing.assert_array_equal(out["image"][2], _tile(2, 16).transpose(2, 0, 1))
     assert "y.png" in out["error"][1]
+
+
+def _png16(rgb16: np.ndarray) -> bytes:
+    """A real 16-bit PNG (cv2 writes uint16 arrays as 16-bit PNGs; it takes BGR order)."""
+    import cv2
+
+    image = rgb16[..., ::-1] if rgb16.ndim == 3 else rgb16
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(image))
+    assert ok
+    return buf.tobytes()
+
+
+def _pixels16(seed: int, size: int = 8, channels: int = 3) -> np.ndarray:
+    shape = (size, size, channels) if channels > 1 else (size, size)
+    values = np.random.default_rng(seed).integers(0, 65536, shape, dtype=np.uint16)
+    values.flat[:4] = [0, 255, 257, 65535]
+    return values
+
+
+def test_16_bit_pngs_keep_their_high_byte_instead_of_turning_white(tmp_path):
+    rgb, gray = _pixels16(0), _pixels16(1, channels=1)
+    (tmp_path / "rgb.png").write_bytes(_png16(rgb))
+    (tmp_path / "gray.png").write_bytes(_png16(gray))
+    # at model size (8 px: no resize) the image used to reach the model as uint16 and abort the run
+    out = _concat(list(iter_image_batches(str(tmp_path), ["rgb.png", "gray.png"], 0, size=8, rows=4)))
+    assert out["ok"].tolist() == [True, True] and out["image"].dtype == np.uint8
+    np.testing.assert_array_equal(out["image"][0], (rgb >> 8).astype(np.uint8).transpose(2, 0, 1))
+    np.testing.assert_array_equal(out["image"][1], np.repeat((gray >> 8).astype(np.uint8)[None], 3, axis=0))
+    assert out["image"][0][:, 0, 0].tolist() == [0, 0, 1] and out["image"][0][0, 0, 1] == 255  # 0,255,257 | 65535
+
+
+def test_16_bit_png_tiles_in_a_shard_are_scaled_to_8_bits(tmp_path):
+    rgb = _pixels16(2)
+    path = _write_tar(tmp_path / "s16.tar", _sample("a", 0, 0, _png16(rgb)) + _sample("a", 8, 0, _png(_tile(5))))
+    out = _concat(list(iter_shard_batches(str(path), size=8, rows=4)))
+    tiles = out["total"] < 0
+    assert out["ok"][tiles].tolist() == [True, True] and out["image"].dtype == np.uint8
+    np.testing.assert_array_equal(out["image"][tiles][0], (rgb >> 8).astype(np.uint8).transpose(2, 0, 1))
+
+
+def test_alpha_palette_and_odd_images_convert_or_fail_alone(tmp_path):
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., :3], rgba[..., 3] = 40, 255
+    rgba[0, 0] = [10, 20, 30, 0]  # fully transparent: the white background, not its stored colour
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    palette = Image.new("P", (8, 8), 1)
+    palette.putpalette([255, 0, 0, 0, 128, 255])
+    palette.save(tmp_path / "palette.png")
+    Image.fromarray(np.full((8, 8), 1.5, np.float32), "F").save(tmp_path / "float.tif")  # 32-bit: no known range
+    (tmp_path / "cut.png").write_bytes(_png(_tile(3))[:40])
+    Image.fromarray(_tile(4)).save(tmp_path / "good.bmp")
+    files = ["rgba.png", "palette.png", "float.tif", "cut.png", "good.bmp"]
+    out = _concat(list(iter_image_batches(str(tmp_path), files, 0, size=8, rows=2)))
+    assert out["ok"].tolist() == [True, True, False, False, True] and out["image"].dtype == np.uint8
+    assert out["image"][0][:, 0, 0].tolist() == [255, 255, 255] and out["image"][0][:, 1, 1].tolist() == [40] * 3
+    assert out["image"][1][:, 3, 3].tolist() == [0, 128, 255]
+    assert "float.tif" in out["error"][2] and "32-bit" in out["error"][2] and "cut.png" in out["error"][3]
+    np.testing.assert_array_equal(out["image"][4], _tile(4).transpose(2, 0, 1))
+
+
+def test_hidden_folders_and_links_leading_outside_the_image_folder_fail_alone(tmp_path):
+    root = tmp_path / "images"
+    for rel in ("a/x.png", ".ipynb_checkpoints/y.png", "a/._z.png"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(_tile(7)).save(root / rel, format="PNG")
+    Image.fromarray(_tile(8)).save(tmp_path / "secret.png")
+    (root / "a" / "link.png").symlink_to(tmp_path / "secret.png")
+    files = ["a/x.png", ".ipynb_checkpoints/y.png", "a/._z.png", "a/link.png"]
+    out = _concat(list(iter_image_batches(str(root), files, 0, size=8, rows=8)))
+    assert out["ok"].tolist() == [True, False, False, False]
+    assert all(f in e for f, e in zip(files[1:], out["error"][1:])) and "outside" in out["error"][3]
