@@ -17,7 +17,8 @@ from gpfm_scale.data import dali_colour  # noqa: E402
 from gpfm_scale.data.augmentations import color_jitter, normalize_uint8  # noqa: E402
 from gpfm_scale.data.config import CropConfig, MaskConfig  # noqa: E402
 from gpfm_scale.data.dali_pipeline import (_augment, _colour, _crop_kinds, _jitter_draws, _rot90,  # noqa: E402
-                                           _solarize, build_dali_loader, build_dali_pipeline, fn, pipeline_def)
+                                           _solarize, build_dali_loader, build_dali_pipeline, fn, pipeline_def,
+                                           types)
 from gpfm_scale.data.synthetic_tiles import make_two_class_tiles  # noqa: E402
 from gpfm_scale.data.loader_config import LoaderConfig  # noqa: E402
 from gpfm_scale.data.shard_stream import build_torch_loader, with_fallback  # noqa: E402
@@ -163,12 +164,17 @@ def test_colour_jitter_draws_in_the_pipeline():
     cfg = CropConfig(jitter_brightness=0.4, jitter_contrast=0.4, jitter_saturation=0.2, jitter_hue=0.1)
     image = _tile_hwc()
 
-    def graph(x):
+    def graph(x):  # inside a per-sample conditional, as in `_colour`
         factors, order = _jitter_draws(cfg)
-        out = dali_colour.to_uint8(dali_colour.color_jitter(dali_colour.to_float(x), factors, order))
-        return (out, *factors, order)
+        coin = fn.random.coin_flip(probability=0.5, dtype=types.BOOL)
+        if coin:
+            x = dali_colour.to_uint8(dali_colour.color_jitter(dali_colour.to_float(x), factors, order))
+        return (x, *factors, order, coin)
 
-    samples = _run_on(image, graph, n=64, runs=4)
+    samples = _run_on(image, graph, n=64, runs=6)
+    assert 0 < sum(bool(s[6]) for s in samples) < len(samples)
+    assert all(np.array_equal(s[0], image) for s in samples if not s[6])
+    samples = [s[:6] for s in samples if s[6]]
     orders = np.array([int(s[5]) for s in samples])
     assert set(orders) == set(range(24)) and np.bincount(orders).max() < 3 * len(orders) / 24
     f = np.array([[float(v) for v in s[1:5]] for s in samples])
@@ -176,6 +182,9 @@ def test_colour_jitter_draws_in_the_pipeline():
     assert (f.max(0) - f.min(0) > [0.6, 0.6, 0.3, 0.15]).all()
     for out, *params, order in samples[:32]:
         _assert_same_pixels(out, _torch_jitter(image, params, dali_colour.PERMUTATIONS[int(order)]))
+    off = CropConfig(jitter_saturation=0.0, jitter_hue=0.0)  # a strength of 0: factor exactly 1, as torchvision
+    draws = _run_on(image, lambda x: (x, *_jitter_draws(off)[0][:3]), n=8)
+    assert all(float(d[3]) == 1.0 and float(d[1]) != 1.0 for d in draws)
 
 
 PRESETS = {"effective": (0.0, 0.9, 0.5), "nominal": (1.0, 0.1, 0.5)}
