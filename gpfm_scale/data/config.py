@@ -49,8 +49,9 @@ class CropConfig(StrictModel):
     jitter_hue: float = Field(0.1, ge=0.0, le=0.5)
     jitter_p: float = Field(0.8, ge=0.0, le=1.0)
     grayscale_p: float = Field(0.2, ge=0.0, le=1.0)
-    # "effective" (what GPFM's code did), "nominal" (what it wrote) or [global 1, global 2, local] probabilities.
-    blur_probabilities: Literal["effective", "nominal"] | tuple[float, float, float] = "effective"
+    blur_probabilities: Literal["effective", "nominal"] | tuple[float, float, float] = Field(
+        "effective", description="Gaussian blur odds of global crop 1, global crop 2, each local crop: 'effective' "
+        "(0, 0.9, 0.5: what GPFM's code ran), 'nominal' (1, 0.1, 0.5: what it wrote) or a [g1, g2, local] list.")
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     blur_kernel: int = Field(9, ge=3)
     solarize_p_global2: float = Field(0.2, ge=0.0, le=1.0)
