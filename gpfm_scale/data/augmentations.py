@@ -5,7 +5,8 @@ uint8 through every augmentation (faster, 4x smaller than float32) and are norma
 
 Per crop, in this order: RandomResizedCrop (bicubic, antialias) -> horizontal flip -> [vertical flip] ->
 [90-degree rotation] -> [HED stain jitter] -> colour jitter (random order of brightness/contrast/saturation/hue)
--> grayscale -> Gaussian blur -> solarize (global crop 2 only). Bracketed steps are off by default.
+-> grayscale -> Gaussian blur -> solarize (global crop 2 only). Bracketed steps are off by default. Blur odds per
+crop kind come from `CropConfig.blur_probabilities` (default "effective": what DINOv2/GPFM's code does).
 
 Reproducibility: every random draw comes from one `torch.Generator` passed to `__call__` (or made from an int
 seed), in a fixed order, so the same image and seed give bit-identical crops; the global torch RNG is neither
@@ -187,9 +188,10 @@ class MultiCropTransform:
 
     def __init__(self, cfg: CropConfig) -> None:
         self.cfg = cfg
-        self._global1 = _CropSpec(cfg.global_size, cfg.global_scale, cfg.blur_p_global1, 0.0)
-        self._global2 = _CropSpec(cfg.global_size, cfg.global_scale, cfg.blur_p_global2, cfg.solarize_p_global2)
-        self._local = _CropSpec(cfg.local_size, cfg.local_scale, cfg.blur_p_local, 0.0)
+        blur_global1, blur_global2, blur_local = cfg.blur_p
+        self._global1 = _CropSpec(cfg.global_size, cfg.global_scale, blur_global1, 0.0)
+        self._global2 = _CropSpec(cfg.global_size, cfg.global_scale, blur_global2, cfg.solarize_p_global2)
+        self._local = _CropSpec(cfg.local_size, cfg.local_scale, blur_local, 0.0)
         logger.debug("multi-crop transform: %s", cfg.model_dump())
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator | int | None = None) -> dict[str, list]:
@@ -242,12 +244,22 @@ class MultiCropTransform:
         c = _uniform(max(0.0, 1.0 - cfg.jitter_contrast), 1.0 + cfg.jitter_contrast, g)
         s = _uniform(max(0.0, 1.0 - cfg.jitter_saturation), 1.0 + cfg.jitter_saturation, g)
         hue = _uniform(-cfg.jitter_hue, cfg.jitter_hue, g)
-        ops = (
-            lambda im: F.adjust_brightness(im, b),
-            lambda im: F.adjust_contrast(im, c),
-            lambda im: F.adjust_saturation(im, s),
-            lambda im: F.adjust_hue(im, hue),
-        )
-        for i in torch.randperm(4, generator=g).tolist():
-            x = ops[i](x)
-        return x
+        return color_jitter(x, (b, c, s, hue), torch.randperm(4, generator=g).tolist())
+
+
+def color_jitter(x: torch.Tensor, factors: tuple[float, float, float, float], order: list[int]) -> torch.Tensor:
+    """torchvision's brightness, contrast, saturation and hue adjustments (factors in that order; hue in turns)
+    applied to a uint8 [3, H, W] image in `order` (a permutation of 0..3 indexing `factors`).
+
+    The DALI path reproduces this function (`dali_colour.color_jitter`); tests compare the two on fixed values.
+    """
+    b, c, s, hue = factors
+    ops = (
+        lambda im: F.adjust_brightness(im, b),
+        lambda im: F.adjust_contrast(im, c),
+        lambda im: F.adjust_saturation(im, s),
+        lambda im: F.adjust_hue(im, hue),
+    )
+    for i in order:
+        x = ops[i](x)
+    return x

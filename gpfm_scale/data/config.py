@@ -3,20 +3,24 @@
 Every default is the GPFM/DINOv2 recipe value; pathology-specific augmentations (vertical flip, 90-degree
 rotations, HED stain jitter) exist but are off by default so that the default run reproduces GPFM.
 
-Gaussian blur probabilities are the ones the recipe states (global 1: 1.0, global 2: 0.1, locals: 0.5). DINOv2's
-`GaussianBlur` passes `1 - p` to `RandomApply`, so the released DINOv2/GPFM code actually blurred global crop 1
-never, global crop 2 with p=0.9 and locals with 0.5 (facebookresearch/dinov3#286). To reproduce that behaviour
-exactly, set `blur_p_global1=0.0, blur_p_global2=0.9`.
+Gaussian blur: DINOv2's `GaussianBlur(p)` passes `1 - p` to `RandomApply` (dinov2 data/transforms.py:17-21,
+dinov2 PR #411), so the code GPFM ran blurred global crop 1 never, global crop 2 with p 0.9 and the locals with
+p 0.5, although it is written p = 1.0 / 0.1 / 0.5. The recipe is what ran: `blur_probabilities: effective` (the
+default); `nominal` gives the written values; an explicit [global 1, global 2, local] list sets any other odds.
 """
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
 
 from gpfm_scale.config import StrictModel
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+# Blur odds (global crop 1, global crop 2, local crops) by preset name; see the module docstring.
+BLUR_PRESETS: dict[str, tuple[float, float, float]] = {"effective": (0.0, 0.9, 0.5), "nominal": (1.0, 0.1, 0.5)}
 
 
 def _check_range(name: str, lo: float, hi: float) -> None:
@@ -45,9 +49,9 @@ class CropConfig(StrictModel):
     jitter_hue: float = Field(0.1, ge=0.0, le=0.5)
     jitter_p: float = Field(0.8, ge=0.0, le=1.0)
     grayscale_p: float = Field(0.2, ge=0.0, le=1.0)
-    blur_p_global1: float = Field(1.0, ge=0.0, le=1.0)
-    blur_p_global2: float = Field(0.1, ge=0.0, le=1.0)
-    blur_p_local: float = Field(0.5, ge=0.0, le=1.0)
+    blur_probabilities: Literal["effective", "nominal"] | tuple[float, float, float] = Field(
+        "effective", description="Gaussian blur odds of global crop 1, global crop 2, each local crop: 'effective' "
+        "(0, 0.9, 0.5: what GPFM's code ran), 'nominal' (1, 0.1, 0.5: what it wrote) or a [g1, g2, local] list.")
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     blur_kernel: int = Field(9, ge=3)
     solarize_p_global2: float = Field(0.2, ge=0.0, le=1.0)
@@ -63,6 +67,24 @@ class CropConfig(StrictModel):
     std: tuple[float, float, float] = IMAGENET_STD
     # False: return only uint8 crops and normalise later (on device): float crops are 4x the bytes to ship.
     normalize: bool = True
+
+    @field_validator("blur_probabilities", mode="before")
+    @classmethod
+    def _blur_probabilities(cls, value: object) -> str | tuple[float, float, float]:
+        """One clear message for both forms (pydantic's own union errors list every branch)."""
+        if isinstance(value, str) and value in BLUR_PRESETS:
+            return value
+        if isinstance(value, (list, tuple)) and len(value) == 3:
+            if all(isinstance(p, (int, float)) and not isinstance(p, bool) and 0.0 <= p <= 1.0 for p in value):
+                return (float(value[0]), float(value[1]), float(value[2]))
+        raise ValueError(f"must be one of {sorted(BLUR_PRESETS)} or [global1, global2, local] in [0, 1]")
+
+    @property
+    def blur_p(self) -> tuple[float, float, float]:
+        """Blur probabilities of (global crop 1, global crop 2, each local crop), the preset resolved."""
+        if isinstance(self.blur_probabilities, str):
+            return BLUR_PRESETS[self.blur_probabilities]
+        return self.blur_probabilities
 
     @model_validator(mode="after")
     def _ranges(self) -> CropConfig:

@@ -3,17 +3,17 @@
 Graph: `fn.readers.webdataset` (this rank's 1/world_size of the samples, shuffled in an `initial_fill` buffer,
 seeded from (seed, rank)) -> `fn.decoders.image` ("mixed" = nvJPEG on the GPU when a device id is given, "cpu"
 without) -> per crop: random_resized_crop (bicubic, antialiased, the CropConfig scale and ratio ranges) -> flips
-[-> 90-degree rotation] -> colour twist with p -> grayscale with p -> Gaussian blur with p -> solarize with p
-(global crop 2) -> uint8 CHW crop and crop_mirror_normalize float CHW crop. Probabilities are DALI conditionals.
+[-> 90-degree rotation] -> colour jitter with p -> grayscale with p -> Gaussian blur with p (odds per crop kind
+from `crops.blur_probabilities`, as in the torch path) -> solarize with p (global crop 2) -> uint8 CHW crop and
+crop_mirror_normalize float CHW crop. Probabilities are DALI conditionals.
 iBOT masks and the collate fields are made on the host per batch by `collate_multicrop`, with the mask seed of
 the torch path (`batch_mask_rng`).
 
-Deviations from the torch path (`augmentations.py`), all within DALI's operators:
+Deviations from the torch path (`augmentations.py`):
   - no HED stain jitter (`hed_jitter` > 0 is ignored with a warning);
-  - colour jitter is one colour-twist matrix in a fixed order, not four ops in a random order; DALI's contrast
-    pivots on mid-grey, torchvision's on the image's mean grey; hue is rotated in YIQ space (`jitter_hue` h of a
-    turn = 360 h degrees) rather than in HSV;
-  - grayscale is a colour twist with saturation 0 (same luma weights 0.299/0.587/0.114);
+  - none in colour: jitter (torchvision's brightness / mean-grey contrast / saturation / HSV hue maths, in a random
+    order per sample) and grayscale are `dali_colour`'s arithmetic copies of torchvision's kernels; a pixel may
+    differ by a grey level through float32 rounding;
   - DALI's own crop sampling and resampling kernels: crops follow the same distributions, not the same pixels.
 Other differences: no exact resume (`start_step` only numbers the steps and seeds the masks; the data order
 restarts from the pipeline's seed), so the torch backend is the one to use when a run must replay its data.
@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gpfm_scale.data import dali_colour
 from gpfm_scale.data.collate import collate_multicrop
 from gpfm_scale.data.config import CropConfig, MaskConfig
 from gpfm_scale.data.loader_config import LoaderConfig
@@ -77,9 +78,10 @@ class _CropKind:
 
 
 def _crop_kinds(cfg: CropConfig) -> list[_CropKind]:
-    global1 = _CropKind(cfg.global_size, cfg.global_scale, cfg.blur_p_global1, 0.0)
-    global2 = _CropKind(cfg.global_size, cfg.global_scale, cfg.blur_p_global2, cfg.solarize_p_global2)
-    local = _CropKind(cfg.local_size, cfg.local_scale, cfg.blur_p_local, 0.0)
+    blur_global1, blur_global2, blur_local = cfg.blur_p
+    global1 = _CropKind(cfg.global_size, cfg.global_scale, blur_global1, 0.0)
+    global2 = _CropKind(cfg.global_size, cfg.global_scale, blur_global2, cfg.solarize_p_global2)
+    local = _CropKind(cfg.local_size, cfg.local_scale, blur_local, 0.0)
     return [global1, global2] + [local] * cfg.n_local
 
 
@@ -93,8 +95,18 @@ def _coin_int(p: float) -> Any:
 
 
 def _factor(strength: float) -> Any:
-    """A jitter factor ~ U[max(0, 1 - s), 1 + s] (torchvision ColorJitter); the constant 1.0 when s = 0."""
-    return fn.random.uniform(range=[max(0.0, 1.0 - strength), 1.0 + strength]) if strength > 0.0 else 1.0
+    """A jitter factor ~ U[max(0, 1 - s), 1 + s] (torchvision ColorJitter); exactly 1.0 when s = 0."""
+    if strength == 0.0:
+        return fn.random.uniform(values=[1.0])
+    return fn.random.uniform(range=[max(0.0, 1.0 - strength), 1.0 + strength])
+
+
+def _jitter_draws(cfg: CropConfig) -> tuple[tuple[Any, Any, Any, Any], Any]:
+    """Per-sample ColorJitter draws as torchvision makes them: (brightness, contrast, saturation, hue shift in
+    turns) and the index of the order in `dali_colour.PERMUTATIONS` (uniform over the 24)."""
+    hue = fn.random.uniform(range=[-cfg.jitter_hue, cfg.jitter_hue]) if cfg.jitter_hue else 0.0
+    factors = (_factor(cfg.jitter_brightness), _factor(cfg.jitter_contrast), _factor(cfg.jitter_saturation), hue)
+    return factors, fn.random.uniform(values=list(range(len(dali_colour.PERMUTATIONS))), dtype=types.INT32)
 
 
 def _rot90(x: Any, p: float) -> Any:
@@ -115,16 +127,16 @@ def _solarize(x: Any, threshold: int) -> Any:
 
 
 def _colour(x: Any, cfg: CropConfig) -> Any:
+    """Colour jitter with p (torchvision factors, random order per sample) then grayscale with p, on uint8 HWC."""
     # Nested ifs on purpose here and below: the outer test is a Python bool (no op in the graph when p = 0), the
     # inner one a per-sample DALI conditional; `and` would mix the two in AutoGraph.
     if cfg.jitter_p > 0.0:
         if _coin(cfg.jitter_p):
-            hue = fn.random.uniform(range=[-360.0 * cfg.jitter_hue, 360.0 * cfg.jitter_hue]) if cfg.jitter_hue else 0.0
-            x = fn.color_twist(x, brightness=_factor(cfg.jitter_brightness), contrast=_factor(cfg.jitter_contrast),
-                               saturation=_factor(cfg.jitter_saturation), hue=hue)
+            factors, order = _jitter_draws(cfg)
+            x = dali_colour.to_uint8(dali_colour.color_jitter(dali_colour.to_float(x), factors, order))
     if cfg.grayscale_p > 0.0:
         if _coin(cfg.grayscale_p):
-            x = fn.color_twist(x, saturation=0.0)
+            x = dali_colour.to_uint8(dali_colour.grayscale(dali_colour.to_float(x)))
     return x
 
 

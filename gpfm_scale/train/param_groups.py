@@ -2,9 +2,9 @@
 
 Rules (per trainable parameter, by name and owning module):
 - no weight decay (wd_multiplier 0) on biases, normalisation weights (LayerNorm/GroupNorm/BatchNorm/RMSNorm or a
-  module whose name contains "norm"), LayerScale gammas (timm `ls1.gamma`/`ls2.gamma`, BEiT `gamma_1`), and the
-  token/position parameters `pos_embed`, `cls_token`, `mask_token`, `reg_token`. (DINOv2 decays the last four;
-  the recipe says no decay on them, as BEiT/MAE do.)
+  module whose name contains "norm") and LayerScale gammas (timm `ls1.gamma`/`ls2.gamma`, BEiT `gamma_1`) only.
+  The token/position parameters `pos_embed`, `cls_token`, `mask_token`, `reg_token` ARE decayed, as in DINOv2 and
+  so GPFM (dinov2 utils/param_groups.py: wd 0 only for ".bias", "norm", "gamma" names), unlike BEiT/MAE.
 - layer-wise lr decay inside every timm-style ViT found in the model (a module with `blocks` and `patch_embed`):
   layer_id 0 for patch_embed / pos_embed / cls / mask / register tokens (also a token kept by a wrapper beside
   its ViT, like `Backbone.mask_token`), i + 1 for `blocks.i`, depth + 1 for the rest (final norm, ViT head);
@@ -89,7 +89,6 @@ def _no_weight_decay(pname: str, mod_name: str, module: nn.Module) -> bool:
     leaf_module = mod_name.rsplit(".", 1)[-1]
     return (
         pname == "bias"
-        or pname in TOKEN_PARAMS
         or pname.startswith("gamma")
         or leaf_module in LAYER_SCALE_MODULES
         or isinstance(module, NORM_TYPES)

@@ -9,6 +9,7 @@ from torchvision.transforms import v2
 from gpfm_scale.config import build_config
 from gpfm_scale.data.augmentations import (
     MultiCropTransform,
+    color_jitter,
     RandomHedJitter,
     denormalize_to_uint8,
     hed_jitter,
@@ -30,9 +31,7 @@ OFF = dict(
     hflip_p=0.0,
     jitter_p=0.0,
     grayscale_p=0.0,
-    blur_p_global1=0.0,
-    blur_p_global2=0.0,
-    blur_p_local=0.0,
+    blur_probabilities=(0.0, 0.0, 0.0),
     solarize_p_global2=0.0,
 )
 
@@ -131,11 +130,72 @@ def test_solarize_only_on_second_global(tile):
 
 
 def test_blur_smooths(tile):
-    cfg = CropConfig(global_size=48, local_size=48, n_local=1, **{**OFF, "blur_p_global1": 1.0}, blur_sigma=(1.5, 1.5))
+    cfg = CropConfig(global_size=48, local_size=48, n_local=1, **{**OFF, "blur_probabilities": (1.0, 0.0, 0.0)},
+                     blur_sigma=(1.5, 1.5))
     g1, g2 = MultiCropTransform(cfg)(tile, generator=0)["global_crops_uint8"]
     assert torch.equal(g2, tile)
     hf = lambda x: x.float().diff(dim=-1).pow(2).mean()
     assert hf(g1) < 0.5 * hf(tile)
+
+
+# Blur odds per crop kind (global 1, global 2, local): DINOv2's GaussianBlur(p) blurs with 1 - p, so GPFM's code
+# ran "effective" while it reads "nominal".
+PRESETS = {"effective": (0.0, 0.9, 0.5), "nominal": (1.0, 0.1, 0.5)}
+
+
+def _within_binomial(hits: int, n: int, p: float) -> bool:
+    """hits ~ Binomial(n, p) within 4.5 standard deviations (exact at p = 0 or 1)."""
+    return abs(hits - n * p) <= 4.5 * (n * p * (1.0 - p)) ** 0.5
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny images: torch's intra-op threads only contend (10x slower on a shared 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("preset", ["effective", "nominal", (0.3, 0.6, 0.1)])
+def test_blur_rates_per_crop_kind(preset, one_thread):
+    """Count crops whose pixels the blur changed, over 200 seeds: whole-tile crops with every other step off, so
+    an unblurred crop is the tile itself, and sigma >= 1 so that a blurred one is not."""
+    image = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    cfg = CropConfig(global_size=16, local_size=16, n_local=2, **{**OFF, "blur_probabilities": preset},
+                     blur_sigma=(1.0, 2.0))
+    transform, n = MultiCropTransform(cfg), 200
+    hits = [0, 0, 0]
+    for seed in range(n):
+        out = transform(image, generator=seed)
+        crops = [(0, out["global_crops_uint8"][0]), (1, out["global_crops_uint8"][1])]
+        for kind, crop in crops + [(2, c) for c in out["local_crops_uint8"]]:
+            hits[kind] += not torch.equal(crop, image)
+    expected = PRESETS[preset] if isinstance(preset, str) else preset
+    assert cfg.blur_p == expected
+    for kind, (count, p) in enumerate(zip(hits, expected)):
+        draws = n * (cfg.n_local if kind == 2 else 1)
+        assert _within_binomial(count, draws, p), (kind, count / draws, p)
+
+
+def test_blur_default_is_what_gpfm_ran_and_bad_values_are_refused():
+    assert CropConfig().blur_p == (0.0, 0.9, 0.5)
+    assert build_config(CropConfig, {"blur_probabilities": "nominal"}).blur_p == (1.0, 0.1, 0.5)
+    assert build_config(CropConfig, {"blur_probabilities": [0, 0.5, 1]}).blur_p == (0.0, 0.5, 1.0)
+    for bad in ("nominl", [0.1, 1.5, 0.2], [0.5, 0.5], True):
+        with pytest.raises(ConfigError, match="blur_probabilities.*effective.*nominal"):
+            build_config(CropConfig, {"blur_probabilities": bad})
+
+
+def test_color_jitter_is_torchvision_in_the_given_order(tile):
+    """The order matters (so a fixed order would be a different augmentation) and is the one given."""
+    factors = (1.3, 0.7, 1.2, 0.08)
+    forward = color_jitter(tile, factors, [0, 1, 2, 3])
+    want = v2.functional.adjust_hue(v2.functional.adjust_saturation(v2.functional.adjust_contrast(
+        v2.functional.adjust_brightness(tile, 1.3), 0.7), 1.2), 0.08)
+    assert torch.equal(forward, want)
+    backward = color_jitter(tile, factors, [3, 2, 1, 0])
+    assert (forward.int() - backward.int()).abs().max() > 8
 
 
 def test_crop_box_bounds_and_fallback():

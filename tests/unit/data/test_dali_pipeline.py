@@ -1,5 +1,6 @@
 """The DALI loader on CPU (device_id=None): same batch structure as the torch path, rank split, determinism,
-operator mappings, and what happens on a corrupt JPEG (DALI stops; `auto` continues with the torch loader)."""
+operator mappings (colour jitter = the torch path's pixels, blur odds per crop kind), and what happens on a
+corrupt JPEG (DALI stops; `auto` continues with the torch loader)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ from torchvision.transforms.v2 import functional as F
 
 pytest.importorskip("nvidia.dali")
 
-from gpfm_scale.data.augmentations import normalize_uint8  # noqa: E402
+from gpfm_scale.data import dali_colour  # noqa: E402
+from gpfm_scale.data.augmentations import color_jitter, normalize_uint8  # noqa: E402
 from gpfm_scale.data.config import CropConfig, MaskConfig  # noqa: E402
-from gpfm_scale.data.dali_pipeline import (_colour, _rot90, _solarize, build_dali_loader,  # noqa: E402
-                                           build_dali_pipeline, fn, pipeline_def)
+from gpfm_scale.data.dali_pipeline import (_augment, _colour, _crop_kinds, _jitter_draws, _rot90,  # noqa: E402
+                                           _solarize, build_dali_loader, build_dali_pipeline, fn, pipeline_def,
+                                           types)
+from gpfm_scale.data.synthetic_tiles import make_two_class_tiles  # noqa: E402
 from gpfm_scale.data.loader_config import LoaderConfig  # noqa: E402
 from gpfm_scale.data.shard_stream import build_torch_loader, with_fallback  # noqa: E402
 from gpfm_scale.errors import ConfigError  # noqa: E402
@@ -99,29 +103,126 @@ def test_corrupt_jpeg_stops_dali_and_auto_continues_with_torch(tmp_path, caplog)
     assert "continuing with the torch loader" in caplog.text
 
 
-def _run_on(image: np.ndarray, graph, n: int = 16) -> list[np.ndarray]:
-    """Run `graph(x)` in a CPU DALI pipeline on n copies of one HWC uint8 image."""
+def _run_on(image: np.ndarray, graph, n: int = 16, runs: int = 1, extra: tuple = ()) -> list[tuple[np.ndarray, ...]]:
+    """Run `graph(x, *extra)` in a CPU DALI pipeline on n copies of one HWC uint8 image, `runs` times; `extra`:
+    per-sample constant columns (lists of n numpy scalars) fed by external sources. One tuple of outputs per sample.
+    """
+    def constant(column):  # a source without parameters (DALI would pass one the iteration number)
+        return lambda: list(column)
+
     @pipeline_def(batch_size=n, num_threads=1, device_id=None, seed=3, enable_conditionals=True)
     def pipe():
-        return graph(fn.external_source(source=lambda: [image] * n, layout="HWC", batch=True))
+        inputs = [fn.external_source(source=constant(col), batch=True) for col in extra]
+        out = graph(fn.external_source(source=lambda: [image] * n, layout="HWC", batch=True), *inputs)
+        return out if isinstance(out, tuple) else (out,)
 
     p = pipe()
     p.build()
-    out = p.run()[0]
-    return [np.array(out.at(i)) for i in range(n)]
+    samples = []
+    for _ in range(runs):
+        outs = p.run()
+        samples += [tuple(np.array(o.at(i)) for o in outs) for i in range(n)]
+    return samples
+
+
+def _tile_hwc() -> np.ndarray:
+    return make_two_class_tiles(2, 24, seed=3)[0][0].permute(1, 2, 0).numpy().copy()
+
+
+def _torch_jitter(image: np.ndarray, factors, order) -> np.ndarray:
+    chw = torch.from_numpy(image).permute(2, 0, 1)
+    return color_jitter(chw, tuple(float(f) for f in factors), list(order)).permute(1, 2, 0).numpy()
+
+
+def _assert_same_pixels(got: np.ndarray, want: np.ndarray) -> float:
+    """Equal up to float32 rounding: at most one grey level, on under 0.5% of the values. Returns that fraction."""
+    diff = np.abs(got.astype(int) - want.astype(int))
+    assert diff.max() <= 1
+    assert (diff > 0).mean() < 0.005
+    return float((diff > 0).mean())
+
+
+def test_colour_jitter_matches_the_torch_path_for_every_order():
+    """Fixed factors and each of the 24 orders: DALI's jitter gives torchvision's pixels (torch path), on an H&E-like
+    tile and on noise (all hue sectors, grey pixels, clipping). The colour-twist mapping it replaces missed the same
+    factors (in torchvision's order b, c, s, h) by up to 96 grey levels, 11 on average, on the tile."""
+    rng = np.random.default_rng(0)
+    n = len(dali_colour.PERMUTATIONS)
+    factors = [rng.uniform([0.6, 0.6, 0.8, -0.1], [1.4, 1.4, 1.2, 0.1]).astype(np.float32) for _ in range(n)]
+    columns = tuple([f[j] for f in factors] for j in range(4)) + ([np.int32(k) for k in range(n)],)
+    noise = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    noise[:3] = noise[:3, :, :1]  # grey pixels: HSV's special case (max == min)
+    noise[3, :, 0], noise[4, :, 1] = 255, 0
+    for image in (_tile_hwc(), noise):
+        def graph(x, b, c, s, h, order):
+            return dali_colour.to_uint8(dali_colour.color_jitter(dali_colour.to_float(x), (b, c, s, h), order))
+
+        out = _run_on(image, graph, n=n, extra=columns)
+        for k, (got,) in enumerate(out):
+            _assert_same_pixels(got, _torch_jitter(image, factors[k], dali_colour.PERMUTATIONS[k]))
+
+
+def test_colour_jitter_draws_in_the_pipeline():
+    """What the pipeline draws (factors in torchvision's ranges, all 24 orders, uniformly) is what it applies."""
+    cfg = CropConfig(jitter_brightness=0.4, jitter_contrast=0.4, jitter_saturation=0.2, jitter_hue=0.1)
+    image = _tile_hwc()
+
+    def graph(x):  # inside a per-sample conditional, as in `_colour`
+        factors, order = _jitter_draws(cfg)
+        coin = fn.random.coin_flip(probability=0.5, dtype=types.BOOL)
+        if coin:
+            x = dali_colour.to_uint8(dali_colour.color_jitter(dali_colour.to_float(x), factors, order))
+        return (x, *factors, order, coin)
+
+    samples = _run_on(image, graph, n=64, runs=6)
+    assert 0 < sum(bool(s[6]) for s in samples) < len(samples)
+    assert all(np.array_equal(s[0], image) for s in samples if not s[6])
+    samples = [s[:6] for s in samples if s[6]]
+    orders = np.array([int(s[5]) for s in samples])
+    assert set(orders) == set(range(24)) and np.bincount(orders).max() < 3 * len(orders) / 24
+    f = np.array([[float(v) for v in s[1:5]] for s in samples])
+    assert (f.min(0) >= [0.6, 0.6, 0.8, -0.1]).all() and (f.max(0) <= [1.4, 1.4, 1.2, 0.1]).all()
+    assert (f.max(0) - f.min(0) > [0.6, 0.6, 0.3, 0.15]).all()
+    for out, *params, order in samples[:32]:
+        _assert_same_pixels(out, _torch_jitter(image, params, dali_colour.PERMUTATIONS[int(order)]))
+    off = CropConfig(jitter_saturation=0.0, jitter_hue=0.0)  # a strength of 0: factor exactly 1, as torchvision
+    draws = _run_on(image, lambda x: (x, *_jitter_draws(off)[0][:3]), n=8)
+    assert all(float(d[3]) == 1.0 and float(d[1]) != 1.0 for d in draws)
+
+
+PRESETS = {"effective": (0.0, 0.9, 0.5), "nominal": (1.0, 0.1, 0.5)}
+
+
+@pytest.mark.parametrize("preset", ["effective", "nominal"])
+def test_blur_rates_per_crop_kind(preset):
+    """Fraction of crops whose pixels the blur changed, per kind, over 256 images: whole-image crops with every
+    other step off (an unblurred crop is the image, within DALI's resampling), sigma >= 1 on noise."""
+    cfg = CropConfig(global_size=12, local_size=12, n_local=2, global_scale=(1.0, 1.0), local_scale=(1.0, 1.0),
+                     crop_ratio=(1.0, 1.0), hflip_p=0.0, jitter_p=0.0, grayscale_p=0.0, solarize_p_global2=0.0,
+                     blur_probabilities=preset, blur_sigma=(1.0, 2.0), blur_kernel=5)
+    image = np.random.default_rng(1).integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    samples = _run_on(image, lambda x: tuple(_augment(x, k, cfg) for k in _crop_kinds(cfg)), n=64, runs=4)
+    diffs = np.array([[np.abs(c.astype(int) - image).max() for c in crops] for crops in samples])
+    assert ((diffs <= 2) | (diffs > 8)).all()  # unblurred: the image up to resampling; blurred: far from it
+    changed = diffs > 8
+    rates = [changed[:, 0], changed[:, 1], changed[:, 2:].ravel()]
+    for kind, (hits, p) in enumerate(zip(rates, PRESETS[preset])):
+        n = hits.size
+        assert abs(hits.sum() - n * p) <= 4.5 * (n * p * (1 - p)) ** 0.5, (kind, hits.mean(), p)
 
 
 def test_rot90_solarize_and_grayscale_mappings_match_torchvision():
     image = np.random.default_rng(0).integers(0, 256, (6, 6, 3), dtype=np.uint8)
     chw = torch.from_numpy(image).permute(2, 0, 1)
     rotations = [torch.rot90(chw, k, dims=(-2, -1)).permute(1, 2, 0).numpy() for k in (1, 2, 3)]
-    matched = [[np.array_equal(o, r) for r in rotations].index(True) for o in _run_on(image, lambda x: _rot90(x, 1.0))]
+    outputs = [o for (o,) in _run_on(image, lambda x: _rot90(x, 1.0))]
+    matched = [[np.array_equal(o, r) for r in rotations].index(True) for o in outputs]
     assert set(matched) == {0, 1, 2}  # every output is one exact rotation, and all three occur
     solarized = F.solarize(chw, threshold=128).permute(1, 2, 0).numpy()
-    assert np.array_equal(_run_on(image, lambda x: _solarize(x, 128), n=1)[0], solarized)
+    assert np.array_equal(_run_on(image, lambda x: _solarize(x, 128), n=1)[0][0], solarized)
     gray_cfg = CropConfig(jitter_p=0.0, grayscale_p=1.0)
-    gray = F.rgb_to_grayscale(chw, num_output_channels=3).permute(1, 2, 0).numpy().astype(int)
-    assert np.abs(_run_on(image, lambda x: _colour(x, gray_cfg), n=1)[0].astype(int) - gray).max() <= 1
+    gray = F.rgb_to_grayscale(chw, num_output_channels=3).permute(1, 2, 0).numpy()
+    assert np.array_equal(_run_on(image, lambda x: _colour(x, gray_cfg), n=1)[0][0], gray)
 
 
 def test_remote_urls_are_refused():
