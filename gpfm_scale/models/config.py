@@ -34,6 +34,11 @@ class BackboneConfig(StrictModel):
     drop_path_rate: float = Field(0.4, ge=0.0, lt=1.0, description="stochastic depth per residual branch")
     drop_path_uniform: bool = Field(True, description="same rate in every block (DINOv2 ViT-L); else 0 -> rate")
     layerscale_init: float | None = Field(1e-5, gt=0.0, description="LayerScale init; None disables LayerScale")
+    grad_checkpointing: bool = Field(
+        False,
+        description="recompute each block's activations in the student's backward (one more student forward, "
+        "~+33% of its fwd+bwd FLOPs); needed for ViT-L at 96-128 images per GPU (docs/scaling.md)",
+    )
 
     @model_validator(mode="after")
     def _grid_fits(self) -> BackboneConfig:
