@@ -143,7 +143,8 @@ def apply_init(model: SSLMetaArch, cfg: InitConfig) -> None:
         logger.info("%s: %d head tensors not loaded (init.heads false or no such head): %s", source, len(skipped),
                     name_list(skipped))
     backbone = model.teacher["backbone"]
-    resample_pos_embed(state, backbone.vit.pos_embed, backbone.num_prefix_tokens, source)
+    if fmt != "gpfm_export":  # published models are made for other sizes (DINOv2's hub: 518 px); an export is ours
+        resample_pos_embed(state, backbone.vit.pos_embed, backbone.num_prefix_tokens, source)
     loads = {part: _part(state, part) for part in parts}
     if "mask_token" not in loads["backbone"] and fmt in ("timm", "gpfm_export"):
         logger.warning("%s: no mask token in the source; it keeps its init (zeros, as DINOv2's)", source)
