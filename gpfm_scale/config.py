@@ -41,6 +41,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
             lines.append(f"{source}: unknown key {key!r}")
+        elif not e["loc"]:  # a check across keys of the whole config: its message names them, the input is all
+            lines.append(f"{source}: {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"{source}: invalid value for {key!r}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)

@@ -108,7 +108,7 @@ def _describe_expert(spec: str, name: str, given: str | None, cfg: EmbedConfig) 
     if weights is None and cls.spec.needs_weights:
         raise ConfigError(f"--model {spec}: expert {name!r} needs a local weight file (expert:{name}=/path or "
                           f"config `weights`). {cls.spec.weights_note}")
-    size, mean, std = cls.spec.input_contract("own")
+    size, mean, std = cls.spec.input_contract("native")
     fingerprint = _sha256(weights) if weights else f"{name}-builtin"
     return ModelInfo("expert", name, weights, f"expert:{name}", fingerprint, cls.spec.embed_dim,
                      InputContract(size, tuple(mean), tuple(std)))
@@ -190,7 +190,7 @@ def build_embedder(info: ModelInfo, cfg: EmbedConfig) -> Embedder:
     if info.kind == "expert":
         from gpfm_scale.models.experts import build_expert
 
-        expert = build_expert(ExpertConfig(name=info.target, weights=info.weights))
+        expert = build_expert(ExpertConfig(name=info.target, weights=info.weights, preprocessing="native"))
         return Embedder(expert, lambda x: expert(x)["cls"], info.contract, normalise=False)
     import timm
 

@@ -34,6 +34,11 @@ class BackboneConfig(StrictModel):
     drop_path_rate: float = Field(0.4, ge=0.0, lt=1.0, description="stochastic depth per residual branch")
     drop_path_uniform: bool = Field(True, description="same rate in every block (DINOv2 ViT-L); else 0 -> rate")
     layerscale_init: float | None = Field(1e-5, gt=0.0, description="LayerScale init; None disables LayerScale")
+    grad_checkpointing: bool = Field(
+        False,
+        description="recompute each block's activations in the student's backward (one more student forward, "
+        "~+33% of its fwd+bwd FLOPs); needed for ViT-L at 96-128 images per GPU (docs/scaling.md)",
+    )
 
     @model_validator(mode="after")
     def _grid_fits(self) -> BackboneConfig:
@@ -65,7 +70,11 @@ class HeadConfig(StrictModel):
     expert_bottleneck_dim: int = Field(256, gt=0, description="bottleneck of each expert projection head")
 
 
-Preprocessing = Literal["own", "gpfm_original"]
+# gpfm_original: the teacher's global crops as they are (224 px in the recipe), ImageNet mean/std, for every expert,
+# as GPFM's code did (ssl_meta_arch.py feeds `global_crops` to UNI, Phikon and CONCH alike). native: each expert's
+# own input size and mean/std (CONCH: 448 px, OpenAI CLIP statistics), an opt-in variant that changes CONCH's
+# targets and costs ~60% more expert FLOPs (docs/scaling.md).
+Preprocessing = Literal["gpfm_original", "native"]
 
 
 class ExpertConfig(StrictModel):
@@ -78,7 +87,9 @@ class ExpertConfig(StrictModel):
     cls_weight: float = Field(1.0, ge=0.0)
     patch_weight: float | None = Field(None, ge=0.0)
     preprocessing: Preprocessing = Field(
-        "own", description="own: the expert's own size and mean/std; gpfm_original: 224 px + ImageNet for all"
+        "gpfm_original",
+        description="gpfm_original (GPFM): the global crops as they are (224 px) + ImageNet mean/std; "
+        "native: the expert's own input size and mean/std (CONCH: 448 px + CLIP)",
     )
 
 

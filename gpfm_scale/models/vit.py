@@ -94,7 +94,12 @@ class Backbone(nn.Module):
         return len(self.vit.blocks)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute block activations in backward (ViT-L at batch 96 needs it on 40-80 GB GPUs)."""
+        """Recompute block activations in backward (ViT-L at batch 96 needs it on 40-80 GB GPUs).
+
+        Only block inputs [B, 1 + N, D] are kept; each block runs again in backward with the RNG state of its
+        forward (torch's checkpoint restores it), so drop-path draws the same masks and the gradients are those
+        of the plain forward. Without grad (the teacher) the blocks run plainly: there is nothing to save.
+        """
         self.vit.set_grad_checkpointing(enable)
 
     def _embed(self, x: torch.Tensor, masks: torch.Tensor | None) -> torch.Tensor:
@@ -114,8 +119,10 @@ class Backbone(nn.Module):
         """x [B, 3, H, W] normalised float; masks [B, N] bool or None -> dict(cls [B, D], patch [B, N, D])."""
         tokens = self._embed(x, masks)
         tokens = self.vit.norm_pre(self.vit.patch_drop(tokens))
-        if self.vit.grad_checkpointing and not torch.jit.is_scripting():
-            tokens = checkpoint_seq(self.vit.blocks, tokens)
+        if self.vit.grad_checkpointing and torch.is_grad_enabled():
+            # non-reentrant explicitly: the reentrant variant gives parameters no gradient when the input
+            # (pixels) does not require grad, and timm's default follows an environment variable
+            tokens = checkpoint_seq(self.vit.blocks, tokens, use_reentrant=False)
         else:
             tokens = self.vit.blocks(tokens)
         tokens = self.vit.norm(tokens)
@@ -148,8 +155,9 @@ def build_backbone(cfg: BackboneConfig) -> Backbone:
     if vit.num_reg_tokens:
         raise ConfigError(f"backbone.arch: {cfg.arch} has {vit.num_reg_tokens} register tokens; the recipe uses none")
     backbone = Backbone(vit, cfg.patch_size)
+    backbone.set_grad_checkpointing(cfg.grad_checkpointing)
     logger.info(
-        "backbone %s: %d blocks, dim %d, %d px / %d px patches, drop-path %.2f (%s)",
+        "backbone %s: %d blocks, dim %d, %d px / %d px patches, drop-path %.2f (%s), grad checkpointing %s",
         cfg.arch,
         backbone.num_blocks,
         backbone.embed_dim,
@@ -157,5 +165,6 @@ def build_backbone(cfg: BackboneConfig) -> Backbone:
         cfg.patch_size,
         cfg.drop_path_rate,
         "uniform" if cfg.drop_path_uniform else "linear",
+        cfg.grad_checkpointing,
     )
     return backbone

@@ -6,7 +6,8 @@ augmentation, masks and drop-path are pure functions of (seed, rank, step) (the 
 and schedules are pure functions of the step.
 
 The export is `model.safetensors` (the teacher's timm ViT weights) + `config.json` (the `timm.create_model`
-arguments and the input contract), so `timm.create_model(**config["timm"])` + `load_state_dict` rebuilds it.
+arguments and the input contract), so `timm.create_model(**config["timm"])` + `load_state_dict` rebuilds it, and
+`warm_start.safetensors` (the teacher's mask token and DINO/iBOT heads), which a later phase's `init` reads.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from gpfm_scale.errors import CheckpointMismatchError
 from gpfm_scale.models.vit import timm_create_kwargs
 from gpfm_scale.train.engine import gathered
+from gpfm_scale.train.warm_start import EXPORT_FORMAT, export_warm_start
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ def load_training_state(engine: Any, directory: str | Path) -> int:
 def export_teacher(model: Any, backbone_cfg: Any, directory: str | Path, step: int, is_writer: bool) -> None:
     """Write the teacher backbone as safetensors + config.json (collective under ZeRO-3: every rank must call)."""
     backbone = model.teacher["backbone"]
-    params = list(backbone.parameters())
+    params = list(model.teacher.parameters())  # the heads too: warm_start.safetensors
     with gathered(params):
         if is_writer:
             directory = Path(directory)
@@ -60,8 +62,9 @@ def export_teacher(model: Any, backbone_cfg: Any, directory: str | Path, step: i
             tmp = directory / ".model.safetensors.partial"
             save_file(backbone.export_state_dict(), str(tmp))
             os.replace(tmp, directory / "model.safetensors")
+            export_warm_start(model, directory)
             config = {
-                "format": "gpfm-scale teacher backbone",
+                "format": EXPORT_FORMAT,
                 "timm": timm_create_kwargs(backbone_cfg),
                 "embed_dim": backbone.embed_dim,
                 "patch_size": backbone_cfg.patch_size,

@@ -33,6 +33,7 @@ from gpfm_scale.models.objective_config import ObjectiveConfig
 from gpfm_scale.train.config import OptimConfig, ScheduleConfig
 from gpfm_scale.train.param_groups import apply_schedule, build_param_groups
 from gpfm_scale.train.schedules import ScheduleValues, build_schedules
+from gpfm_scale.train.warm_start import InitConfig, init_unless_resuming
 
 logger = logging.getLogger(__name__)
 
@@ -124,19 +125,23 @@ def train_local(
     seed: int,
     experts: Mapping[str, Expert] | None = None,
     model: SSLMetaArch | None = None,
+    init: InitConfig | None = None,
 ) -> LocalRun:
     """Train the objective for `steps` steps of `batch_size` tiles from images uint8 [n, 3, H, W] (on CPU).
 
     `experts`: already built in-process experts (e.g. random-init stand-ins, or loaded once and shared); when
     None they are built from `objective_cfg.model.experts` with `build_expert` (weights from local files).
     `model`: a warm start (e.g. heads on a pretrained backbone, as GPFM starts from a run without experts),
-    built from `objective_cfg` and trained in place; None builds a random-init one from `seed`. The optimiser
-    and the schedules always start fresh.
+    built from `objective_cfg` and trained in place; None builds a random-init one from `seed`. `init`: load
+    phase-1 weights into it first (`train/warm_start.py`, as `pretrain`'s `init`). The optimiser and the
+    schedules always start fresh.
     """
     if not crop_cfg.normalize:
         raise ConfigError("crop.normalize must be true for train_local: the student takes the float crops")
     torch.manual_seed(seed)
     model = SSLMetaArch(objective_cfg) if model is None else model
+    if init is not None:
+        init_unless_resuming(model, init, resuming=False)
     model.train()
     experts = build_experts(objective_cfg.model.experts) if experts is None else experts
     if sorted(experts) != sorted(model.expert_names):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from gpfm_scale.config import StrictModel
 from gpfm_scale.data.config import CropConfig, MaskConfig
@@ -13,12 +13,16 @@ from gpfm_scale.models.objective_config import ObjectiveConfig
 from gpfm_scale.train.config import OptimConfig, ScheduleConfig
 from gpfm_scale.train.engine import DeepSpeedConfig
 from gpfm_scale.train.expert_config import ExpertPlacementConfig
+from gpfm_scale.train.warm_start import InitConfig
 
 
 class RunSettings(StrictModel):
     """How long, how wide, how often: what scales with the cluster rather than the recipe."""
 
     num_workers: int = Field(default=16, ge=1, description="Ray Train workers (one GPU each when use_gpu).")
+    global_batch_size: int | None = Field(
+        default=None, ge=1, description="Images per optimiser step over all workers, when the run declares one "
+        "(GPFM: 1,536); must equal loader.batch_size x run.num_workers (checked at load). The lr scales with it.")
     use_gpu: Literal["auto", "yes", "no"] = Field(default="auto", description="auto: yes when the cluster has GPUs.")
     cpus_per_worker: float = Field(default=8.0, gt=0, description="CPU slots per worker (data loading runs there).")
     total_iters: int = Field(default=500_000, ge=1, description="Optimiser steps of the whole run (GPFM: 500k).")
@@ -35,6 +39,8 @@ class RunSettings(StrictModel):
 
 
 class PretrainConfig(StrictModel):
+    init: InitConfig = Field(default_factory=InitConfig, description="Warm start (GPFM's phase 2 starts from "
+                             "phase 1's weights); loaded at step 0, never at resume.")
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig, description="Models and losses.")
     crops: CropConfig = Field(default_factory=CropConfig, description="Multi-crop augmentation.")
     masks: MaskConfig = Field(default_factory=MaskConfig, description="iBOT masking.")
@@ -45,3 +51,15 @@ class PretrainConfig(StrictModel):
                                                     description="Where the expert teachers run.")
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="ZeRO stage and precision.")
     run: RunSettings = Field(default_factory=RunSettings, description="Scale, length, checkpoints, logging.")
+
+    @model_validator(mode="after")
+    def _declared_global_batch(self) -> PretrainConfig:
+        """A declared global batch must be what the layout gives: the lr (sqrt scaling) follows the real one."""
+        declared = self.run.global_batch_size
+        actual = self.loader.batch_size * self.run.num_workers
+        if declared is not None and declared != actual:
+            raise ValueError(
+                f"run.global_batch_size {declared} != loader.batch_size {self.loader.batch_size} x run.num_workers "
+                f"{self.run.num_workers} = {actual}; change one of them, or set run.global_batch_size to null"
+            )
+        return self

@@ -19,6 +19,7 @@ from gpfm_scale.config import dump_config
 from gpfm_scale.errors import ConfigError
 from gpfm_scale.ray_utils import ensure_ray
 from gpfm_scale.train.pretrain_config import PretrainConfig
+from gpfm_scale.train.warm_start import resolve_format
 from gpfm_scale.train.worker import train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,8 @@ def run(cfg: PretrainConfig, out: str, shards: str | None = None, resume: bool =
         cfg = cfg.model_copy(update={"loader": cfg.loader.model_copy(update={"shards": resolve_shards(shards)})})
     if not cfg.loader.shards:
         raise ConfigError("no shards: give --shards or loader.shards in the config")
+    if cfg.init.weights is not None and not resume:  # fail here, not in every worker after Ray starts
+        resolve_format(cfg.init)
     os.makedirs(out, exist_ok=True)
     _check_run_dir(os.path.join(out, "checkpoints"), cfg.run.name, resume)
     with open(os.path.join(out, "config.yaml"), "w") as f:

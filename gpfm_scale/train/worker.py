@@ -50,14 +50,17 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 def _build(cfg: PretrainConfig, device: torch.device, world: int) -> tuple[Any, Any, Any, Any]:
     import deepspeed
+    import ray.train
 
     from gpfm_scale.models.meta_arch import SSLMetaArch
     from gpfm_scale.train.engine import deepspeed_config
     from gpfm_scale.train.param_groups import build_param_groups
     from gpfm_scale.train.schedules import build_schedules
+    from gpfm_scale.train.warm_start import init_unless_resuming
 
     torch.manual_seed(cfg.run.seed)  # identical init on every rank
     model = SSLMetaArch(cfg.objective).to(device)
+    init_unless_resuming(model, cfg.init, resuming=ray.train.get_checkpoint() is not None)
     groups = build_param_groups(model.student, cfg.optim)
     optimizer = torch.optim.AdamW(groups, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     ds_cfg = deepspeed_config(cfg.deepspeed, cfg.loader.batch_size, cfg.optim.clip_grad, device.type == "cuda")

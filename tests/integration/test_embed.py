@@ -75,7 +75,7 @@ def test_slide_manifest_is_tiled_embedded_and_the_corrupt_slide_reported(embedde
     assert index["slide_id"].tolist() == ["s00", "s01", "s02"] and index["label"].tolist() == ["a", "b", "a"]
     assert (index["kind"] == "slide").all() and (index["row"] == -1).all()
     tiles = _tiles_by_slide(out / "tiles")
-    expert = build_expert(ExpertConfig(name="tiny_a"))
+    expert = build_expert(ExpertConfig(name="tiny_a", preprocessing="native"))  # embedding's contract
     for row in index.itertuples():
         with h5py.File(out / row.file) as f:
             features, coords = f["features"][:], f["coords"][:]
@@ -161,7 +161,8 @@ def test_hgsc_image_folder(shared_data, tmp_path):
         features, paths = f["features"][:], [p.decode() for p in f["paths"][:]]
     assert features.shape == (1552, 48) and sorted(paths) == sorted(index["image"])
     assert [paths[r] for r in index["row"]] == index["image"].tolist()
-    expert = build_expert(ExpertConfig(name="tiny_a"))  # resizes 64 -> 32 px itself, in float (ours rounds to uint8)
+    # embedding uses the expert's native contract: it resizes 64 -> 32 px itself, in float (ours rounds to uint8)
+    expert = build_expert(ExpertConfig(name="tiny_a", preprocessing="native"))
     from PIL import Image
 
     picks = index.iloc[::300]

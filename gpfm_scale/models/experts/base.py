@@ -1,9 +1,12 @@
 """The expert interface: a frozen pathology model that turns uint8 crops into CLS (and patch) targets.
 
 Why experts take uint8: the training worker (or a remote expert actor) ships the unmasked global crops before
-normalisation (4x fewer bytes than float32), and each expert applies its own contract: resize to its input size
-(bicubic, antialiased, clamped to [0, 1] as a uint8 image would be) and normalise with its own mean/std. The
-`gpfm_original` option reproduces GPFM, which fed every expert the 224-px ImageNet-normalised teacher crops.
+normalisation (4x fewer bytes than float32), and each expert applies the input contract its config names
+(`ExpertConfig.preprocessing`):
+- `gpfm_original` (the recipe): the crops as they arrive, ImageNet mean/std, for every expert. That is GPFM's code:
+  the teacher's 224-px global crops, already ImageNet-normalised, go to UNI, Phikon and CONCH alike.
+- `native`: the expert's own input size (bicubic, antialiased, clamped to [0, 1] as a uint8 image would be) and
+  mean/std; for CONCH 448 px and OpenAI CLIP statistics. Embedding with an expert always uses this one.
 
 Registry: `EXPERTS` maps a lower_snake name to an `Expert` subclass carrying its `ExpertSpec`; `build_expert`
 turns an `ExpertConfig` into a loaded, frozen expert. The registry lives here, beside the interface, as
@@ -33,7 +36,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-GPFM_ORIGINAL_SIZE = 224  # px: GPFM's teacher global crop, fed to every expert
 
 
 @dataclass(frozen=True)
@@ -50,10 +52,10 @@ class ExpertSpec:
     weights_note: str  # where the weights come from and under which licence
     needs_weights: bool = True  # False only for random-init test experts
 
-    def input_contract(self, preprocessing: Preprocessing) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
-        """(size px, mean, std) the crops are brought to before the forward pass."""
+    def input_contract(self, preprocessing: Preprocessing) -> tuple[int | None, tuple[float, ...], tuple[float, ...]]:
+        """(size px, mean, std) the crops are brought to before the forward pass; size None: kept as given."""
         if preprocessing == "gpfm_original":
-            return GPFM_ORIGINAL_SIZE, IMAGENET_MEAN, IMAGENET_STD
+            return None, IMAGENET_MEAN, IMAGENET_STD
         return self.input_size, self.mean, self.std
 
 
@@ -69,7 +71,7 @@ class Expert(nn.Module):
     tolerated_prefixes: ClassVar[tuple[str, ...]] = ()
     model: nn.Module
 
-    def __init__(self, preprocessing: Preprocessing = "own") -> None:
+    def __init__(self, preprocessing: Preprocessing = "gpfm_original") -> None:
         super().__init__()
         self.preprocessing = preprocessing
 
@@ -110,7 +112,7 @@ class Expert(nn.Module):
         size, mean, std = self.spec.input_contract(self.preprocessing)
         param = self._param()
         x = crops.to(device=param.device, dtype=torch.float32) / 255.0
-        if tuple(x.shape[-2:]) != (size, size):
+        if size is not None and tuple(x.shape[-2:]) != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
             x = x.clamp(0.0, 1.0)
         mean_t = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
@@ -147,10 +149,10 @@ def build_expert(cfg: ExpertConfig) -> Expert:
     expert.freeze()
     size, _, _ = spec.input_contract(cfg.preprocessing)
     logger.info(
-        "expert %s: dim %d, input %d px (%s), patch tokens %s",
+        "expert %s: dim %d, input %s (%s), patch tokens %s",
         spec.name,
         spec.embed_dim,
-        size,
+        "the global crops as given" if size is None else f"{size} px",
         cfg.preprocessing,
         spec.has_patch_tokens,
     )

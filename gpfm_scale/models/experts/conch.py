@@ -22,8 +22,9 @@ Tolerated and dropped: `text.*` (text encoder), `text_decoder.*` (captioning dec
 `visual.attn_pool_caption.*` and `visual.ln_caption.*` (the 256-query captioning pooler: not a distillation target).
 
 Target: CLS = the projected 512-d contrastive embedding, L2-normalised (GPFM normalises it, fms.py `CONCH`); no
-patch tokens. GPFM fed CONCH 224-px crops (the trunk's position embedding is then interpolated); the default
-here is CONCH's native 448 px and OpenAI CLIP mean/std.
+patch tokens. GPFM fed CONCH the 224-px ImageNet-normalised global crops (the trunk's position embedding is then
+interpolated to 14 x 14): that is the default (`preprocessing: gpfm_original`); `native` gives CONCH its own 448 px
+and OpenAI CLIP mean/std.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ class ConchExpert(Expert):
     model: ConchVisual
     tolerated_prefixes = ("text.", "text_decoder.", "logit_scale", "visual.attn_pool_caption.", "visual.ln_caption.")
 
-    def __init__(self, preprocessing: Preprocessing = "own") -> None:
+    def __init__(self, preprocessing: Preprocessing = "gpfm_original") -> None:
         super().__init__(preprocessing)
         trunk = create_vit("vit_base_patch16_224", pretrained=False, img_size=448, num_classes=0, dynamic_img_size=True)
         self.model = ConchVisual(trunk, out_dim=512, pool_heads=8)

@@ -144,7 +144,7 @@ class PhikonExpert(Expert):
     model: VisionTransformer
     tolerated_prefixes = ("pooler.", "vit.pooler.", "embeddings.mask_token", "vit.embeddings.mask_token")
 
-    def __init__(self, preprocessing: Preprocessing = "own") -> None:
+    def __init__(self, preprocessing: Preprocessing = "gpfm_original") -> None:
         super().__init__(preprocessing)
         self.model = build_phikon_trunk()
         self.freeze()

@@ -3,7 +3,7 @@
 - `tiny_a`: UNI/Phikon-like timm ViT (32 px, patch 8, dim 48, 2 blocks): CLS + 4 x 4 patch tokens, ImageNet norm.
 - `tiny_b`: CONCH-like (48 px, patch 16, dim 64 trunk + attentional pooling to 32-d, L2-normalised CLS; the two
   widths differ as in CONCH, 768 -> 512, so the pooler has CONCH's separate q/k/v projections),
-  no patch tokens, OpenAI CLIP norm. Its input size differs from 32-px test crops, so the resize path runs.
+  no patch tokens, OpenAI CLIP norm. Its input size differs from 32-px test crops, so `native` resizes.
 Weights are a pure function of the seed (the global RNG is forked, not disturbed), so a teacher built twice,
 on two workers or in a remote actor, gives the same targets. `load_weights` works as for the real experts.
 """
@@ -53,7 +53,7 @@ class TinyAExpert(Expert):
     model: VisionTransformer
     seed = 1234
 
-    def __init__(self, preprocessing: Preprocessing = "own") -> None:
+    def __init__(self, preprocessing: Preprocessing = "gpfm_original") -> None:
         super().__init__(preprocessing)
         self.model = _tiny_vit(self.spec.input_size, self.spec.patch_size, self.spec.embed_dim, self.seed)
         self.freeze()
@@ -69,7 +69,7 @@ class TinyBExpert(Expert):
     model: ConchVisual
     seed = 4321
 
-    def __init__(self, preprocessing: Preprocessing = "own") -> None:
+    def __init__(self, preprocessing: Preprocessing = "gpfm_original") -> None:
         super().__init__(preprocessing)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)

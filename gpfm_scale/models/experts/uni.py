@@ -48,7 +48,7 @@ class UNIExpert(Expert):
     )
     model: VisionTransformer
 
-    def __init__(self, preprocessing: Preprocessing = "own") -> None:
+    def __init__(self, preprocessing: Preprocessing = "gpfm_original") -> None:
         super().__init__(preprocessing)
         self.model = create_vit(UNI_TIMM_ARCH, **UNI_TIMM_KWARGS)
         self.freeze()

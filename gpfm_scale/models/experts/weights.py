@@ -82,13 +82,9 @@ def drop_tolerated(
     return kept
 
 
-def load_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], name: str) -> None:
-    """Load `state_dict` into `module` with every key and shape matching.
-
-    Raises CheckpointMismatchError naming the missing, unexpected and wrongly shaped keys (all of them checked
-    before anything is copied, so a failed load leaves the module untouched).
-    """
-    expected = module.state_dict()
+def strict_problems(expected: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """What keeps `state_dict` from loading strictly where `expected` is: missing, unexpected, wrongly shaped
+    keys, one entry per category with the first few names (empty when it fits)."""
     unexpected = sorted(k for k in state_dict if k not in expected)
     missing = sorted(k for k in expected if k not in state_dict)
     wrong_shape = [
@@ -96,11 +92,21 @@ def load_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], name:
         for k, v in sorted(state_dict.items())
         if k in expected and v.shape != expected[k].shape
     ]
-    problems = [
+    return [
         f"{label} {len(keys)}: {name_list(keys)}"
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
         if keys
     ]
+
+
+def load_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], name: str) -> None:
+    """Load `state_dict` into `module` with every key and shape matching.
+
+    Raises CheckpointMismatchError naming the missing, unexpected and wrongly shaped keys (all of them checked
+    before anything is copied, so a failed load leaves the module untouched).
+    """
+    expected = module.state_dict()
+    problems = strict_problems(expected, state_dict)
     if problems:
         raise CheckpointMismatchError(f"{name}: weights do not match the model; " + "; ".join(problems))
     on_meta = any(t.is_meta for t in expected.values())

@@ -12,6 +12,7 @@ from gpfm_scale.config import build_config
 from gpfm_scale.errors import CheckpointMismatchError, ConfigError
 from gpfm_scale.models.config import ExpertConfig, ModelConfig
 from gpfm_scale.models.experts import EXPERTS, build_expert
+from gpfm_scale.models.experts.base import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from gpfm_scale.models.experts.tiny import TinyAExpert
 
 
@@ -36,11 +37,11 @@ def test_default_expert_configs_are_the_recipe() -> None:
     assert [(e.name, e.cls_weight, e.patch_weight, e.weights) for e in experts] == [
         ("uni", 1.0, 0.25, None), ("phikon", 0.5, 0.125, None), ("conch", 1.0, None, None)
     ]
-    assert all(e.preprocessing == "own" for e in experts)
+    assert all(e.preprocessing == "gpfm_original" for e in experts)  # GPFM fed every expert the global crops
 
 
 def test_preprocessing_of_a_constant_image_by_hand() -> None:
-    expert = build_expert(ExpertConfig(name="tiny_b"))  # 48 px, OpenAI CLIP mean/std
+    expert = build_expert(ExpertConfig(name="tiny_b", preprocessing="native"))  # 48 px, OpenAI CLIP mean/std
     crops = torch.full((2, 3, 32, 32), 128, dtype=torch.uint8)
     x = expert.preprocess(crops)
     assert x.shape == (2, 3, 48, 48) and x.dtype == torch.float32
@@ -49,16 +50,30 @@ def test_preprocessing_of_a_constant_image_by_hand() -> None:
         assert torch.allclose(x[:, channel], torch.full((2, 48, 48), (128 / 255 - mean) / std), atol=1e-5)
 
 
-def test_gpfm_original_preprocessing_is_224_imagenet() -> None:
-    expert = build_expert(ExpertConfig(name="tiny_b", preprocessing="gpfm_original"))
-    x = expert.preprocess(torch.full((1, 3, 32, 32), 255, dtype=torch.uint8))
-    assert x.shape == (1, 3, 224, 224)
-    expected = [(1 - m) / s for m, s in zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
-    assert torch.allclose(x[0, :, 100, 100], torch.tensor(expected), atol=1e-5)
+def test_gpfm_original_preprocessing_keeps_the_crops_and_uses_imagenet() -> None:
+    expert = build_expert(ExpertConfig(name="tiny_b"))  # the default: GPFM's feed, whatever the expert's own
+    crops = _crops(size=32)
+    x = expert.preprocess(crops)
+    assert x.shape == (2, 3, 32, 32)  # not tiny_b's native 48 px: the global crops as they are
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    assert torch.allclose(x, (crops / 255.0 - mean) / std, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("preprocessing", "size", "mean", "std"),
+    [("gpfm_original", 224, IMAGENET_MEAN, IMAGENET_STD), ("native", 448, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)],
+)
+def test_conch_input_in_both_modes(preprocessing: str, size: int, mean: tuple, std: tuple) -> None:
+    """The recipe's 224-px global crops reach CONCH at 224 px + ImageNet (GPFM) or at 448 px + CLIP (native)."""
+    conch = EXPERTS.get("conch")(preprocessing=preprocessing)  # random init: only the input contract matters
+    x = conch.preprocess(torch.full((1, 3, 224, 224), 200, dtype=torch.uint8))
+    assert x.shape == (1, 3, size, size)
+    expected = [(200 / 255 - m) / s for m, s in zip(mean, std)]
+    assert torch.allclose(x[0, :, size // 2, size // 2], torch.tensor(expected), atol=1e-5)
 
 
 def test_resize_is_clamped_like_a_uint8_image() -> None:
-    expert = build_expert(ExpertConfig(name="tiny_b"))
+    expert = build_expert(ExpertConfig(name="tiny_b", preprocessing="native"))
     crops = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
     crops[..., 16:] = 255  # a hard edge: bicubic over/undershoots unless clamped
     x = expert.preprocess(crops)
