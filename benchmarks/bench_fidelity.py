@@ -71,6 +71,7 @@ REGION_PX = 250  # side of the spatial blocks the split keeps together (source i
 BATCH = 32
 CROP = CropConfig(global_size=32, local_size=16, n_local=2)
 STUDENTS = ("distilled", "dino_only")
+SCHEDULED = ("step", "step_seconds", "lr", "wd", "momentum", "teacher_temp")  # history keys that are no loss
 COMPARED = (*STUDENTS, "random_init")  # what is compared with the expert (random_init: the students' shared start)
 
 
@@ -254,6 +255,11 @@ def closeness(features: dict[str, np.ndarray], preds: dict[str, dict[str, np.nda
     return {k: v.to_dict() for k, v in out.items()}
 
 
+def window_means(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Mean of each loss term and health signal over some steps of a `train_local` history."""
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k not in SCHEDULED}
+
+
 def verdicts(close: dict[str, Any]) -> dict[str, bool]:
     """A claim holds when its bootstrap interval lies entirely above 0 (large, clear gaps only)."""
     def above_zero(key: str) -> bool:
@@ -331,8 +337,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with threadpool_limits(args.threads):  # threaded BLAS on tiny matrices: 20x slower on a busy 2-core machine
         metrics, preds = score(features, y, classes, split, ids, eval_cfg)
         close = closeness(features, preds, y[test], test, eval_cfg)
-    last = {name: {k: float(np.mean([h[k] for h in hist[-10:]])) for k in hist[0] if "/" in k or k == "total"}
-            for name, hist in histories.items()}
+    losses = {name: {"first10": window_means(hist[:10]), "last10": window_means(hist[-10:])}
+              for name, hist in histories.items()}
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
@@ -344,7 +350,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "expert": {**expert_info, "weights": str(args.out / "expert.safetensors")},
         "seconds": {"expert": expert_s, **{f"student_{k}": v for k, v in student_s.items()},
                     "total": time.perf_counter() - start},
-        "last10_losses": last, "metrics": metrics, "closeness": close, "verdicts": verdicts(close),
+        "losses": losses, "metrics": metrics, "closeness": close, "verdicts": verdicts(close),
     }
     (args.out / "fidelity.json").write_text(json.dumps(result, indent=2) + "\n")
     print_report(result)

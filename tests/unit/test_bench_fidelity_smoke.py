@@ -43,8 +43,9 @@ def test_smoke_run_trains_expert_and_two_students_and_writes_json(shared_data, t
         for task in ("knn", "linear_probe"):
             assert _ci_holds(model[task]["balanced_accuracy"])
     assert result["metrics"]["expert"]["knn"]["balanced_accuracy"]["value"] > 0.6  # chance: 1/3
-    assert {"expert/hgsc_vit/cls", "expert/hgsc_vit/patch"} <= set(result["last10_losses"]["distilled"])
-    assert not any(k.startswith("expert/") for k in result["last10_losses"]["dino_only"])
+    assert {"expert/hgsc_vit/cls", "expert/hgsc_vit/patch", "dino_global", "koleo"} <= set(
+        result["losses"]["distilled"]["last10"])
+    assert not any(k.startswith("expert/") for k in result["losses"]["dino_only"]["first10"])
 
     close = result["closeness"]
     for key in ("knn/gap_reduction", "linear_probe/gap_reduction", "cka_gain", "cka_distilled", "cka_dino_only",
