@@ -116,8 +116,9 @@ def augment(crops: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.rot90(crops, int(torch.randint(0, 4, (), generator=gen)), dims=(-2, -1))
 
 
-def train_expert(crops: torch.Tensor, y: np.ndarray, split: np.ndarray, epochs: int, seed: int) -> tuple[HgscExpert,
-                                                                                                             dict]:
+def train_expert(
+    crops: torch.Tensor, y: np.ndarray, split: np.ndarray, epochs: int, seed: int
+) -> tuple[HgscExpert, dict[str, float]]:
     """Supervised training on the train crops (class-weighted cross-entropy, AdamW, cosine lr); the weights kept
     are those of the epoch with the best validation balanced accuracy."""
     torch.manual_seed(seed)
