@@ -228,6 +228,8 @@ def run(cfg: MixConfig, shards: str | list[str], out_url: str) -> MixResult:
         written = sorted((json.loads(r["info"]) for r in records if r["bucket"] != _REPORT), key=lambda r: r["name"])
         problems = [p for r in reports for p in r["problems"]]
         n_samples = sum(w["samples"] for w in written)
+        if not n_samples:
+            raise ShardError(f"no sample in the {len(urls)} input shards: {'; '.join(problems)[:500]}")
         if n_samples != sum(r["samples"] for r in reports):
             raise ShardError(f"mix lost samples: read {sum(r['samples'] for r in reports)}, wrote {n_samples}")
         out.fs.rm(out.path("shards", ".tmp"), recursive=True)
