@@ -24,7 +24,7 @@ does not fit: plan free local disk of about the cohort's size, or set
 reserved); open files: one per read task and one per write task. Throughput measured: benchmarks/RESULTS.md.
 
 Damage: an input shard cut short gives the samples before the damage and is listed in `problems`; a malformed
-sample (e.g. a duplicate member) is dropped and listed. Samples are copied as bytes, not decoded: an undecodable
+sample (e.g. a duplicate member) is dropped and listed, and so is the second of two samples with one key. Samples are copied as bytes, not decoded: an undecodable
 image reaches the loader, which skips it as it always did.
 """
 
@@ -142,6 +142,11 @@ def _write_bucket(table: Any, seed: int, run_name: str, out_url: str) -> dict[st
         return {"bucket": [_REPORT] * len(keys), "info": keys}
     sources, offsets = table.column("source").to_pylist(), table.column("offset").to_pylist()
     canonical = sorted(range(len(keys)), key=lambda i: (keys[i], sources[i], offsets[i]))
+    # A key met twice (a slide tiled twice, overlapping inputs) goes to one bucket; written next to each other
+    # the two would read back as one sample with duplicate members. The first (by input order) is kept.
+    duplicates = [i for i, prev in zip(canonical[1:], canonical) if keys[i] == keys[prev]]
+    dropped = set(duplicates)
+    canonical = [i for i in canonical if i not in dropped]
     order = [canonical[i] for i in np.random.default_rng([seed, bucket]).permutation(len(canonical))]
     exts, payloads = table.column("exts"), table.column("payloads")
     out = OutputDir(out_url)
@@ -158,7 +163,8 @@ def _write_bucket(table: Any, seed: int, run_name: str, out_url: str) -> dict[st
     assert sealed is not None
     name = f"{run_name}-{bucket:06d}.tar"
     out.publish(sealed.tmp_path, "shards", name)
-    info = {"name": name, "samples": sealed.num_samples, "bytes": sealed.num_bytes, "sha256": sealed.sha256}
+    info = {"name": name, "samples": sealed.num_samples, "bytes": sealed.num_bytes, "sha256": sealed.sha256,
+            "duplicates": [f"duplicate key {keys[i]} (input shard {sources[i]}) dropped" for i in duplicates]}
     return {"bucket": [bucket], "info": [json.dumps(info)]}
 
 
@@ -226,12 +232,13 @@ def run(cfg: MixConfig, shards: str | list[str], out_url: str) -> MixResult:
         records = _shuffle(cfg, urls, num_buckets, out.url)
         reports = sorted((json.loads(r["info"]) for r in records if r["bucket"] == _REPORT), key=lambda r: r["url"])
         written = sorted((json.loads(r["info"]) for r in records if r["bucket"] != _REPORT), key=lambda r: r["name"])
-        problems = [p for r in reports for p in r["problems"]]
+        problems = [p for r in reports for p in r["problems"]] + [p for w in written for p in w.pop("duplicates")]
         n_samples = sum(w["samples"] for w in written)
         if not n_samples:
             raise ShardError(f"no sample in the {len(urls)} input shards: {'; '.join(problems)[:500]}")
-        if n_samples != sum(r["samples"] for r in reports):
-            raise ShardError(f"mix lost samples: read {sum(r['samples'] for r in reports)}, wrote {n_samples}")
+        n_read, n_dropped = sum(r["samples"] for r in reports), sum(p.startswith("duplicate key") for p in problems)
+        if n_samples + n_dropped != n_read:
+            raise ShardError(f"mix lost samples: read {n_read}, wrote {n_samples}, dropped {n_dropped} duplicates")
         out.fs.rm(out.path("shards", ".tmp"), recursive=True)
         manifest = {"config": cfg.model_dump(mode="json"), "inputs": reports, "shards": written,
                     "problems": problems}

@@ -141,8 +141,9 @@ def test_rerun_after_a_killed_mix_writes_the_same_bytes_and_clears_leftovers(coh
 
 
 def test_damaged_input_keeps_its_head_and_is_reported(cohort, tmp_path, capsys):
-    """CLI: a shard cut inside its tail, and a sample with a duplicate member: the mix keeps what came before the
-    cut, drops the malformed sample, finishes, names both and exits 1."""
+    """CLI: a shard cut inside its tail, a sample with a duplicate member, a shard's slides given twice: the mix
+    keeps what came before the cut, drops the malformed sample and the second copy of each key, finishes, names
+    every problem and exits 1."""
     _, paths = cohort
     src = tmp_path / "in"
     src.mkdir()
@@ -156,13 +157,16 @@ def test_damaged_input_keeps_its_head_and_is_reported(cohort, tmp_path, capsys):
     writer.add("dup/1_0", {"jpg": b"fine", "json": b"{}"})
     writer.commit_slide("dup", 3)
     os.replace(writer.seal().tmp_path, src / "tiles-000001.tar")
+    shutil.copy(paths[1], src / "tiles-000002.tar")
+    shutil.copy(paths[1], src / "again-000000.tar")  # the same slides tiled twice: every key met twice
     rc = main(["mix", "--shards", str(src), "--out", str(tmp_path / "out"), "--shard-bytes", "100000"])
     err = capsys.readouterr().err
-    assert rc == 1 and "tiles-000000.tar" in err and "truncated" in err and "dup/0_0" in err and "duplicate" in err
+    assert rc == 1 and "tiles-000000.tar" in err and "truncated" in err and "dup/0_0" in err
+    assert "duplicate member" in err and err.count("duplicate key") == sum(TILES[6:12])
     got = _samples(_shards(tmp_path / "out"))
-    head = _samples([paths[0]])
-    from_cut = got - Counter({("dup/1_0", (("jpg", b"fine"), ("json", b"{}"))): 1})
-    assert sum(got.values()) == sum(from_cut.values()) + 1  # dup/1_0 kept, dup/0_0 dropped
+    twice, head = _samples([paths[1]]), _samples([paths[0]])
+    from_cut = got - twice - Counter({("dup/1_0", (("jpg", b"fine"), ("json", b"{}"))): 1})
+    assert sum(got.values()) == sum(from_cut.values()) + sum(twice.values()) + 1  # each key once, dup/0_0 dropped
     assert from_cut <= head and 0 < sum(from_cut.values()) < sum(head.values())
 
 
