@@ -20,8 +20,8 @@ shard is thus a function of (inputs, seed, shard_bytes) alone: a rerun of an unf
 Costs: reads and writes the cohort once (disk: the output is as large as the input; the tiler's shards can go
 afterwards); the whole cohort passes through Ray's object store during the shuffle (spilled to local disk when it
 does not fit: plan free local disk of about the cohort's size, or set
-`DataContext.use_disk_based_hash_shuffle`); each write task holds one output shard in memory (~3 x shard_bytes
-reserved); open files: one per read task and one per write task. Throughput measured: benchmarks/RESULTS.md.
+`DataContext.use_disk_based_hash_shuffle`); each write task holds its hash partition in memory, one output shard
+and sometimes 2-3 (3 x shard_bytes reserved); open files: one per read task and one per write task. Throughput measured: benchmarks/RESULTS.md.
 
 Damage: an input shard cut short gives the samples before the damage and is listed in `problems`; a malformed
 sample (e.g. a duplicate member) is dropped and listed, and so is the second of two samples with one key. Samples are copied as bytes, not decoded: an undecodable
@@ -197,7 +197,8 @@ def _shuffle(cfg: MixConfig, urls: list[str], num_buckets: int, out_url: str) ->
     ray.data.DataContext.get_current().enable_progress_bars = False
     ds = ray.data.from_items([{"url": u, "source": i} for i, u in enumerate(urls)], override_num_blocks=len(urls))
     ds = ds.map_batches(_read_shard, batch_size=1, fn_kwargs={"seed": cfg.seed, "num_buckets": num_buckets})
-    grouped = ds.groupby("bucket", num_partitions=min(num_buckets + 1, 256))
+    # A partition per bucket (Ray hashes buckets onto partitions, so a write task gets one bucket, sometimes 2-3).
+    grouped = ds.groupby("bucket", num_partitions=num_buckets + 1)
     ds = grouped.map_groups(_write_bucket, batch_format="pyarrow", memory=3 * cfg.shard_bytes + _WORKER_BYTES,
                             fn_kwargs={"seed": cfg.seed, "run_name": cfg.run_name, "out_url": out_url})
     try:
