@@ -21,11 +21,12 @@ Costs: reads and writes the cohort once (disk: the output is as large as the inp
 afterwards); the whole cohort passes through Ray's object store during the shuffle (spilled to local disk when it
 does not fit: plan free local disk of about the cohort's size, or set
 `DataContext.use_disk_based_hash_shuffle`); each write task holds its hash partition in memory, one output shard
-and sometimes 2-3 (3 x shard_bytes reserved); open files: one per read task and one per write task. Throughput measured: benchmarks/RESULTS.md.
+and sometimes 2-3 (3 x shard_bytes reserved); open files: one per read task and one per write task.
+Throughput measured: benchmarks/RESULTS.md ("Mixing").
 
 Damage: an input shard cut short gives the samples before the damage and is listed in `problems`; a malformed
-sample (e.g. a duplicate member) is dropped and listed, and so is the second of two samples with one key. Samples are copied as bytes, not decoded: an undecodable
-image reaches the loader, which skips it as it always did.
+sample (e.g. a duplicate member) is dropped and listed, and so is the second of two samples with one key.
+Samples are copied as bytes, not decoded: an undecodable image reaches the loader, which skips it as always.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
+from gpfm_scale.atomic import write_bytes_atomic
 from gpfm_scale.config import StrictModel
 from gpfm_scale.data.tar_samples import iter_raw_samples, shard_size
 from gpfm_scale.errors import ConfigError, GpfmError, ShardError
@@ -243,7 +245,11 @@ def run(cfg: MixConfig, shards: str | list[str], out_url: str) -> MixResult:
         out.fs.rm(out.path("shards", ".tmp"), recursive=True)
         manifest = {"config": cfg.model_dump(mode="json"), "inputs": reports, "shards": written,
                     "problems": problems}
-        out.write_bytes_atomic(json.dumps(manifest, indent=1).encode(), MANIFEST_NAME)
+        data = json.dumps(manifest, indent=1).encode()
+        if out.is_local:
+            write_bytes_atomic(out.path(MANIFEST_NAME), data)  # umask-respecting, unlike mkstemp's 0600
+        else:
+            out.write_bytes_atomic(data, MANIFEST_NAME)
     for problem in problems:
         logger.warning("%s", problem)
     return MixResult(out=out.url, manifest=out.path(MANIFEST_NAME), n_inputs=len(urls), n_shards=len(written),

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from gpfm_scale.atomic import default_file_mode
 from gpfm_scale.cli import main
 from gpfm_scale.data.config import CropConfig, MaskConfig
 from gpfm_scale.data.loader_config import LoaderConfig
@@ -80,6 +81,8 @@ def test_every_tile_lands_once_byte_for_byte_in_whole_shards(cohort, mixed):
         assert {bucket_of(k, 3, 3) for k in keys} == {int(Path(path).stem.split("-")[1])}
     assert [r["samples"] for r in manifest["inputs"]] == [sum(TILES[i:i + 6]) for i in range(0, 24, 6)]
     assert not (out / "shards" / ".tmp").exists()
+    for path in [out / "mix.json", *map(Path, shards)]:  # readable by the lab's group, as open() would make them
+        assert path.stat().st_mode & 0o777 == default_file_mode(), path
 
 
 def _cfg(shards: list[str], **over) -> LoaderConfig:
