@@ -14,12 +14,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from gpfm_scale.atomic import replace_into_place, write_bytes_atomic
 from gpfm_scale.errors import CheckpointMismatchError
 from gpfm_scale.models.vit import timm_create_kwargs
 from gpfm_scale.train.engine import gathered
@@ -49,6 +51,19 @@ def load_training_state(engine: Any, directory: str | Path) -> int:
     return int(client["step"])
 
 
+def _save_safetensors(state: dict[str, torch.Tensor], dest: Path) -> None:
+    """Write whole under a temporary name, then publish with the umask's mode (safetensors alone leaves 0600)."""
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.stem}.", suffix=".partial")
+    os.close(fd)
+    try:
+        save_file(state, tmp)
+        replace_into_place(tmp, str(dest))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def export_teacher(model: Any, backbone_cfg: Any, directory: str | Path, step: int, is_writer: bool) -> None:
     """Write the teacher backbone as safetensors + config.json (collective under ZeRO-3: every rank must call)."""
     backbone = model.teacher["backbone"]
@@ -57,9 +72,7 @@ def export_teacher(model: Any, backbone_cfg: Any, directory: str | Path, step: i
         if is_writer:
             directory = Path(directory)
             directory.mkdir(parents=True, exist_ok=True)
-            tmp = directory / ".model.safetensors.partial"
-            save_file(backbone.export_state_dict(), str(tmp))
-            os.replace(tmp, directory / "model.safetensors")
+            _save_safetensors(backbone.export_state_dict(), directory / "model.safetensors")
             config = {
                 "format": "gpfm-scale teacher backbone",
                 "timm": timm_create_kwargs(backbone_cfg),
@@ -71,7 +84,7 @@ def export_teacher(model: Any, backbone_cfg: Any, directory: str | Path, step: i
                 "features": "CLS token after the final LayerNorm (forward_features(x)[:, 0])",
                 "step": step,
             }
-            (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            write_bytes_atomic(str(directory / "config.json"), (json.dumps(config, indent=2) + "\n").encode())
             log.info("exported teacher (step %d) to %s", step, directory)
 
 
