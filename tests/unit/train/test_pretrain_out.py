@@ -59,10 +59,11 @@ def test_second_run_on_a_locked_out_exits_2_naming_the_holder(shards, tmp_path, 
     assert not (tmp_path / "config.yaml").exists()
 
 
-@pytest.mark.parametrize("kind", ["file", "under_a_file", "read_only"])
+@pytest.mark.parametrize("kind", ["file", "under_a_file", "read_only_new", "read_only_existing"])
 def test_unusable_out_exits_2(shards, tmp_path, capsys, kind):
-    (tmp_path / "f").write_text("x")
-    out = {"file": tmp_path / "f", "under_a_file": tmp_path / "f" / "out", "read_only": "/proc/gpfm-out"}[kind]
+    (tmp_path / "f").write_text("x")  # root writes through chmod: read-only file systems stand for read-only dirs
+    out = {"file": tmp_path / "f", "under_a_file": tmp_path / "f" / "out", "read_only_new": "/proc/gpfm-out",
+           "read_only_existing": "/sys"}[kind]
     assert _pretrain(shards, out) == 2
     assert "--out" in _one_line_error(capsys)
 
