@@ -4,6 +4,10 @@ Per step: take the next batch (its expert targets were requested one step earlie
 the previous step runs), set lr / wd / temperature / momentum from the schedules, forward through the DeepSpeed
 engine, backward, step, EMA-update the teacher (on ZeRO-3 slices when partitioned), report. Everything a resumed
 run needs is in the checkpoint or is a pure function of the step (schedules, data order).
+
+Writes into --out (metrics rows, checkpoints, the export) each check the run's fencing generation first
+(`fencing.RunFence`): a worker whose driver died and whose --out a newer run took over stops without writing.
+Rank 0 cuts metrics.jsonl back to the step it resumed from, so that each step keeps one row.
 """
 
 from __future__ import annotations
