@@ -228,6 +228,7 @@ def shared_gpu_job(cfg: PretrainConfig, out: Path, share: float, device: str = "
 
     from gpfm_scale.train.expert_actors import ExpertServer
     from gpfm_scale.train.expert_placement import actor_name
+    from gpfm_scale.train.fencing import RunFence
     from gpfm_scale.train.worker import train_loop_per_worker
 
     node, placement = ray.get_runtime_context().get_node_id(), cfg.expert_placement
@@ -239,7 +240,8 @@ def shared_gpu_job(cfg: PretrainConfig, out: Path, share: float, device: str = "
         ray.get(actor.describe.remote(), timeout=placement.ready_timeout_s)
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"cfg": cfg.model_dump(mode="json"), "out": str(out), "expert_actors": {node: [name]}},
+            train_loop_config={"cfg": cfg.model_dump(mode="json"), "out": str(out),
+                               "generation": RunFence.start(str(out)).generation, "expert_actors": {node: [name]}},
             scaling_config=ScalingConfig(num_workers=1, use_gpu=True,
                                          resources_per_worker={"CPU": cfg.run.cpus_per_worker, "GPU": 1 - share}),
             run_config=RunConfig(name=cfg.run.name, storage_path=str(out / "checkpoints")),
