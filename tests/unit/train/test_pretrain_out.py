@@ -161,6 +161,8 @@ def test_published_files_get_the_umask_mode(tmp_path):
         worker._append_metrics(RunFence(str(tmp_path), (tmp_path / ".generation").read_text()), {"step": 1})
     finally:
         os.umask(old)
-    files = ["export/model.safetensors", "export/config.json", "config.yaml", ".generation", "metrics.jsonl"]
+    files = ["export/model.safetensors", "export/config.json", "export/warm_start.safetensors", "config.yaml",
+             ".generation", "metrics.jsonl"]
     assert {f: oct(stat.S_IMODE((tmp_path / f).stat().st_mode)) for f in files} == {f: "0o664" for f in files}
-    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["config.json", "model.safetensors",
+                                                                           "warm_start.safetensors"]
