@@ -78,10 +78,10 @@ def export_teacher(model: Any, backbone_cfg: Any, directory: str | Path, step: i
 
 def load_exported(directory: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild an exported teacher with plain timm (what users and `embed` do), its config.json validated first
-    (`embed.export`: a tampered file must not make timm download or change the input size)."""
+    (`contracts.export`: a tampered file must not make timm download or change the input size)."""
     import timm
 
-    from gpfm_scale.embed.export import read_export_config
+    from gpfm_scale.contracts.export import read_export_config
 
     directory = Path(directory)
     checked = read_export_config(directory)
