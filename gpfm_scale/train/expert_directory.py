@@ -39,6 +39,7 @@ from gpfm_scale.train.expert_placement import (
 logger = logging.getLogger(__name__)
 
 MAX_CONCURRENCY = 64  # asks answered at once: a placement can take minutes, other nodes must not wait for it
+RESTART_PAUSE_S = 0.2  # between pings of a restarting actor (seen in Ray 2.60: calls fail at once while it restarts)
 
 
 class ExpertDirectory:
@@ -95,9 +96,10 @@ class ExpertDirectory:
                 return True
             except (ray.exceptions.ActorDiedError, ray.exceptions.GetTimeoutError):
                 return False
-            except ray.exceptions.ActorUnavailableError:  # died while answering: ask again once it is back
+            except ray.exceptions.ActorUnavailableError:  # restarting: calls can fail fast until it is back
                 if time.monotonic() > deadline:
                     return False
+                time.sleep(RESTART_PAUSE_S)
 
     def _check_capacity(self, node_id: str) -> None:
         """Fail at once, not after `ready_timeout_s`, on a node that could never hold the experts."""

@@ -16,7 +16,13 @@ import torch
 from gpfm_scale.errors import ConfigError
 from gpfm_scale.models.config import ExpertConfig
 from gpfm_scale.models.experts import build_expert
-from gpfm_scale.train.expert_actors import ExpertActorError, ExpertPrefetcher, ExpertServer, InProcessExperts
+from gpfm_scale.train.expert_actors import (
+    ExpertActorError,
+    ExpertPrefetcher,
+    ExpertServer,
+    InProcessExperts,
+    _to_caller,
+)
 from gpfm_scale.train.expert_config import ExpertPlacementConfig, resolve_assignment
 from gpfm_scale.train.expert_directory import release_expert_directory, start_expert_directory
 from gpfm_scale.train.expert_placement import (
@@ -175,6 +181,9 @@ def test_cuda_experts_compute_in_bf16_and_reply_in_float16() -> None:
     torch.testing.assert_close(
         torch.from_numpy(reply["targets"]["tiny_b"]["cls"]).float(), want["tiny_b"]["cls"], atol=0.05, rtol=0.05
     )
+    on_gpu = _to_caller(reply["targets"]["tiny_b"]["cls"], torch.device("cuda"))  # pinned, non-blocking copy
+    assert on_gpu.device.type == "cuda" and on_gpu.dtype == torch.float32
+    torch.testing.assert_close(on_gpu.cpu(), torch.from_numpy(reply["targets"]["tiny_b"]["cls"]).float())
 
 
 # ---- Ray actors on the test node ------------------------------------------------------------------------------
