@@ -74,15 +74,6 @@ def group_name(node_id: str, prefix: str = DEFAULT_PREFIX) -> str:
     return f"{prefix}-group-{node_id[:8]}"
 
 
-def expert_nodes(cfg: ExpertPlacementConfig) -> list[str]:
-    """Alive nodes with at least `expert_gpus_per_node` units of the accelerator resource (the default targets)."""
-    return [
-        n["NodeID"]
-        for n in ray.nodes()
-        if n["Alive"] and n["Resources"].get(cfg.accelerator_resource, 0) >= cfg.expert_gpus_per_node
-    ]
-
-
 def _bundle(cfg: ExpertPlacementConfig) -> dict[str, float]:
     bundle = {cfg.accelerator_resource: 1.0, "CPU": cfg.cpus_per_actor}
     return {k: v for k, v in bundle.items() if v > 0}
@@ -144,17 +135,15 @@ def _wait_loaded(actors: Mapping[str, list[tuple[str, Any]]], deadline: float) -
 def place_expert_actors(
     expert_cfgs: Sequence[ExpertConfig],
     cfg: ExpertPlacementConfig,
-    node_ids: Sequence[str] | None = None,
+    node_ids: Sequence[str],
     prefix: str = DEFAULT_PREFIX,
 ) -> ExpertActors:
-    """Start the expert actors on every node in `node_ids` (default: `expert_nodes(cfg)`) and wait until each has
-    loaded its experts (the expert directory calls it for one node at a time). Every actor and group name is
-    `prefix`, a token unique to this call, the node and the index. On any failure everything started here is released and ExpertActorError raised."""
+    """Start the expert actors on every node in `node_ids` and wait until each has loaded its experts (the expert
+    directory calls it for one node at a time). Every actor and group name is `prefix`, a token unique to this
+    call, the node and the index. On any failure everything started here is released and ExpertActorError raised."""
     groups_of = resolve_assignment([c.name for c in expert_cfgs], cfg)
     by_name = {c.name: c for c in expert_cfgs}
-    nodes = list(node_ids) if node_ids is not None else expert_nodes(cfg)
-    if not nodes:
-        raise ExpertActorError(f"no node has {cfg.expert_gpus_per_node} x {cfg.accelerator_resource} for experts")
+    nodes = list(node_ids)
     if len({n[:8] for n in nodes}) != len(nodes):
         raise ExpertActorError(f"node ids not unique in their first 8 characters: {nodes}")
     # A fresh token per placement: names are never reused within a Ray session. A driver that re-created an actor

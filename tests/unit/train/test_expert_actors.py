@@ -336,10 +336,10 @@ def _leftovers(ray_session, prefix: str) -> tuple[list[str], list[str]]:
 
 
 def test_missing_weights_fail_inside_the_actor_and_reach_the_caller(ray_session, directory, tmp_path) -> None:
-    missing = tmp_path / "nope.safetensors"
+    missing, node = tmp_path / "nope.safetensors", ray_session.get_runtime_context().get_node_id()
     cfgs = [ExpertConfig(name="tiny_a", weights=missing)]
     with pytest.raises(ExpertActorError, match=f"test-missing-.* failed to start: .*weights file not found: {missing}"):
-        place_expert_actors(cfgs, _placement(expert_gpus_per_node=1), prefix="test-missing")
+        place_expert_actors(cfgs, _placement(expert_gpus_per_node=1), [node], prefix="test-missing")
     assert _leftovers(ray_session, "test-missing") == ([], [])
 
 
