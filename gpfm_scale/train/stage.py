@@ -1,6 +1,6 @@
 """`run(cfg, out, shards, resume) -> PretrainResult`: the pretraining job, from the driver.
 
-It places the expert actors (one placement group per node, on the nodes that will run training workers), hands
+It starts the expert directory (which places a node's expert actors when its first training worker asks), hands
 `train_loop_per_worker` to a Ray Train `TorchTrainer`, and waits. Checkpoints go to `DIR/checkpoints/{run name}`;
 rerunning with `--resume` continues from the newest one (Ray Train reads it back with `get_checkpoint()`), and a
 lost worker restarts the group from it (`FailureConfig`). The exported teacher lands in `DIR/export/`.
@@ -61,26 +61,25 @@ def _use_gpu(cfg: PretrainConfig) -> bool:
     return ray.cluster_resources().get("GPU", 0) >= 1
 
 
-def _place_experts(cfg: PretrainConfig) -> Any:
-    """The driver owns the expert actors for the whole run (Ray collects unowned actors, named or not)."""
+def _place_experts(cfg: PretrainConfig) -> tuple[Any, str | None]:
+    """The expert directory, (handle, name): it places a node's expert actors when that node's first worker asks.
+    The driver owns it for the whole run (Ray collects unowned actors, named or not)."""
     experts = cfg.objective.model.experts
     if not experts or cfg.expert_placement.mode != "remote":
-        return None
-    from gpfm_scale.train.expert_placement import place_expert_actors
+        return None, None
+    from gpfm_scale.train.expert_directory import start_expert_directory
 
-    placed = place_expert_actors(experts, cfg.expert_placement)
-    log.info("expert actors: %s", {node[:8]: n for node, n in placed.names_by_node.items()})
-    return placed
+    return start_expert_directory(experts, cfg.expert_placement)
 
 
-def _trainer(cfg: PretrainConfig, fence: RunFence, experts: dict[str, list[str]] | None, use_gpu: bool) -> Any:
+def _trainer(cfg: PretrainConfig, fence: RunFence, experts: str | None, use_gpu: bool) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "out": fence.out, "generation": fence.generation,
-                           "expert_actors": experts},
+                           "expert_directory": experts},
         scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
         run_config=RunConfig(name=cfg.run.name, storage_path=os.path.join(fence.out, "checkpoints"),
@@ -91,17 +90,16 @@ def _trainer(cfg: PretrainConfig, fence: RunFence, experts: dict[str, list[str]]
 
 
 def _fit(cfg: PretrainConfig, fence: RunFence) -> Any:
-    """Train under Ray Train with the driver-owned expert actors; returns Ray Train's Result."""
+    """Train under Ray Train with the driver-owned expert directory; returns Ray Train's Result."""
     ensure_ray(cfg.run.ray_address)
-    placed = _place_experts(cfg)
-    names = {k: list(v) for k, v in placed.names_by_node.items()} if placed else None
+    directory, directory_name = _place_experts(cfg)
     try:
-        return _trainer(cfg, fence, names, _use_gpu(cfg)).fit()
+        return _trainer(cfg, fence, directory_name, _use_gpu(cfg)).fit()
     finally:
-        if placed:
-            from gpfm_scale.train.expert_placement import release_expert_actors
+        if directory is not None:
+            from gpfm_scale.train.expert_directory import release_expert_directory
 
-            release_expert_actors(placed)
+            release_expert_directory(directory)
 
 
 def run(cfg: PretrainConfig, out: str, shards: str | None = None, resume: bool = False) -> PretrainResult:

@@ -78,7 +78,7 @@ def _build(cfg: PretrainConfig, device: torch.device, world: int) -> tuple[Any, 
 
 
 def _expert_stream(cfg: PretrainConfig, loader: Iterator[dict], grid: tuple[int, int], device: torch.device,
-                   names_by_node: dict[str, list[str]] | None) -> Iterator[tuple[dict, dict | None, float, float]]:
+                   directory: str | None) -> Iterator[tuple[dict, dict | None, float, float]]:
     """Yields (batch, expert targets or None, data wait s, expert wait s); targets come one step ahead."""
     from gpfm_scale.train.expert_actors import ExpertPrefetcher
     from gpfm_scale.train.expert_placement import build_expert_client
@@ -90,7 +90,7 @@ def _expert_stream(cfg: PretrainConfig, loader: Iterator[dict], grid: tuple[int,
             batch = next(loader)
             yield batch, None, time.perf_counter() - t0, 0.0
     placement = cfg.expert_placement
-    client = build_expert_client(experts, placement, names_by_node, device)
+    client = build_expert_client(experts, placement, directory, device)
     for item in ExpertPrefetcher(loader, client, grid, depth=placement.prefetch_depth):
         yield item.batch, item.targets, item.stats.get("data_wait_s", 0.0), item.stats["wait_s"]
 
@@ -175,7 +175,7 @@ def _resume(engine: Any) -> int:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. `config`: {"cfg": PretrainConfig as dict, "out": str, "generation": the run's fencing
-    token (see fencing.py), "expert_actors": {...}}."""
+    token (see fencing.py), "expert_directory": the expert directory actor's name or None}."""
     import deepspeed
     import ray.train
 
@@ -198,7 +198,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     side = cfg.objective.model.backbone.grid_size
     grid = (side, side)
     loader = build_loader(cfg.loader, cfg.crops, cfg.masks, grid, rank, world, start_step=start)
-    stream = _expert_stream(cfg, loader, grid, device, config.get("expert_actors"))
+    stream = _expert_stream(cfg, loader, grid, device, config.get("expert_directory"))
     pairs = [(t, s) for _, t, s in model.teacher_student_param_pairs()]
     corrupt = 0
     for step in range(start, _last_step(cfg)):
