@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from gpfm_scale.train.ema import update_ema
+from gpfm_scale.models.ema import update_ema
 
 
 def test_formula_on_plain_tensors() -> None:
