@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from gpfm_scale.config import StrictModel
@@ -32,6 +32,8 @@ from gpfm_scale.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+BF16_STAGE0 = ("zero_stage 0 with bf16: the fp32 EMA teacher needs the optimiser's fp32 master weights, which "
+               "stage 0's bf16 optimiser does not expose; use zero_stage 1 (same traffic)")
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s: coefficient = max_norm / (norm + eps), at most 1
 
 
@@ -43,6 +45,12 @@ class DeepSpeedConfig(StrictModel):
     reduce_bucket_size: int = Field(default=50_000_000, ge=1, description="Elements per gradient reduce bucket.")
     communication_backend: Literal["auto", "nccl", "gloo"] = Field(default="auto", description="nccl on GPU.")
 
+    @model_validator(mode="after")
+    def _bf16_needs_zero(self) -> DeepSpeedConfig:
+        if self.precision == "bf16" and self.zero_stage == 0:
+            raise ValueError(BF16_STAGE0)
+        return self
+
 
 def resolve_precision(cfg: DeepSpeedConfig, on_gpu: bool) -> str:
     return ("bf16" if on_gpu else "fp32") if cfg.precision == "auto" else cfg.precision
@@ -53,8 +61,7 @@ def deepspeed_config(cfg: DeepSpeedConfig, micro_batch: int, on_gpu: bool) -> di
     No `gradient_clipping`: `clip_grad_norms` clips per module (module docstring)."""
     bf16 = resolve_precision(cfg, on_gpu) == "bf16"
     if bf16 and cfg.zero_stage == 0:
-        raise ConfigError("deepspeed.zero_stage 0 with bf16: the fp32 EMA teacher needs the optimiser's fp32 master "
-                          "weights, which stage 0's bf16 optimiser does not expose; use zero_stage 1 (same traffic)")
+        raise ConfigError(f"deepspeed: {BF16_STAGE0}")
     zero: dict[str, Any] = {"stage": cfg.zero_stage, "reduce_bucket_size": cfg.reduce_bucket_size}
     if cfg.offload_optimizer and cfg.zero_stage > 0:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}

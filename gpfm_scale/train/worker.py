@@ -2,9 +2,9 @@
 
 Per step: take the next batch (its expert targets were requested one step earlier, so the experts compute while
 the previous step runs), set lr / wd / temperature / momentum from the schedules, forward through the DeepSpeed
-engine, backward, clip the backbone and the DINO head separately, step, EMA-update the fp32 teacher from the optimiser's
-fp32 master weights, report. Everything a resumed
-run needs is in the checkpoint or is a pure function of the step (schedules, data order).
+engine, backward, clip the backbone and the DINO head each by its own norm, step, EMA-update the fp32 teacher from
+the optimiser's fp32 master weights, report. Everything a resumed run needs is in the checkpoint or is a pure
+function of the step (schedules, data order).
 """
 
 from __future__ import annotations
@@ -189,7 +189,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         apply_schedule(optimizer, sched)
         terms = engine(_to_device(batch, device), targets, teacher_temp=sched.teacher_temp)
         engine.backward(terms["total"])
-        clip_grad_norms(clipped, cfg.optim.clip_grad, partitioned)
+        norms = clip_grad_norms(clipped, cfg.optim.clip_grad, partitioned)
+        terms.update({f"grad_norm/{name}": norm for name, norm in norms.items()})  # read only when reported
         engine.step()
         model.update_teacher(sched.momentum, fp32_master)
         report, ckpt = _report_every(cfg, step)
