@@ -28,6 +28,7 @@ full rather than sharded so that the forward needs no gather and the EMA no book
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from collections.abc import Callable, Mapping
@@ -195,7 +196,9 @@ class SSLMetaArch(nn.Module):
 
         fp32 weights; under bf16 autocast when the student is bf16 (same compute precision as the student)."""
         crops, dtype = batch["global_crops"], self.student_dtype
-        with torch.autocast(crops.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        # nullcontext for an fp32 student: leaves a caller's own autocast (the benchmark's AMP baseline) in force
+        bf16 = torch.autocast(crops.device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+        with bf16:
             out = self.teacher["backbone"](crops)
             masked = _select_masked(out["patch"], batch["mask_indices"])
             cls_logits, patch_logits = _head_logits(self.teacher, out["cls"], masked)
