@@ -30,20 +30,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_PORT: list[int] = []  # the one group's port, chosen at its creation
+
+
 @contextmanager
 def single_rank_group() -> Iterator[None]:
-    """torch.distributed with one gloo rank (what DeepSpeed needs), torn down and env restored afterwards.
+    """torch.distributed with one gloo rank (what DeepSpeed needs) and its env, restored afterwards.
 
-    Open it once per test module (a module-scoped fixture): DeepSpeed caches the process groups it first sees,
-    so a second group in the same process breaks its next engine."""
-    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    The group itself is created once per process and kept: DeepSpeed caches the process groups it first sees,
+    so destroying it and creating another breaks the next engine ("Group ... is not registered"). No other
+    test initialises torch.distributed in the pytest process (multi-rank tests spawn their own processes)."""
+    if not _PORT:
+        _PORT.append(_free_port())
+    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_PORT[0]), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
     try:
         yield
     finally:
-        torch.distributed.destroy_process_group()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
