@@ -55,6 +55,7 @@ from gpfm_scale.models.meta_arch import SSLMetaArch
 from gpfm_scale.models.objective_config import ObjectiveConfig
 from gpfm_scale.models.vit import Backbone
 from gpfm_scale.train.config import OptimConfig, ScheduleConfig
+from gpfm_scale.train.engine import clip_grad_norms
 from gpfm_scale.train.local import build_optimizer, expert_targets, student_grid
 from gpfm_scale.train.param_groups import apply_schedule
 from gpfm_scale.train.schedules import build_schedules
@@ -157,7 +158,7 @@ class Step:
         with part("backward"):
             terms["total"].backward()
         with part("optimizer"):
-            torch.nn.utils.clip_grad_norm_([p for p in model.student.parameters() if p.grad is not None], 3.0)
+            clip_grad_norms(model.clipped_modules(), 3.0, partitioned=False)
             self.optimizer.step()
         with part("ema"):
             model.update_teacher(self.values.momentum)

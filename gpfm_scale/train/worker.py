@@ -2,8 +2,9 @@
 
 Per step: take the next batch (its expert targets were requested one step earlier, so the experts compute while
 the previous step runs), set lr / wd / temperature / momentum from the schedules, forward through the DeepSpeed
-engine, backward, step, EMA-update the teacher (on ZeRO-3 slices when partitioned), report. Everything a resumed
-run needs is in the checkpoint or is a pure function of the step (schedules, data order).
+engine, backward, clip the backbone and the DINO head each by its own norm, step, EMA-update the fp32 teacher from
+the optimiser's fp32 master weights, report. Everything a resumed run needs is in the checkpoint or is a pure
+function of the step (schedules, data order).
 
 Writes into --out (metrics rows, checkpoints, the export) each check the run's fencing generation first
 (`fencing.RunFence`): a worker whose driver died and whose --out a newer run took over stops without writing.
@@ -69,7 +70,7 @@ def _build(cfg: PretrainConfig, device: torch.device, world: int) -> tuple[Any, 
     init_unless_resuming(model, cfg.init, resuming=ray.train.get_checkpoint() is not None)
     groups = build_param_groups(model.student, cfg.optim)
     optimizer = torch.optim.AdamW(groups, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-    ds_cfg = deepspeed_config(cfg.deepspeed, cfg.loader.batch_size, cfg.optim.clip_grad, device.type == "cuda")
+    ds_cfg = deepspeed_config(cfg.deepspeed, cfg.loader.batch_size, device.type == "cuda")
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg,
                                                    dist_init_required=False)
     schedules = build_schedules(cfg.schedule, total_batch=cfg.loader.batch_size * world,
@@ -180,7 +181,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
     from gpfm_scale.data.shard_stream import build_loader
-    from gpfm_scale.train.engine import ema_update
+    from gpfm_scale.train.engine import clip_grad_norms, fp32_master
     from gpfm_scale.train.param_groups import apply_schedule
 
     cfg = PretrainConfig.model_validate(config["cfg"])
@@ -199,7 +200,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     grid = (side, side)
     loader = build_loader(cfg.loader, cfg.crops, cfg.masks, grid, rank, world, start_step=start)
     stream = _expert_stream(cfg, loader, grid, device, config.get("expert_directory"))
-    pairs = [(t, s) for _, t, s in model.teacher_student_param_pairs()]
+    clipped, partitioned = model.clipped_modules(), engine.zero_optimization_stage() > 0
     corrupt = 0
     for step in range(start, _last_step(cfg)):
         t0 = time.perf_counter()
@@ -210,9 +211,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         apply_schedule(optimizer, sched)
         terms = engine(_to_device(batch, device), targets, teacher_temp=sched.teacher_temp)
         engine.backward(terms["total"])
+        norms = clip_grad_norms(clipped, cfg.optim.clip_grad, partitioned)
+        terms.update({f"grad_norm/{name}": norm for name, norm in norms.items()})  # read only when reported
         engine.step()
-        with torch.no_grad():
-            ema_update(pairs, sched.momentum)
+        model.update_teacher(sched.momentum, fp32_master)
         report, ckpt = _report_every(cfg, step)
         if not report:
             continue
