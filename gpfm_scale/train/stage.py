@@ -18,6 +18,7 @@ from typing import Any
 from gpfm_scale.config import dump_config
 from gpfm_scale.errors import ConfigError
 from gpfm_scale.ray_utils import ensure_ray
+from gpfm_scale.resources import wait_for_resources
 from gpfm_scale.train.pretrain_config import PretrainConfig
 from gpfm_scale.train.warm_start import resolve_format
 from gpfm_scale.train.worker import train_loop_per_worker
@@ -48,11 +49,25 @@ def resolve_shards(spec: str) -> list[str]:
 
 
 def _use_gpu(cfg: PretrainConfig) -> bool:
+    """`auto` decides from the GPUs up now (a recipe config says `yes`, so ViT-L never lands on CPU unnoticed)."""
     import ray
 
     if cfg.run.use_gpu != "auto":
         return cfg.run.use_gpu == "yes"
-    return ray.cluster_resources().get("GPU", 0) >= 1
+    if ray.cluster_resources().get("GPU", 0) >= 1:
+        return True
+    log.warning("run.use_gpu auto: no GPU in the cluster, training on CPU (set run.use_gpu: yes to wait for GPUs)")
+    return False
+
+
+def await_workers(cfg: PretrainConfig) -> bool:
+    """Ask the autoscaler for every training worker's CPUs (+ 1 GPU each when training on GPU) and wait until they
+    all fit, before the experts are placed on those nodes; -> use_gpu. ResourcesUnavailableError on timeout."""
+    use_gpu = _use_gpu(cfg)
+    worker = {"CPU": cfg.run.cpus_per_worker, "GPU": 1.0 if use_gpu else 0.0}
+    wait_for_resources([worker] * cfg.run.num_workers, what="training workers",
+                       timeout_s=cfg.run.resources_timeout_s)
+    return use_gpu
 
 
 def _place_experts(cfg: PretrainConfig) -> Any:
@@ -105,10 +120,11 @@ def run(cfg: PretrainConfig, out: str, shards: str | None = None, resume: bool =
     with open(os.path.join(out, "config.yaml"), "w") as f:
         f.write(dump_config(cfg))
     ensure_ray(cfg.run.ray_address)
+    use_gpu = await_workers(cfg)
     placed = _place_experts(cfg)
     names = {k: list(v) for k, v in placed.names_by_node.items()} if placed else None
     try:
-        result = _trainer(cfg, out, names, _use_gpu(cfg)).fit()
+        result = _trainer(cfg, out, names, use_gpu).fit()
     finally:
         if placed:
             from gpfm_scale.train.expert_placement import release_expert_actors

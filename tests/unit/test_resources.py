@@ -1,0 +1,53 @@
+"""Packing a stage's resource bundles onto nodes, and the wait's clear failure when the cluster has no GPU."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from gpfm_scale.errors import GpfmError, ResourcesUnavailableError
+from gpfm_scale.resources import count_fitting, describe, leading_fit, wait_for_resources
+
+GPU_NODE = {"CPU": 96.0, "GPU": 8.0, "memory": 1e12}
+CPU_NODE = {"CPU": 64.0, "tiling": 64.0}
+HEAD = {"CPU": 0.0, "memory": 1e10}
+
+
+def test_bundles_never_straddle_nodes():
+    worker = {"GPU": 1.0, "CPU": 8.0}
+    assert leading_fit([worker] * 12, [HEAD]) == 0
+    assert leading_fit([worker] * 12, [HEAD, GPU_NODE]) == 8
+    assert leading_fit([worker] * 12, [HEAD, GPU_NODE, GPU_NODE]) == 12
+    assert leading_fit([{"CPU": 3.0}] * 2, [{"CPU": 2.0}, {"CPU": 2.0}]) == 0  # 4 CPUs, but 2 per node
+    assert count_fitting({"CPU": 1.0, "tiling": 1.0}, [HEAD, GPU_NODE, CPU_NODE]) == 64  # not the GPU node's CPUs
+    assert count_fitting({"CPU": 0.5}, [{"CPU": 2.0}, {"CPU": 1.0}]) == 6
+
+
+def test_leading_fit_counts_in_order():
+    """The count stops at the first bundle that fits nowhere: a stage's minimum is a prefix of its list."""
+    assert leading_fit([{"GPU": 1.0}, {"CPU": 1.0}], [{"CPU": 4.0}]) == 0
+    assert leading_fit([{"CPU": 1.0}, {"GPU": 1.0}], [{"CPU": 4.0}]) == 1
+
+
+def test_describe_groups_equal_bundles():
+    assert describe([{"GPU": 1.0, "CPU": 8.0}] * 12) == "12 x {GPU: 1, CPU: 8}"
+    assert describe([{"CPU": 1.0}, {"CPU": 0.5}, {"CPU": 1.0}]) == "1 x {CPU: 1} + 1 x {CPU: 0.5} + 1 x {CPU: 1}"
+
+
+def test_a_gpu_wait_without_gpus_fails_with_a_clear_message(ray_session, caplog):
+    import ray
+
+    assert ray.cluster_resources().get("GPU", 0) == 0
+    with caplog.at_level(logging.INFO, logger="gpfm_scale.resources"):
+        with pytest.raises(ResourcesUnavailableError) as err:
+            wait_for_resources([{"GPU": 1.0, "CPU": 1.0}] * 2, what="training workers", timeout_s=1.0)
+    assert isinstance(err.value, GpfmError)  # the CLI's exit 2
+    msg = str(err.value)
+    assert msg.startswith("training workers: waited 1 s for 2 x {GPU: 1, CPU: 1} but only 0/2 fit")
+    assert "resources_timeout_s" in msg and "\n" not in msg
+    assert "waiting for 2 x {GPU: 1, CPU: 1}: 0/2 available; the autoscaler is starting nodes" in caplog.text
+
+
+def test_a_wait_that_fits_returns_at_once(ray_session):
+    assert wait_for_resources([{"CPU": 0.5}], what="x", timeout_s=1e-3) == 1
