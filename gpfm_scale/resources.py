@@ -25,6 +25,7 @@ import time
 from collections.abc import Sequence
 
 from gpfm_scale.errors import ResourcesUnavailableError
+from gpfm_scale.ray_utils import started_local
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,8 @@ def wait_for_resources(bundles: Sequence[Bundle], *, what: str, timeout_s: float
                        min_bundles: int | None = None) -> int:
     """Request `bundles` from the autoscaler and return once the first `min_bundles` (default: all) fit on the
     alive nodes; -> how many of them fit then. Logs progress every LOG_EVERY_S s; ResourcesUnavailableError past
-    `timeout_s` seconds. Ray must be initialised."""
+    `timeout_s` seconds, or at once on a local instance this process started (`ensure_ray`: nothing will join
+    it). Ray must be initialised."""
     from ray.autoscaler.sdk import request_resources
 
     bundles = [{k: float(v) for k, v in b.items() if v > 0} for b in bundles]
@@ -103,6 +105,10 @@ def wait_for_resources(bundles: Sequence[Bundle], *, what: str, timeout_s: float
                              time.monotonic() - start)
                 return fit
             now = time.monotonic()
+            if started_local():
+                raise ResourcesUnavailableError(
+                    f"{what}: this machine's local Ray instance offers {fit}/{len(bundles)} of {shape} (need "
+                    f"{need}) and adds no nodes: ask for less, or join a cluster (ray_address / RAY_ADDRESS)")
             if now - start >= timeout_s:
                 raise ResourcesUnavailableError(
                     f"{what}: waited {timeout_s:g} s for {shape} but only {fit}/{len(bundles)} fit on the cluster's "

@@ -51,3 +51,44 @@ def test_a_gpu_wait_without_gpus_fails_with_a_clear_message(ray_session, caplog)
 
 def test_a_wait_that_fits_returns_at_once(ray_session):
     assert wait_for_resources([{"CPU": 0.5}], what="x", timeout_s=1e-3) == 1
+
+
+def test_a_local_instance_fails_at_once_as_no_node_will_join(ray_session, monkeypatch):
+    """`ensure_ray` started this machine's own instance: no autoscaler, so the wait does not sit out its timeout."""
+    monkeypatch.setattr("gpfm_scale.resources.started_local", lambda: True)
+    with pytest.raises(ResourcesUnavailableError, match=r"local Ray instance offers 0/1 of 1 x \{GPU: 1\} \(need 1\) "
+                                                        r"and adds no nodes"):
+        wait_for_resources([{"GPU": 1.0}], what="embedding", timeout_s=1e6)
+
+
+def test_recipes_never_train_on_cpu_and_yaml_yes_is_yes():
+    from gpfm_scale.config import build_config, load_config
+    from gpfm_scale.train.pretrain_config import PretrainConfig
+
+    for name, expected in [("vitl14_gpfm", "yes"), ("vitl14_dinov2_phase1", "yes"), ("tiny", "auto")]:
+        assert load_config(PretrainConfig, f"gpfm_scale/configs/{name}.yaml").run.use_gpu == expected, name
+    assert build_config(PretrainConfig, {"run": {"use_gpu": True}}).run.use_gpu == "yes"  # YAML's bare `yes`
+    assert build_config(PretrainConfig, {"run": {"use_gpu": False}}).run.use_gpu == "no"
+
+
+def test_tiling_actor_resources_are_custom_and_positive():
+    from gpfm_scale.config import build_config
+    from gpfm_scale.errors import ConfigError
+    from gpfm_scale.tiling.config import TilingConfig
+
+    assert build_config(TilingConfig, {"actor_resources": {"tiling": 1}}).actor_resources == {"tiling": 1.0}
+    assert TilingConfig().actor_resources == {}
+    with pytest.raises(ConfigError, match="cpus_per_worker"):
+        build_config(TilingConfig, {"actor_resources": {"CPU": 2}})
+    with pytest.raises(ConfigError, match="must be > 0"):
+        build_config(TilingConfig, {"actor_resources": {"tiling": 0}})
+
+
+def test_auto_gpu_on_a_cpu_cluster_says_it_trains_on_cpu(ray_session, caplog):
+    from gpfm_scale.train.pretrain_config import PretrainConfig
+    from gpfm_scale.train.stage import await_workers
+
+    cfg = PretrainConfig.model_validate({"run": {"num_workers": 1, "cpus_per_worker": 0.5, "global_batch_size": None}})
+    with caplog.at_level(logging.WARNING, logger="gpfm_scale.train.stage"):
+        assert await_workers(cfg) is False
+    assert "no GPU in the cluster, training on CPU (set run.use_gpu: yes" in caplog.text
