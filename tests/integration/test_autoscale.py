@@ -55,6 +55,7 @@ def test_pretraining_waits_for_its_gpus_and_trains_on_them(scenario):
 
 def test_embedding_with_a_gpu_asked_for_waits_for_every_actor_gpu(scenario):
     embed = scenario["embed"]
+    # The GPU node of the pretraining step holds the first actor and the read slot; the second actor needs a new one.
     assert any(line.startswith("embedding: waiting for 1 x {CPU: 1, GPU: 1} + 1 x {CPU: 1} + 1 x {CPU: 1, GPU: 1}: "
-                               "2/3 available") for line in embed["lines"])  # the first GPU node: 1 actor + the read slot
+                               "2/3 available") for line in embed["lines"])
     assert (embed["gpus"], embed["num_actors"], embed["device"]) == (2, 2, "cuda")
