@@ -92,3 +92,19 @@ def test_auto_gpu_on_a_cpu_cluster_says_it_trains_on_cpu(ray_session, caplog):
     with caplog.at_level(logging.WARNING, logger="gpfm_scale.train.stage"):
         assert await_workers(cfg) is False
     assert "no GPU in the cluster, training on CPU (set run.use_gpu: yes" in caplog.text
+
+
+def test_the_cli_exits_2_when_the_gpus_never_come(ray_session, tmp_path, capsys):
+    from pathlib import Path
+
+    from gpfm_scale.cli import main
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "a.tar").touch()  # never read: the run stops at its resource wait
+    tiny = Path(__file__).resolve().parents[2] / "gpfm_scale" / "configs" / "tiny.yaml"
+    rc = main(["pretrain", "--config", str(tiny), "--shards", str(shards), "--out", str(tmp_path / "out"),
+               "--set", "run.use_gpu=yes", "--set", "run.resources_timeout_s=1"])
+    assert rc == 2
+    assert ("gpfm-scale pretrain: error: training workers: waited 1 s for 2 x {CPU: 1, GPU: 1} but only 0/2 fit"
+            in capsys.readouterr().err)
