@@ -221,13 +221,16 @@ def job_run(cfg: PretrainConfig, out: Path, gpu_share: float | None = None) -> d
 
 def shared_gpu_job(cfg: PretrainConfig, out: Path, share: float, device: str = "cuda") -> None:
     """Remote experts with one GPU: the expert actor holds `share` of it and the worker the rest (fractional GPUs;
-    `place_expert_actors` reserves whole ones). The worker finds the actor by name, as in `stage.run`."""
+    `place_expert_actors` reserves whole ones). The worker gets its name from an expert directory, as in
+    `stage.run`, here one that lists this actor instead of placing."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from gpfm_scale.train.expert_actors import ExpertServer
+    from gpfm_scale.train.expert_directory import release_expert_directory, start_expert_directory
     from gpfm_scale.train.expert_placement import actor_name
+    from gpfm_scale.train.fencing import RunFence
     from gpfm_scale.train.worker import train_loop_per_worker
 
     node, placement = ray.get_runtime_context().get_node_id(), cfg.expert_placement
@@ -235,17 +238,20 @@ def shared_gpu_job(cfg: PretrainConfig, out: Path, share: float, device: str = "
     actor = ray.remote(ExpertServer).options(name=name, num_gpus=share, num_cpus=1,
                                              max_concurrency=placement.max_concurrency).remote(
         cfg.objective.model.experts, device, placement.dtype, placement.reply_dtype)
+    directory, directory_name = start_expert_directory([], placement, fixed={node: [name]})
     try:
         ray.get(actor.describe.remote(), timeout=placement.ready_timeout_s)
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"cfg": cfg.model_dump(mode="json"), "out": str(out), "expert_actors": {node: [name]}},
+            train_loop_config={"cfg": cfg.model_dump(mode="json"), "out": str(out),
+                               "generation": RunFence.start(str(out)).generation, "expert_directory": directory_name},
             scaling_config=ScalingConfig(num_workers=1, use_gpu=True,
                                          resources_per_worker={"CPU": cfg.run.cpus_per_worker, "GPU": 1 - share}),
             run_config=RunConfig(name=cfg.run.name, storage_path=str(out / "checkpoints")),
             torch_config=TorchConfig(backend="nccl" if device == "cuda" else "gloo"))
         result = trainer.fit()
     finally:
+        release_expert_directory(directory)
         ray.kill(actor)
     if result.error is not None:
         raise result.error

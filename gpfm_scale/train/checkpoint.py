@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from gpfm_scale.atomic import save_safetensors_atomic, write_bytes_atomic
 from gpfm_scale.errors import CheckpointMismatchError
 from gpfm_scale.models.vit import timm_create_kwargs
 from gpfm_scale.train.engine import gathered
@@ -59,9 +59,7 @@ def export_teacher(model: Any, backbone_cfg: Any, directory: str | Path, step: i
         if is_writer:
             directory = Path(directory)
             directory.mkdir(parents=True, exist_ok=True)
-            tmp = directory / ".model.safetensors.partial"
-            save_file(backbone.export_state_dict(), str(tmp))
-            os.replace(tmp, directory / "model.safetensors")
+            save_safetensors_atomic(backbone.export_state_dict(), str(directory / "model.safetensors"))
             export_warm_start(model, directory)
             config = {
                 "format": EXPORT_FORMAT,
@@ -74,16 +72,16 @@ def export_teacher(model: Any, backbone_cfg: Any, directory: str | Path, step: i
                 "features": "CLS token after the final LayerNorm (forward_features(x)[:, 0])",
                 "step": step,
             }
-            (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            write_bytes_atomic(str(directory / "config.json"), (json.dumps(config, indent=2) + "\n").encode())
             log.info("exported teacher (step %d) to %s", step, directory)
 
 
 def load_exported(directory: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild an exported teacher with plain timm (what users and `embed` do), its config.json validated first
-    (`embed.export`: a tampered file must not make timm download or change the input size)."""
+    (`contracts.export`: a tampered file must not make timm download or change the input size)."""
     import timm
 
-    from gpfm_scale.embed.export import read_export_config
+    from gpfm_scale.contracts.export import read_export_config
 
     directory = Path(directory)
     checked = read_export_config(directory)

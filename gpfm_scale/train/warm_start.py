@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -27,8 +26,8 @@ import safetensors
 import safetensors.torch
 import torch
 from pydantic import Field
-from safetensors.torch import save_file
 
+from gpfm_scale.atomic import save_safetensors_atomic
 from gpfm_scale.config import StrictModel
 from gpfm_scale.errors import CheckpointMismatchError, ConfigError
 from gpfm_scale.models.experts.weights import load_strict, name_list, strict_problems
@@ -180,6 +179,5 @@ def export_warm_start(model: SSLMetaArch, directory: Path) -> None:
     for part in HEAD_PARTS:
         if part in model.teacher:
             state.update({f"{part}.{k}": v for k, v in model.teacher[part].state_dict().items()})
-    tmp = directory / f".{WARM_START_FILE}.partial"
-    save_file({k: v.detach().to("cpu").clone().contiguous() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, directory / WARM_START_FILE)
+    save_safetensors_atomic({k: v.detach().to("cpu").clone().contiguous() for k, v in state.items()},
+                            str(directory / WARM_START_FILE))

@@ -275,6 +275,20 @@ def test_png_tiles_decode_losslessly_and_json_is_parsed():
         decode_sample(RawSample(key="s/1_2", shard="x.tar", files={"png": raw.files["png"], "json": b"[1]"}))
 
 
+def test_16_bit_png_tiles_train_on_their_high_byte_not_a_wrapped_or_white_image():
+    """A 16-bit PNG tile (some scanners' exports) reaches the crops as its 8-bit image: the high byte of each sample."""
+    import cv2
+    import numpy as np
+
+    rgb16 = np.random.default_rng(0).integers(0, 65536, size=(12, 10, 3), dtype=np.uint16)
+    ok, png = cv2.imencode(".png", rgb16[:, :, ::-1])  # cv2 writes BGR
+    assert ok
+    raw = RawSample(key="s/1_2", shard="x.tar", files={"png": png.tobytes(), "json": b"{}"})
+    image = decode_sample(raw)["image"]
+    assert image.dtype == torch.uint8
+    assert torch.equal(image, torch.from_numpy((rgb16 >> 8).astype(np.uint8)).permute(2, 0, 1))
+
+
 @pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
 def test_random_start_reads_every_sample_once_from_any_byte(tmp_path, fmt):
     """Start at every block of the shard (mid-payload, mid-header chain, end blocks): one cycle yields each sample
