@@ -21,6 +21,7 @@ from typing import Any
 
 from gpfm_scale.errors import ConfigError
 from gpfm_scale.ray_utils import ensure_ray
+from gpfm_scale.resources import wait_for_resources
 from gpfm_scale.run_lock import OutputLock
 from gpfm_scale.train.fencing import RunFence
 from gpfm_scale.train.pretrain_config import PretrainConfig
@@ -54,11 +55,25 @@ def resolve_shards(spec: str) -> list[str]:
 
 
 def _use_gpu(cfg: PretrainConfig) -> bool:
+    """`auto` decides from the GPUs up now (a recipe config says `yes`, so ViT-L never lands on CPU unnoticed)."""
     import ray
 
     if cfg.run.use_gpu != "auto":
         return cfg.run.use_gpu == "yes"
-    return ray.cluster_resources().get("GPU", 0) >= 1
+    if ray.cluster_resources().get("GPU", 0) >= 1:
+        return True
+    log.warning("run.use_gpu auto: no GPU in the cluster, training on CPU (set run.use_gpu: yes to wait for GPUs)")
+    return False
+
+
+def await_workers(cfg: PretrainConfig) -> bool:
+    """Ask the autoscaler for every training worker's CPUs (+ 1 GPU each when training on GPU) and wait until they
+    all fit, before the experts are placed on those nodes; -> use_gpu. ResourcesUnavailableError on timeout."""
+    use_gpu = _use_gpu(cfg)
+    worker = {"CPU": cfg.run.cpus_per_worker, "GPU": 1.0 if use_gpu else 0.0}
+    wait_for_resources([worker] * cfg.run.num_workers, what="training workers",
+                       timeout_s=cfg.run.resources_timeout_s)
+    return use_gpu
 
 
 def _place_experts(cfg: PretrainConfig) -> tuple[Any, str | None]:
@@ -92,9 +107,10 @@ def _trainer(cfg: PretrainConfig, fence: RunFence, experts: str | None, use_gpu:
 def _fit(cfg: PretrainConfig, fence: RunFence) -> Any:
     """Train under Ray Train with the driver-owned expert directory; returns Ray Train's Result."""
     ensure_ray(cfg.run.ray_address)
+    use_gpu = await_workers(cfg)
     directory, directory_name = _place_experts(cfg)
     try:
-        return _trainer(cfg, fence, directory_name, _use_gpu(cfg)).fit()
+        return _trainer(cfg, fence, directory_name, use_gpu).fit()
     finally:
         if directory is not None:
             from gpfm_scale.train.expert_directory import release_expert_directory
