@@ -11,7 +11,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 
 from gpfm_scale.atomic import default_file_mode
 from gpfm_scale.cli import main
@@ -27,14 +26,6 @@ from tests.unit.data.shard_helpers import batch_keys, make_cohort
 CROPS = CropConfig(global_size=16, local_size=8, n_local=1)
 GRID = (2, 2)
 TILES = [4 + (7 * i) % 9 for i in range(24)]  # 24 slides of 4..12 tiles, 6 whole slides per tiler shard
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _samples(paths: list[str]) -> Counter:

@@ -41,15 +41,6 @@ GRID = (2, 2)
 SEED = 7
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny crops run ~7x faster on one intra-op thread than on two contended ones (measured here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _cfg(shards, **overrides) -> LoaderConfig:
     base = {"shards": shards, "backend": "torch", "batch_size": 4, "num_workers": 0, "shuffle_buffer": 4,
             "epoch_length": 3, "seed": SEED}
