@@ -145,3 +145,13 @@ def test_end_of_run_sweep_removes_a_lost_actors_shard_only(tmp_path):
     assert sweep_orphans(out, driver.manifest) == 1
     assert not (tmp_path / "shards" / lost.name).exists()
     assert (tmp_path / "shards" / driver.manifest.rows["s0"]["shards"][0]).exists()
+
+
+def test_embed_reads_the_journaled_state_not_the_lagging_parquet(tmp_path):
+    from gpfm_scale.embed.inputs import load_tile_source
+
+    out, driver = _start(tmp_path)
+    driver.accept(0, _tiles("s0"), _seal(tmp_path, driver, 0, ["s0"]))  # committed by journal record only
+    source = load_tile_source(str(tmp_path))
+    assert [p.rsplit("/", 1)[-1] for p in source.shards] == ["tiles-000000.tar"]
+    assert source.manifest.set_index("slide_id").loc["s0", "status"] == "done"
