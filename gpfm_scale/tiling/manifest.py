@@ -192,9 +192,6 @@ class RunManifest:
         pq.write_table(table.replace_schema_metadata(meta), buf)
         out.write_bytes_atomic(buf.getvalue(), MANIFEST_NAME)
 
-    def with_status(self, *statuses: str) -> list[str]:
-        return [sid for sid, r in self.rows.items() if r["status"] in statuses]
-
     def in_input(self) -> list[str]:
         return [sid for sid, r in self.rows.items() if _listed(r)]
 
