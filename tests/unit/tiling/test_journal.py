@@ -155,3 +155,25 @@ def test_embed_reads_the_journaled_state_not_the_lagging_parquet(tmp_path):
     source = load_tile_source(str(tmp_path))
     assert [p.rsplit("/", 1)[-1] for p in source.shards] == ["tiles-000000.tar"]
     assert source.manifest.set_index("slide_id").loc["s0", "status"] == "done"
+
+
+def test_on_an_object_store_each_record_is_its_own_object():
+    """No appends there: a commit writes one small object, and compaction prunes those it holds."""
+    import uuid
+
+    out = OutputDir(f"memory://journal-{uuid.uuid4().hex}")
+    out.makedirs()
+    manifest = RunManifest.from_inputs(pd.DataFrame({"slide_id": ["a", "b"], "path": ["/x/a", "/x/b"]}), None)
+    manifest.save(out, -1)
+    log_ = journal.Journal(out, 0)
+    manifest.mark_done(_tiles("a"), "tiles-000000.tar", "sha")
+    log_.append(manifest.take_dirty())
+    manifest.mark_failed(SlideOutcome("b", ok=False, reason="x"))
+    log_.append(manifest.take_dirty())
+    assert sorted(journal.segments(out)) == [0, 1]
+    _same(read_state(out), manifest.to_frame())
+    through = log_.roll()
+    manifest.save(out, through)
+    log_.prune(through)
+    assert journal.segments(out) == {} and log_.seq == 2
+    _same(read_state(out), manifest.to_frame())
