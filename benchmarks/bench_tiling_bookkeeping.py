@@ -8,7 +8,8 @@ progress bar's failed counter), so the figures are driver seconds, not actor wor
 
 The old cost is measured, not modelled, but on a sample: `RunManifest.save` of the same N-row manifest (what the old
 driver called at every shard commit and failure) timed `--old-samples` times, and the old postfix's
-`len(with_status("failed"))` scan over all rows (after every slide) timed likewise; totals are median x commits (and x slides for the scan).
+`len(with_status("failed"))` scan over all rows (after every slide) timed likewise; totals are median x commits
+(and x slides for the scan).
 
     python benchmarks/bench_tiling_bookkeeping.py            # 86,000 slides, 5 per shard (17,200 commits)
     python benchmarks/bench_tiling_bookkeeping.py --quick    # 3,000 slides: a minute-scale sanity run
