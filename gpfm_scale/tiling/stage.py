@@ -91,6 +91,8 @@ class _Driver:
         self.names: dict[int, str] = {}
         self.reserved_hi = next_shard
         self.casualties: set[Any] = set()
+        self.restarting: set[int] = set()
+        """Actors that died and have not returned a result since (see `actor_died`)."""
         self.deaths: collections.Counter[str] = collections.Counter()
         self.restarts = 0
         self.tiles = 0
@@ -138,6 +140,7 @@ class _Driver:
         TILING.shards_written.inc()
 
     def accept(self, actor: int, outcome: SlideOutcome, sealed: SealedShard | None) -> None:
+        self.restarting.discard(actor)  # it answered: alive again
         settled = not outcome.ok or outcome.n_tiles == 0  # final now, not waiting for a shard
         if not outcome.ok:
             self.manifest.mark_failed(outcome)
@@ -154,13 +157,23 @@ class _Driver:
             self._append()
 
     def actor_died(self, actor: int, ref: Any, task: SlideTask, pending: collections.deque) -> None:
-        """Requeue what the dead actor held; charge the death only to the slide it was running."""
+        """Requeue what the dead actor held; charge the death only to the slide it was running.
+
+        Tasks sent just after a death can still reach the dead process and fail too (seen in the actor-kill test:
+        a slide re-sent at once was charged a second death and marked failed). So the first failure after a death,
+        before the actor returned anything, is not charged: at most one per death, so a slide that kills every
+        fresh process is still failed after `max_worker_deaths_per_slide` charged deaths."""
         if ref not in self.casualties:
-            self.restarts += 1
-            TILING.worker_restarts.inc()
             self.casualties.update(self.queues[actor])
             self.casualties.add(ref)
             self.requeue_uncommitted(actor, pending)
+            if actor in self.restarting:
+                self.restarting.discard(actor)
+                pending.appendleft(task)
+                return
+            self.restarting.add(actor)
+            self.restarts += 1
+            TILING.worker_restarts.inc()
             self.deaths[task.slide_id] += 1
             if self.deaths[task.slide_id] >= self.cfg.max_worker_deaths_per_slide:
                 reason = f"WorkerDied: the tiling process died {self.deaths[task.slide_id]} times on this slide"

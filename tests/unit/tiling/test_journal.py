@@ -177,3 +177,20 @@ def test_on_an_object_store_each_record_is_its_own_object():
     log_.prune(through)
     assert journal.segments(out) == {} and log_.seq == 2
     _same(read_state(out), manifest.to_frame())
+
+
+def test_a_task_sent_to_a_just_dead_actor_is_not_a_second_death_but_a_poison_slide_still_fails(tmp_path):
+    """The first failure after a death, before the actor answers, is not charged (it can be a task Ray still sent
+    to the dead process); the next one is, so a slide that kills every fresh process fails after 2 deaths."""
+    out, driver = _start(tmp_path)
+    pending = collections.deque()
+    task = driver.tasks["s0"]
+    driver.actor_died(0, "ref1", task, pending)  # killed while tiling s0
+    driver.actor_died(0, "ref2", task, pending)  # s0 re-sent at once, reached the dead process
+    assert driver.manifest.rows["s0"]["status"] == "pending" and list(pending) == [task, task]
+    driver.actor_died(0, "ref3", task, pending)  # the fresh process died on it too
+    assert driver.manifest.rows["s0"]["status"] == "failed" and driver.restarts == 2
+    driver.actor_died(1, "ref4", driver.tasks["s1"], pending)
+    driver.accept(1, _tiles("s2"), None)  # actor 1 answered: alive, so its next death is charged again
+    driver.actor_died(1, "ref5", driver.tasks["s1"], pending)
+    assert read_state(str(tmp_path)).set_index("slide_id").loc["s1", "status"] == "failed"
