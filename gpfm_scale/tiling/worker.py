@@ -53,11 +53,22 @@ class TileWorker:
         sealed.tmp_path, sealed.name = dest, name
         return sealed
 
+    def may_seal(self, shard_name: str) -> bool:
+        """Never publish over an existing shard: the name may be stale (a task Ray queued for a restarted actor
+        still carries the name its dead process published or the driver committed). Checked only when the open
+        shard is past the cap (one stat, or one HEAD on object stores, per seal)."""
+        if shard_name in self.published:
+            return False
+        return self.writer.size < self.cfg.shard_max_bytes or not self.out.exists("shards", shard_name)
+
     def process(self, task: SlideTask, shard_name: str) -> tuple[SlideOutcome, SealedShard | None]:
         outcome = tile_slide(task, self.cfg, self.writer, self.out, self.device)
-        may_seal = shard_name not in self.published
-        sealed = self.writer.commit_slide(task.slide_id, outcome.n_tiles, may_seal) if outcome.ok else None
+        if not outcome.ok:
+            return outcome, None
+        sealed = self.writer.commit_slide(task.slide_id, outcome.n_tiles, self.may_seal(shard_name))
         return outcome, self._ship(sealed, shard_name)
 
     def flush(self, shard_name: str) -> SealedShard | None:
+        if self.writer.size and self.out.exists("shards", shard_name):
+            raise FileExistsError(f"shard name {shard_name} is taken: refusing to overwrite it")
         return self._ship(self.writer.seal(), shard_name)

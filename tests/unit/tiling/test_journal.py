@@ -194,3 +194,20 @@ def test_a_task_sent_to_a_just_dead_actor_is_not_a_second_death_but_a_poison_sli
     driver.accept(1, _tiles("s2"), None)  # actor 1 answered: alive, so its next death is charged again
     driver.actor_died(1, "ref5", driver.tasks["s1"], pending)
     assert read_state(str(tmp_path)).set_index("slide_id").loc["s1", "status"] == "failed"
+
+
+def test_an_actor_never_publishes_over_an_existing_shard(tmp_path):
+    """A stale name (a task queued for a restarted actor) must not overwrite a committed or orphan shard: the
+    actor keeps its shard open past the soft cap until a task brings a free name."""
+    from gpfm_scale.tiling.worker import TileWorker
+
+    worker = TileWorker(TilingConfig(shard_max_bytes=1).model_dump(mode="json"), str(tmp_path))
+    worker.writer.begin_slide()
+    worker.writer.add("s0/0_0", {"jpg": b"x" * 10})
+    (tmp_path / "shards").mkdir(exist_ok=True)
+    (tmp_path / "shards" / "tiles-000003.tar").write_bytes(b"committed")
+    assert not worker.may_seal("tiles-000003.tar") and worker.may_seal("tiles-000004.tar")
+    sealed = worker._ship(worker.writer.commit_slide("s0", 1, worker.may_seal("tiles-000004.tar")),
+                          "tiles-000004.tar")
+    assert sealed.name == "tiles-000004.tar" and not worker.may_seal("tiles-000004.tar")
+    assert (tmp_path / "shards" / "tiles-000003.tar").read_bytes() == b"committed"
