@@ -28,7 +28,7 @@ from gpfm_scale.errors import ConfigError, UnsafeNameError
 from gpfm_scale.names import checked_component
 from gpfm_scale.tiling.inputs import SLIDE_SUFFIXES
 from gpfm_scale.tiling.manifest import COLUMNS as TILER_COLUMNS
-from gpfm_scale.tiling.manifest import MANIFEST_NAME
+from gpfm_scale.tiling.manifest import MANIFEST_NAME, read_state
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 AMBIGUOUS_SUFFIXES = (".tif", ".tiff")
@@ -105,8 +105,12 @@ def _glob(pattern: str) -> list[str]:
 
 
 def _read_manifest(url: str) -> pd.DataFrame:
-    with fsspec.open(url, "rb") as f:
-        return pd.read_parquet(f)
+    """The tiler's current state: its compacted manifest.parquet plus the journal records after it (a tiling run
+    commits by journal append, so the parquet alone can lag behind what is done)."""
+    state = read_state(posixpath.dirname(url))
+    if state is None:
+        raise ConfigError(f"--input {url}: not found")
+    return state
 
 
 def load_tile_source(path: str) -> TileSource:

@@ -1,10 +1,12 @@
 """The run manifest: one durable row per slide saying what happened to it.
 
-A slide is `pending` until the shard holding its tiles has been renamed into place, then `done`; or `failed` with
-a one-line reason. A done slide with no tiles (no tissue, or no tile fits) says why in `reason` ("no tiles: ...").
-The manifest is rewritten atomically (temporary file + rename) after every commit, so a driver killed at any
-moment leaves either the old or the new manifest, never a torn one. Rows carry the input manifest's extra
-(clinical) columns through unchanged.
+A slide is `pending` until the journal record naming the shard that holds its tiles is durable, then `done`; or
+`failed` with a one-line reason. A done slide with no tiles (no tissue, or no tile fits) says why in `reason`
+("no tiles: ..."). The state is manifest.parquet plus the journal records after it (`journal.py`): a commit
+appends one record (O(1)); the parquet is rewritten atomically only when compacted (run start and end, and every
+`stage.COMPACT_EVERY_COMMITS` records or `stage.COMPACT_EVERY_S` seconds). Read it with `read_state`, never the
+parquet alone.
+Rows carry the input manifest's extra (clinical) columns through unchanged.
 
 Rows are never dropped: a slide of an earlier run that is missing from this run's input (a subset manifest, a file
 moved away) keeps its row, status and shards untouched, with `in_input` False, so its tiles stay in the dataset.
@@ -15,14 +17,19 @@ manifest mpp, has 0).
 
 from __future__ import annotations
 
+import collections
 import io
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from gpfm_scale.errors import ConfigError
+from gpfm_scale.tiling import journal
 from gpfm_scale.tiling.outputs import OutputDir
 
 MANIFEST_NAME = "manifest.parquet"
@@ -31,6 +38,8 @@ COLUMNS = [
     "slide_id", "path", "status", "reason", "n_tiles", "bytes", "mpp", "mpp_source", "magnification", "reader",
     "zero_decode", "shards", "shard_sha256", "seconds", "attempts", "in_input", "updated_at",
 ]
+META_KEY = b"gpfm_journal"
+"""Parquet key-value metadata: {"through": last journal seq compacted in, "reserved": [[run, lo, hi], ...]}."""
 
 
 @dataclass
@@ -58,9 +67,62 @@ def _listed(row: dict[str, Any]) -> bool:
 
 
 class RunManifest:
-    def __init__(self, rows: dict[str, dict[str, Any]], extra_columns: list[str]) -> None:
+    """Rows by slide id, the shard-index ranges reserved for actors, and running counters (no scans per slide).
+
+    Every change goes through `_set`, which keeps `counts` (status of in-input rows) and `tiles` (tiles of done
+    in-input rows) exact and collects the changed fields in `dirty` for the next journal record."""
+
+    def __init__(self, rows: dict[str, dict[str, Any]], extra_columns: list[str],
+                 reserved: list[list[Any]] | None = None, through: int = -1) -> None:
         self.rows = rows
         self.extra_columns = extra_columns
+        self.reserved = reserved or []
+        self.through = through
+        self.dirty: dict[str, dict[str, Any]] = {}
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.tiles = 0
+        for row in rows.values():
+            self._count(row, 1)
+
+    def _count(self, row: dict[str, Any], sign: int) -> None:
+        if _listed(row):
+            self.counts[row["status"]] += sign
+            if row["status"] == "done":
+                self.tiles += sign * int(row["n_tiles"] or 0)
+
+    def _set(self, slide_id: str, fields: dict[str, Any]) -> None:
+        row = self.rows[slide_id]
+        self._count(row, -1)
+        row.update(fields)
+        self._count(row, 1)
+        self.dirty.setdefault(slide_id, {}).update(fields)
+
+    def take_dirty(self) -> dict[str, Any]:
+        """The journal record of every change since the last one (then forgotten)."""
+        record, self.dirty = {"set": self.dirty}, {}
+        return record
+
+    def apply(self, record: dict[str, Any]) -> None:
+        """Replay one journal record (`journal.py`); records of slides this state lacks cannot come from it."""
+        for sid, fields in record.get("set", {}).items():
+            if sid not in self.rows:
+                raise ConfigError(f"the journal names slide {sid!r}, which its manifest lacks: the run manifest "
+                                  "is damaged; restore it from a backup or use a new --out")
+            self._set(sid, fields)
+        if "reserve" in record:
+            self.reserve(*record["reserve"])
+        self.dirty = {}
+
+    def reserve(self, run: str, lo: int, hi: int) -> None:
+        """Shard indices [lo, hi) of `run` may be published by actors: unreferenced ones are crash orphans."""
+        for r in self.reserved:
+            if r[0] == run and r[1] <= lo <= r[2]:
+                r[2] = max(r[2], hi)
+                return
+        self.reserved.append([run, lo, hi])
+
+    def is_reserved(self, run: str, index: int) -> bool:
+        return any(r == run and lo <= index < hi for r, lo, hi in self.reserved)
 
     @classmethod
     def from_inputs(cls, slides: pd.DataFrame, previous: "RunManifest | None") -> "RunManifest":
@@ -86,14 +148,17 @@ class RunManifest:
         for sid, old in (previous.rows.items() if previous else ()):
             if sid not in rows:
                 rows[sid] = dict(old, in_input=False)
-        return cls(rows, extra)
+        return cls(rows, extra, [list(r) for r in previous.reserved] if previous else None,
+                   previous.through if previous else -1)
 
     @classmethod
     def load(cls, out: OutputDir) -> "RunManifest | None":
+        """The state: manifest.parquet, then every journal record after it (None when there is no manifest)."""
         if not out.exists(MANIFEST_NAME):
             return None
         try:
-            df = pd.read_parquet(io.BytesIO(out.read_bytes(MANIFEST_NAME)))
+            table = pq.read_table(io.BytesIO(out.read_bytes(MANIFEST_NAME)))
+            df = table.to_pandas()
         except (ValueError, OSError) as err:  # pyarrow's ArrowInvalid is a ValueError
             raise ConfigError(f"{out.path(MANIFEST_NAME)} is not a readable run manifest ({type(err).__name__}); "
                               "restore it from a backup or use a new --out") from None
@@ -101,23 +166,31 @@ class RunManifest:
         if missing:
             raise ConfigError(f"{out.path(MANIFEST_NAME)} is not a tiling run manifest (no {sorted(missing)} "
                               "column): use a new --out")
+        meta = json.loads((table.schema.metadata or {}).get(META_KEY, b"{}"))
         rows = {}
         for rec in df.to_dict("records"):
             rec["shards"] = list(rec.get("shards") if rec.get("shards") is not None else [])
             rec["shard_sha256"] = list(rec.get("shard_sha256") if rec.get("shard_sha256") is not None else [])
             rows[rec["slide_id"]] = rec
-        return cls(rows, [c for c in df.columns if c not in COLUMNS])
+        state = cls(rows, [c for c in df.columns if c not in COLUMNS], meta.get("reserved"), meta.get("through", -1))
+        for record in journal.replay(out, state.through):
+            state.apply(record)
+        return state
 
     def to_frame(self) -> pd.DataFrame:
         return pd.DataFrame(list(self.rows.values()), columns=COLUMNS + self.extra_columns)
 
-    def save(self, out: OutputDir) -> None:
+    def save(self, out: OutputDir, through: int | None = None) -> None:
+        """Compact: write the whole state atomically, holding the journal through segment `through`."""
+        if through is not None:
+            self.through = through
+        self.dirty = {}
+        table = pa.Table.from_pandas(self.to_frame(), preserve_index=False)
+        meta = {**(table.schema.metadata or {}),
+                META_KEY: json.dumps({"through": self.through, "reserved": self.reserved}).encode()}
         buf = io.BytesIO()
-        self.to_frame().to_parquet(buf, index=False)
+        pq.write_table(table.replace_schema_metadata(meta), buf)
         out.write_bytes_atomic(buf.getvalue(), MANIFEST_NAME)
-
-    def with_status(self, *statuses: str) -> list[str]:
-        return [sid for sid, r in self.rows.items() if r["status"] in statuses]
 
     def in_input(self) -> list[str]:
         return [sid for sid, r in self.rows.items() if _listed(r)]
@@ -130,26 +203,33 @@ class RunManifest:
         """Every shard any row names, whatever its status or input: none of these may ever be deleted."""
         return {s for r in self.rows.values() for s in r["shards"]}
 
-    def _record(self, outcome: SlideOutcome, status: str) -> None:
-        row = self.rows[outcome.slide_id]
-        row.update(status=status, reason=outcome.reason, n_tiles=outcome.n_tiles, bytes=outcome.bytes,
-                   mpp=outcome.mpp, mpp_source=outcome.mpp_source, magnification=outcome.magnification,
-                   reader=outcome.reader, zero_decode=outcome.zero_decode, seconds=outcome.seconds,
-                   updated_at=time.time())
+    def _record(self, outcome: SlideOutcome, status: str, shards: list[str], sha256: list[str]) -> None:
+        self._set(outcome.slide_id, dict(
+            status=status, reason=outcome.reason, n_tiles=outcome.n_tiles, bytes=outcome.bytes, mpp=outcome.mpp,
+            mpp_source=outcome.mpp_source, magnification=outcome.magnification, reader=outcome.reader,
+            zero_decode=outcome.zero_decode, seconds=outcome.seconds, shards=shards, shard_sha256=sha256,
+            updated_at=time.time()))
 
     def mark_done(self, outcome: SlideOutcome, shard: str | None, sha256: str | None) -> None:
-        self._record(outcome, "done")
-        self.rows[outcome.slide_id].update(shards=[shard] if shard else [], shard_sha256=[sha256] if sha256 else [])
+        self._record(outcome, "done", [shard] if shard else [], [sha256] if sha256 else [])
 
     def mark_failed(self, outcome: SlideOutcome) -> None:
-        self._record(outcome, "failed")
-        self.rows[outcome.slide_id].update(shards=[], shard_sha256=[])
+        self._record(outcome, "failed", [], [])
 
     def reset(self, slide_ids: Iterable[str]) -> None:
         """Back to pending (a retried failure, or a slide whose shard was lost before it was committed)."""
         for sid in slide_ids:
-            self.rows[sid].update(status="pending", reason="", n_tiles=0, bytes=0, shards=[], shard_sha256=[])
+            self._set(sid, dict(status="pending", reason="", n_tiles=0, bytes=0, shards=[], shard_sha256=[]))
 
     def count_attempt(self, slide_id: str) -> int:
-        self.rows[slide_id]["attempts"] = int(self.rows[slide_id]["attempts"] or 0) + 1
-        return self.rows[slide_id]["attempts"]
+        attempts = int(self.rows[slide_id]["attempts"] or 0) + 1
+        self._set(slide_id, {"attempts": attempts})
+        return attempts
+
+
+def read_state(out: str | OutputDir) -> pd.DataFrame | None:
+    """The current manifest of a tiling output (compacted parquet + journal), one row per slide; None if none.
+
+    The one way to read it while a run is going or after a killed one: manifest.parquet alone lags the journal."""
+    state = RunManifest.load(out if isinstance(out, OutputDir) else OutputDir(out))
+    return None if state is None else state.to_frame()

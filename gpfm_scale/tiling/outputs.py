@@ -7,7 +7,8 @@ mkstemp's 0600. Layout (DESIGN.md contracts):
     DIR/shards/.tmp/                 shards being written; our temporary files there are cleared when a run starts
     DIR/coords/{slide_id}.h5         CLAM/TRIDENT coordinates
     DIR/thumbnails/{slide_id}.png    QC thumbnails (tissue mask and kept tiles drawn)
-    DIR/manifest.parquet             the run manifest
+    DIR/manifest.parquet             the run manifest, compacted
+    DIR/journal/{seq}.jsonl          its commit records since (`journal.py`)
     DIR/config.yaml                  the resolved config of the run
 """
 
@@ -65,12 +66,6 @@ class OutputDir:
             self.fs.mv(tmp, dest)
             os.remove(local_path)
         return dest
-
-    def move(self, src: str, dest: str) -> None:
-        if self.is_local:
-            os.replace(src, dest)
-        else:
-            self.fs.mv(src, dest)
 
     def write_bytes_atomic(self, data: bytes, *parts: str) -> None:
         dest = self.path(*parts)

@@ -2,11 +2,14 @@
 
 Called with the output lock held (`gpfm_scale.run_lock`), so no other run is writing there. What may be removed:
 - temporary files of ours in `shards/.tmp` (`OutputDir.clear_tmp`): never committed, their slides are pending;
-- a committed shard that no manifest row names. The driver renames a shard into place and then saves the manifest
-  that names it, so a driver killed between the two leaves exactly such a shard: the newest one, holding only
-  slides never marked done, which are redone. Deleting it loses nothing the manifest claims, and keeping it would
-  duplicate those slides' tiles once they are redone. Anything else unnamed (no manifest at all, a shard older than
-  a named one, another run name) cannot come from a crash; it is refused, never deleted.
+- a shard that no row names but whose name the driver reserved (`RunManifest.reserved`, journaled before any actor
+  may publish under it): an actor publishes a sealed shard straight to its final name and the driver commits it by
+  appending the journal record, so a driver or actor killed in between leaves such a shard, holding only slides
+  never marked done, which are redone. Deleting it loses nothing the state claims, and keeping it would duplicate
+  those slides' tiles once they are redone. Outputs of drivers older than the journal renamed a shard and then
+  saved the manifest: their newest unnamed shard of the same run is such an orphan too.
+  Anything else unnamed (no manifest at all, an unreserved older shard, another run name) cannot come from a
+  crash; it is refused, never deleted.
 A shard named by ANY row (done slides, slides absent from this run's input) is never touched.
 """
 
@@ -60,7 +63,8 @@ def _leftovers(out: OutputDir, shards: dict[str, int], manifest: RunManifest, ha
         raise ConfigError(f"{out.url}/shards holds {len(unnamed)} shard(s) but {out.url} has no run manifest: "
                           "they are not a tiling run's to delete; move them away or use a new --out")
     newest = max((shards[s] for s in referenced if s in shards), default=-1)
-    foreign = [s for s in unnamed if shards[s] < newest or SHARD_RE.match(s).group("run") != run_name]
+    foreign = [s for s in unnamed if not manifest.is_reserved(SHARD_RE.match(s).group("run"), shards[s])
+               and (shards[s] < newest or SHARD_RE.match(s).group("run") != run_name)]
     if foreign:
         raise ConfigError(f"{out.url}/shards holds shard(s) that the run manifest does not list and that no "
                           f"interrupted run can have left: {foreign[:5]}; move them away or use a new --out")
@@ -68,13 +72,14 @@ def _leftovers(out: OutputDir, shards: dict[str, int], manifest: RunManifest, ha
 
 
 def reconcile(out: OutputDir, manifest: RunManifest, had_manifest: bool, run_name: str) -> int:
-    """Clear what a killed run left behind; returns the next free shard index."""
+    """Clear what a killed run left behind; returns the next free shard index. Afterwards no reservation is
+    outstanding (every reserved name is either referenced or gone), so they are dropped."""
     cleared = out.clear_tmp()
     if cleared:
         log.info("removed %d unfinished temporary file(s) of an interrupted run", cleared)
     shards = out.list_shards()
     for name in _leftovers(out, shards, manifest, had_manifest, run_name):
-        log.warning("removing shard %s, committed by an interrupted run before its slides were marked done; "
+        log.warning("removing shard %s, published by an interrupted run before its slides were marked done; "
                     "they are still pending and will be redone", name)
         out.fs.rm(out.path("shards", name))
         del shards[name]
@@ -84,4 +89,20 @@ def reconcile(out: OutputDir, manifest: RunManifest, had_manifest: bool, run_nam
         log.warning("%d done slide(s) lost their shard (deleted by hand?); they are pending again: %s",
                     len(lost), lost[:5])
         manifest.reset(lost)
-    return max(shards.values(), default=-1) + 1
+    floor = max((hi for run, _lo, hi in manifest.reserved if run == run_name), default=0)
+    manifest.reserved = []
+    return max(max(shards.values(), default=-1) + 1, floor)  # never reuse a name an earlier actor may still hold
+
+
+def sweep_orphans(out: OutputDir, manifest: RunManifest) -> int:
+    """End of run: delete reserved shards no row names (published by an actor that died before its result came
+    back, so its slides were redone elsewhere); returns how many. Unreserved unnamed shards are left alone."""
+    referenced = manifest.referenced_shards()
+    gone = 0
+    for name, index in out.list_shards().items():
+        if name not in referenced and manifest.is_reserved(SHARD_RE.match(name).group("run"), index):
+            log.warning("removing shard %s, published by a lost tiling actor; its slides were redone", name)
+            out.fs.rm(out.path("shards", name))
+            gone += 1
+    manifest.reserved = []
+    return gone

@@ -46,13 +46,15 @@ def tar_header(name: str, size: int) -> bytes:
 
 @dataclass
 class SealedShard:
-    """A complete tar written under a temporary name, and the slides it holds (each wholly)."""
+    """A complete tar, and the slides it holds (each wholly). `tmp_path` is where the writer left it; `name`, once
+    the actor published it, the final `shards/` name the driver reserved for it."""
 
     tmp_path: str
     sha256: str
     num_bytes: int
     slide_ids: list[str] = field(default_factory=list)
     num_samples: int = 0
+    name: str | None = None
 
 
 class ShardWriter:
@@ -115,12 +117,12 @@ class ShardWriter:
         self._file.truncate(offset)
         self._hash, self._samples, self._mark = hash_state, samples, None
 
-    def commit_slide(self, slide_id: str, num_samples: int) -> SealedShard | None:
-        """Close the slide; if the shard is now past the cap, seal it and return it."""
+    def commit_slide(self, slide_id: str, num_samples: int, may_seal: bool = True) -> SealedShard | None:
+        """Close the slide; if the shard is now past the cap (and the caller has a name for it), seal and return it."""
         self._mark = None
         if num_samples:
             self._slides.append(slide_id)
-        if self.size >= self.max_bytes:
+        if may_seal and self.size >= self.max_bytes:
             return self.seal()
         return None
 

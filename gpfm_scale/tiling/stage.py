@@ -2,13 +2,17 @@
 
 The driver is the only writer of the run manifest and the only one that names shards; it holds the output lock
 (`gpfm_scale.run_lock`) on `out` from before it reads anything there to the end, so a second run into the same
-directory is refused (exit 2, naming the holder). Actors tile slides into a private temporary shard; when a shard
-is sealed (at a slide boundary past the size cap) the driver renames it to `{run}-{NNNNNN}.tar` and then marks its
-slides done. Exactness under failure follows from that order:
-- a killed actor loses only slides whose shard was never renamed: they go back to pending and are redone;
-- a killed driver leaves temporary shards (cleared on the next start) and, at worst, a renamed shard whose slides
-  were not yet marked done: such an orphan is deleted on the next start and its slides are redone (`resume.py`).
+directory is refused (exit 2, naming the holder). The driver reserves shard names `{run}-{NNNNNN}.tar` (journaled
+in blocks before any is handed out) and sends each task with its actor's current name; when an actor seals a shard
+(at a slide boundary past the size cap) it publishes it straight under that name, and the driver commits it by
+appending one journal record marking its slides done (`journal.py`). Exactness under failure follows from that order:
+- a killed actor loses only slides whose shard was never journaled: they go back to pending and are redone; a shard
+  it had already published is a reserved orphan, deleted at the end of the run (`resume.sweep_orphans`);
+- a killed driver leaves temporary shards (cleared on the next start) and, at worst, published shards whose slides
+  were not yet journaled: such reserved orphans are deleted on the next start and their slides redone (`resume.py`).
 So every tile of a done slide is in exactly one committed shard, and no shard holds a tile of an unfinished slide.
+Bookkeeping is O(1) per slide: a journal append per commit, counters instead of scans, and a full manifest rewrite
+only at start, at the end and every `COMPACT_EVERY_S` seconds / `COMPACT_EVERY_COMMITS` records.
 Slides of earlier runs that are not in this run's input keep their rows and shards untouched (`manifest.py`).
 """
 
@@ -32,15 +36,22 @@ from gpfm_scale.resources import alive_nodes, count_fitting, wait_for_resources
 from gpfm_scale.run_lock import OutputLock
 from gpfm_scale.slides.mpp import parse_manifest_mpp
 from gpfm_scale.tiling.config import TilingConfig
+from gpfm_scale.tiling import journal
 from gpfm_scale.tiling.inputs import load_slide_table
 from gpfm_scale.tiling.manifest import MANIFEST_NAME, RunManifest, SlideOutcome
 from gpfm_scale.tiling.outputs import OutputDir
-from gpfm_scale.tiling.resume import CONFIG_NAME, check_layout, reconcile
+from gpfm_scale.tiling.resume import CONFIG_NAME, check_layout, reconcile, sweep_orphans
 from gpfm_scale.tiling.shards import SealedShard
 from gpfm_scale.tiling.slide_job import SlideTask
 from gpfm_scale.tiling.worker import TileWorker
 
 log = logging.getLogger(__name__)
+
+COMPACT_EVERY_S = 300.0
+"""Rewrite manifest.parquet from the state this often (~0.6 s at 86k rows): bounds what a restart replays."""
+COMPACT_EVERY_COMMITS = 20_000
+RESERVE_BLOCK = 256
+"""Shard indices reserved per journal record: a reservation must be durable before an actor may use the name."""
 
 
 @dataclass(frozen=True)
@@ -73,64 +84,110 @@ class _Driver:
     """Dispatch, commit and failure bookkeeping of one run (kept apart from `run` to stay readable)."""
 
     def __init__(self, cfg: TilingConfig, out: OutputDir, manifest: RunManifest, tasks: dict[str, SlideTask],
-                 next_shard: int) -> None:
+                 next_shard: int, log_: journal.Journal) -> None:
         self.cfg, self.out, self.manifest, self.tasks, self.next_shard = cfg, out, manifest, tasks, next_shard
+        self.journal = log_
         self.uncommitted: dict[int, dict[str, SlideOutcome]] = collections.defaultdict(dict)
         self.queues: dict[int, collections.deque] = collections.defaultdict(collections.deque)
+        self.names: dict[int, str] = {}
+        self.reserved_hi = next_shard
         self.casualties: set[Any] = set()
+        self.restarting: set[int] = set()
+        """Actors that died and have not returned a result since (see `actor_died`)."""
         self.deaths: collections.Counter[str] = collections.Counter()
         self.restarts = 0
         self.tiles = 0
         self.bytes = 0
+        self.records = 0
+        self.compacted_at = time.monotonic()
+
+    def shard_name(self, actor: int) -> str:
+        """The name `actor` publishes its next sealed shard under (reserved durably before it is handed out)."""
+        if actor not in self.names:
+            if self.next_shard >= self.reserved_hi:
+                self.reserved_hi = self.next_shard + RESERVE_BLOCK
+                self.manifest.reserve(self.cfg.run_name, self.next_shard, self.reserved_hi)
+                self._append({"reserve": [self.cfg.run_name, self.next_shard, self.reserved_hi]})
+            self.names[actor] = f"{self.cfg.run_name}-{self.next_shard:06d}.tar"
+            self.next_shard += 1
+        return self.names[actor]
+
+    def _append(self, extra: dict[str, Any] | None = None) -> None:
+        """Journal every change since the last record (one line: all or nothing); compact when it is time."""
+        self.journal.append({**self.manifest.take_dirty(), **(extra or {})})
+        self.records += 1
+        if self.records >= COMPACT_EVERY_COMMITS or time.monotonic() - self.compacted_at >= COMPACT_EVERY_S:
+            self.compact()
+
+    def compact(self) -> None:
+        through = self.journal.roll()
+        self.manifest.save(self.out, through)
+        self.journal.prune(through)
+        self.records, self.compacted_at = 0, time.monotonic()
 
     def commit_shard(self, actor: int, sealed: SealedShard) -> None:
-        name = f"{self.cfg.run_name}-{self.next_shard:06d}.tar"
-        self.next_shard += 1
-        self.out.move(sealed.tmp_path, self.out.path("shards", name))
+        """The shard is already published under its reserved name: the journal record is the commit."""
+        if self.names.get(actor) == sealed.name:
+            del self.names[actor]  # used: the actor's next task gets a fresh name
         for sid in sealed.slide_ids:
             outcome = self.uncommitted[actor].pop(sid)
-            self.manifest.mark_done(outcome, name, sealed.sha256)
+            self.manifest.mark_done(outcome, sealed.name, sealed.sha256)
             self.tiles += outcome.n_tiles
             TILING.slides.labels(status="done").inc()
+        self._append()
         self.bytes += sealed.num_bytes
         TILING.tiles_written.inc(sealed.num_samples)
         TILING.bytes_written.inc(sealed.num_bytes)
         TILING.shards_written.inc()
-        self.manifest.save(self.out)
 
     def accept(self, actor: int, outcome: SlideOutcome, sealed: SealedShard | None) -> None:
+        self.restarting.discard(actor)  # it answered: alive again
+        settled = not outcome.ok or outcome.n_tiles == 0  # final now, not waiting for a shard
         if not outcome.ok:
             self.manifest.mark_failed(outcome)
             TILING.slides.labels(status="failed").inc()
-            self.manifest.save(self.out)
         elif outcome.n_tiles == 0:
             log.warning("slide %s is done with no tiles: %s", outcome.slide_id, outcome.reason)
             self.manifest.mark_done(outcome, None, None)
             TILING.slides.labels(status="done").inc()
-            self.manifest.save(self.out)
         else:
             self.uncommitted[actor][outcome.slide_id] = outcome
         if sealed is not None:
-            self.commit_shard(actor, sealed)
+            self.commit_shard(actor, sealed)  # journals the marks above with it
+        elif settled:
+            self._append()
 
     def actor_died(self, actor: int, ref: Any, task: SlideTask, pending: collections.deque) -> None:
-        """Requeue what the dead actor held; charge the death only to the slide it was running."""
+        """Requeue what the dead actor held; charge the death only to the slide it was running.
+
+        Tasks sent just after a death can still reach the dead process and fail too (seen in the actor-kill test:
+        a slide re-sent at once was charged a second death and marked failed). So the first failure after a death,
+        before the actor returned anything, is not charged: at most one per death, so a slide that kills every
+        fresh process is still failed after `max_worker_deaths_per_slide` charged deaths."""
         if ref not in self.casualties:
-            self.restarts += 1
-            TILING.worker_restarts.inc()
             self.casualties.update(self.queues[actor])
             self.casualties.add(ref)
             self.requeue_uncommitted(actor, pending)
+            if actor in self.restarting:
+                self.restarting.discard(actor)
+                pending.appendleft(task)
+                return
+            self.restarting.add(actor)
+            self.restarts += 1
+            TILING.worker_restarts.inc()
             self.deaths[task.slide_id] += 1
             if self.deaths[task.slide_id] >= self.cfg.max_worker_deaths_per_slide:
                 reason = f"WorkerDied: the tiling process died {self.deaths[task.slide_id]} times on this slide"
                 self.manifest.mark_failed(SlideOutcome(task.slide_id, ok=False, reason=reason))
                 TILING.slides.labels(status="failed").inc()
-                self.manifest.save(self.out)
+                self._append()
                 return
         pending.appendleft(task)
 
     def requeue_uncommitted(self, actor: int, pending: collections.deque) -> int:
+        """A dead actor's slides not yet journaled are redone; its name is retired (it may have published under it:
+        a reserved orphan that `sweep_orphans` deletes)."""
+        self.names.pop(actor, None)
         lost = list(self.uncommitted.pop(actor, {}))
         if lost:
             log.warning("tiling actor %d died; redoing %d uncommitted slide(s)", actor, len(lost))
@@ -182,20 +239,27 @@ def _run_locked(cfg: TilingConfig, table: pd.DataFrame, out_url: str, start: flo
         manifest.reset([sid for sid in inputs if manifest.rows[sid]["status"] == "failed"])
     tasks, invalid = _tasks(table)
     todo = _refuse_invalid(manifest, [sid for sid in inputs if manifest.rows[sid]["status"] == "pending"], invalid)
-    manifest.save(out)
+    seq = max([*journal.segments(out), manifest.through]) + 1
+    manifest.save(out, seq - 1)  # compact: everything replayed so far, plus this start's changes
+    commit_log = journal.Journal(out, seq)
+    commit_log.prune(seq - 1)
     absent = manifest.absent()
     if absent:
         log.warning("%d slide(s) of earlier runs are not in this input; kept as they are: %s%s", len(absent),
                     ", ".join(absent[:10]), " ..." if len(absent) > 10 else "")
-    status = collections.Counter(manifest.rows[sid]["status"] for sid in inputs)
-    log.info("%d slide(s): %d to tile, %d done, %d failed", len(inputs), len(todo), status["done"], status["failed"])
-    driver = _Driver(cfg, out, manifest, tasks, next_shard)
-    if todo:
-        if cfg.metrics_port is not None:
-            serve_metrics(cfg.metrics_port, cfg.metrics_host)
-        _dispatch(cfg, out, driver, todo)
-    out.clear_tmp()
-    manifest.save(out)
+    log.info("%d slide(s): %d to tile, %d done, %d failed", len(inputs), len(todo), manifest.counts["done"],
+             manifest.counts["failed"])
+    driver = _Driver(cfg, out, manifest, tasks, next_shard, commit_log)
+    try:
+        if todo:
+            if cfg.metrics_port is not None:
+                serve_metrics(cfg.metrics_port, cfg.metrics_host)
+            _dispatch(cfg, out, driver, todo)
+        out.clear_tmp()
+        sweep_orphans(out, manifest)
+        driver.compact()
+    finally:
+        driver.journal.close()
     rows = {sid: manifest.rows[sid] for sid in inputs}
     failed = [(sid, r["reason"]) for sid, r in rows.items() if r["status"] == "failed"]
     done = [sid for sid, r in rows.items() if r["status"] == "done"]
@@ -241,8 +305,8 @@ def _dispatch(cfg: TilingConfig, out: OutputDir, driver: _Driver, todo: list[str
                 for i, actor in enumerate(actors):
                     if pending and len(driver.queues[i]) <= _depth:
                         task = pending.popleft()
-                        driver.manifest.count_attempt(task.slide_id)  # saved with the next commit or failure
-                        ref = actor.process.remote(task)
+                        driver.manifest.count_attempt(task.slide_id)  # journaled with the next record
+                        ref = actor.process.remote(task, driver.shard_name(i))
                         inflight[ref] = (i, task)
                         driver.queues[i].append(ref)
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
@@ -263,7 +327,7 @@ def _dispatch(cfg: TilingConfig, out: OutputDir, driver: _Driver, todo: list[str
                 TILING.tiles_per_second.set(tiles_seen / elapsed if elapsed else 0.0)
                 bar.update(1)
                 bar.set_postfix(tiles=tiles_seen, tiles_per_s=f"{tiles_seen / max(elapsed, 1e-9):.0f}",
-                                failed=len(driver.manifest.with_status("failed")))
+                                failed=driver.manifest.counts["failed"])
             if not pending and not inflight:
                 _flush(actors, driver, pending, RayActorError)
     finally:
@@ -296,7 +360,7 @@ def _flush(actors: list[Any], driver: _Driver, pending: collections.deque, actor
 
     for i, actor in enumerate(actors):
         try:
-            sealed = ray.get(actor.flush.remote())
+            sealed = ray.get(actor.flush.remote(driver.shard_name(i)))
         except actor_error:
             driver.restarts += 1
             TILING.worker_restarts.inc()

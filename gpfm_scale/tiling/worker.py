@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from gpfm_scale import atomic
 from gpfm_scale.tiling.config import TilingConfig
 from gpfm_scale.tiling.manifest import SlideOutcome
 from gpfm_scale.tiling.outputs import OutputDir
@@ -21,7 +22,9 @@ def _worker_device(cfg: TilingConfig) -> str:
 
 
 class TileWorker:
-    """Plain class; the stage wraps it with `ray.remote`. State: the open shard of this process."""
+    """Plain class; the stage wraps it with `ray.remote`. State: the open shard of this process, and the shard
+    names it already published (a queued task may still carry one: the shard then stays open past the soft cap
+    until a task brings a fresh name)."""
 
     def __init__(self, cfg: dict[str, Any], out_url: str, umask: int | None = None) -> None:
         if umask is not None:  # this process is the actor's alone: its files get the driver user's permissions
@@ -30,21 +33,42 @@ class TileWorker:
         self.out = OutputDir(out_url, self.cfg.staging_dir)
         self.writer = ShardWriter(self.out.local_tmp_dir(), self.cfg.shard_max_bytes)
         self.device = _worker_device(self.cfg)
+        self.published: set[str] = set()
 
     def pid(self) -> int:
         return os.getpid()
 
-    def _ship(self, sealed: SealedShard | None) -> SealedShard | None:
-        """Make a sealed shard visible to the driver: already in place when local, uploaded to shards/.tmp otherwise."""
-        if sealed is None or self.out.is_local:
-            return sealed
-        sealed.tmp_path = self.out.publish(sealed.tmp_path, "shards", ".tmp", os.path.basename(sealed.tmp_path))
+    def _ship(self, sealed: SealedShard | None, name: str) -> SealedShard | None:
+        """Publish a sealed shard under the final name the driver reserved: a rename when local, one upload (no
+        server-side copy) otherwise. It is not committed until the driver journals it (`stage.py`)."""
+        if sealed is None:
+            return None
+        dest = self.out.path("shards", name)
+        if self.out.is_local:
+            atomic.replace_into_place(sealed.tmp_path, dest)
+        else:  # an object PUT is all-or-nothing: readers never see half a shard
+            self.out.fs.put_file(sealed.tmp_path, dest)
+            os.remove(sealed.tmp_path)
+        self.published.add(name)
+        sealed.tmp_path, sealed.name = dest, name
         return sealed
 
-    def process(self, task: SlideTask) -> tuple[SlideOutcome, SealedShard | None]:
-        outcome = tile_slide(task, self.cfg, self.writer, self.out, self.device)
-        sealed = self.writer.commit_slide(task.slide_id, outcome.n_tiles) if outcome.ok else None
-        return outcome, self._ship(sealed)
+    def may_seal(self, shard_name: str) -> bool:
+        """Never publish over an existing shard: the name may be stale (a task Ray queued for a restarted actor
+        still carries the name its dead process published or the driver committed). Checked only when the open
+        shard is past the cap (one stat, or one HEAD on object stores, per seal)."""
+        if shard_name in self.published:
+            return False
+        return self.writer.size < self.cfg.shard_max_bytes or not self.out.exists("shards", shard_name)
 
-    def flush(self) -> SealedShard | None:
-        return self._ship(self.writer.seal())
+    def process(self, task: SlideTask, shard_name: str) -> tuple[SlideOutcome, SealedShard | None]:
+        outcome = tile_slide(task, self.cfg, self.writer, self.out, self.device)
+        if not outcome.ok:
+            return outcome, None
+        sealed = self.writer.commit_slide(task.slide_id, outcome.n_tiles, self.may_seal(shard_name))
+        return outcome, self._ship(sealed, shard_name)
+
+    def flush(self, shard_name: str) -> SealedShard | None:
+        if self.writer.size and self.out.exists("shards", shard_name):
+            raise FileExistsError(f"shard name {shard_name} is taken: refusing to overwrite it")
+        return self._ship(self.writer.seal(), shard_name)

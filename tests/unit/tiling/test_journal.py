@@ -1,0 +1,213 @@
+"""Issue 12.1: the run manifest's journal. A commit appends one record instead of rewriting manifest.parquet;
+the state (parquet + records after it) replays exactly, survives a torn last line and an interrupted compaction,
+and its counters equal a scan. Driven through the real driver (`stage._Driver`), no Ray needed."""
+
+from __future__ import annotations
+
+import collections
+import random
+
+import pandas as pd
+import pytest
+
+from gpfm_scale.errors import ConfigError
+from gpfm_scale.tiling import journal
+from gpfm_scale.tiling.config import TilingConfig
+from gpfm_scale.tiling.manifest import MANIFEST_NAME, RunManifest, SlideOutcome, read_state
+from gpfm_scale.tiling.outputs import OutputDir
+from gpfm_scale.tiling.resume import reconcile, sweep_orphans
+from gpfm_scale.tiling.shards import SealedShard
+from gpfm_scale.tiling.slide_job import SlideTask
+from gpfm_scale.tiling.stage import _Driver
+
+
+def _start(tmp_path, n: int = 6) -> tuple[OutputDir, _Driver]:
+    """What a run start does: rows for the input, one compaction, a fresh journal segment."""
+    out = OutputDir(str(tmp_path))
+    out.makedirs()
+    table = pd.DataFrame({"slide_id": [f"s{i}" for i in range(n)], "path": [f"/x/s{i}.svs" for i in range(n)],
+                          "label": ["a"] * n})
+    manifest = RunManifest.from_inputs(table, None)
+    manifest.save(out, -1)
+    tasks = {sid: SlideTask(sid, manifest.rows[sid]["path"]) for sid in manifest.rows}
+    return out, _Driver(TilingConfig(run_name="tiles"), out, manifest, tasks, 0, journal.Journal(out, 0))
+
+
+def _seal(tmp_path, driver: _Driver, actor: int, sids: list[str]) -> SealedShard:
+    """An actor's part: publish a (tiny, real) file under the name the driver reserved."""
+    name = driver.shard_name(actor)
+    (tmp_path / "shards" / name).write_bytes(b"tar")
+    return SealedShard(str(tmp_path / "shards" / name), "sha", 3, sids, len(sids), name)
+
+
+def _tiles(sid: str, n: int = 4) -> SlideOutcome:
+    return SlideOutcome(sid, ok=True, n_tiles=n, bytes=100 * n, mpp=0.5, reader="openslide")
+
+
+def _same(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    pd.testing.assert_frame_equal(a.reset_index(drop=True), b.reset_index(drop=True), check_dtype=False)
+
+
+def test_a_commit_appends_a_record_and_replay_equals_the_state(tmp_path):
+    out, driver = _start(tmp_path)
+    parquet = (tmp_path / MANIFEST_NAME).read_bytes()
+    for sid in ("s0", "s1", "s2"):
+        driver.manifest.count_attempt(sid)
+    driver.accept(0, _tiles("s0"), None)
+    driver.accept(0, SlideOutcome("s1", ok=False, reason="SlideReadError: bad"), None)
+    driver.accept(0, _tiles("s2"), _seal(tmp_path, driver, 0, ["s0", "s2"]))
+    assert (tmp_path / MANIFEST_NAME).read_bytes() == parquet  # no rewrite per commit
+    state = read_state(str(tmp_path))
+    _same(state, driver.manifest.to_frame())
+    rows = state.set_index("slide_id")
+    assert list(rows.loc["s0", "shards"]) == list(rows.loc["s2", "shards"]) == ["tiles-000000.tar"]
+    assert rows.loc["s1", "status"] == "failed" and rows.loc["s0", "attempts"] == 1
+    assert rows.loc["s3", "status"] == "pending" and rows.loc["s3", "label"] == "a"
+
+
+def test_a_torn_last_line_is_ignored_and_a_damaged_one_refused(tmp_path):
+    out, driver = _start(tmp_path)
+    driver.accept(0, _tiles("s0"), _seal(tmp_path, driver, 0, ["s0"]))
+    before = driver.manifest.to_frame()
+    segment = tmp_path / "journal" / "000000000.jsonl"
+    with open(segment, "ab") as f:  # a driver killed while writing the next commit
+        f.write(b'{"set":{"s1":{"status":"do')
+    _same(read_state(str(tmp_path)), before)
+    with open(segment, "ab") as f:  # the same bytes with a newline: not a torn write but damage
+        f.write(b"\n")
+    with pytest.raises(ConfigError, match="not a journal record"):
+        read_state(str(tmp_path))
+
+
+def test_compaction_holds_the_journal_and_is_atomic(tmp_path, monkeypatch):
+    out, driver = _start(tmp_path)
+    driver.accept(0, _tiles("s0"), _seal(tmp_path, driver, 0, ["s0"]))
+    through = driver.journal.roll()
+    driver.manifest.save(out, through)  # a driver killed here, before pruning: the old segment stays...
+    (tmp_path / "journal" / f"{through:09d}.jsonl").open("ab").write(
+        journal.encode({"set": {"s0": {"status": "failed"}}}))
+    _same(read_state(str(tmp_path)), driver.manifest.to_frame())  # ...and is never replayed over the parquet
+    driver.accept(1, _tiles("s1"), _seal(tmp_path, driver, 1, ["s1"]))
+    committed = driver.manifest.to_frame()
+
+    def killed(*_args):
+        raise OSError("killed mid-compaction")
+
+    monkeypatch.setattr(OutputDir, "write_bytes_atomic", killed)
+    with pytest.raises(OSError):
+        driver.compact()
+    _same(read_state(str(tmp_path)), committed)  # old parquet + journal: nothing lost
+
+
+def test_counters_equal_a_scan(tmp_path):
+    out, driver = _start(tmp_path, 40)
+    m, rng = driver.manifest, random.Random(0)
+    for _ in range(300):
+        sid, op = f"s{rng.randrange(40)}", rng.randrange(4)
+        if op == 0:
+            m.mark_done(_tiles(sid, rng.randrange(5)), "tiles-000001.tar", "sha")
+        elif op == 1:
+            m.mark_failed(SlideOutcome(sid, ok=False, reason="x"))
+        elif op == 2:
+            m.reset([sid])
+        else:
+            m.count_attempt(sid)
+        driver._append()
+    listed = [r for r in m.rows.values() if r["in_input"]]
+    assert +m.counts == collections.Counter(r["status"] for r in listed)
+    assert m.tiles == sum(r["n_tiles"] for r in listed if r["status"] == "done")
+    replayed = RunManifest.load(out)
+    assert +replayed.counts == +m.counts and replayed.tiles == m.tiles
+
+
+def test_reserved_orphans_are_deleted_and_nothing_referenced_is(tmp_path):
+    """A shard an actor published under a reserved name with no record (driver or actor killed before the commit)
+    is an orphan even when older than a committed one; an unreserved stray is still refused."""
+    out, driver = _start(tmp_path)
+    orphan = _seal(tmp_path, driver, 0, ["s0"])  # actor 0 published, its result never came back
+    driver.accept(1, _tiles("s1"), _seal(tmp_path, driver, 1, ["s1"]))  # actor 1 committed a newer index
+    assert orphan.name < "tiles-000001.tar"
+    state = RunManifest.load(out)
+    manifest = RunManifest.from_inputs(pd.DataFrame({"slide_id": ["s0", "s1"], "path": ["/x/s0", "/x/s1"]}), state)
+    assert reconcile(out, manifest, True, "tiles") >= 2
+    assert sorted(p.name for p in (tmp_path / "shards").glob("*.tar")) == ["tiles-000001.tar"]
+    assert manifest.rows["s0"]["status"] == "pending" and manifest.rows["s1"]["status"] == "done"
+    (tmp_path / "shards" / "tiles-000000.tar").write_bytes(b"not ours: nothing reserves it now")
+    with pytest.raises(ConfigError, match="move them away"):
+        reconcile(out, manifest, True, "tiles")
+
+
+def test_end_of_run_sweep_removes_a_lost_actors_shard_only(tmp_path):
+    out, driver = _start(tmp_path)
+    lost = _seal(tmp_path, driver, 0, ["s0"])
+    driver.requeue_uncommitted(0, collections.deque())  # actor 0 died after publishing: its name is retired
+    driver.accept(0, _tiles("s0"), _seal(tmp_path, driver, 0, ["s0"]))  # redone under a fresh name
+    assert sweep_orphans(out, driver.manifest) == 1
+    assert not (tmp_path / "shards" / lost.name).exists()
+    assert (tmp_path / "shards" / driver.manifest.rows["s0"]["shards"][0]).exists()
+
+
+def test_embed_reads_the_journaled_state_not_the_lagging_parquet(tmp_path):
+    from gpfm_scale.embed.inputs import load_tile_source
+
+    out, driver = _start(tmp_path)
+    driver.accept(0, _tiles("s0"), _seal(tmp_path, driver, 0, ["s0"]))  # committed by journal record only
+    source = load_tile_source(str(tmp_path))
+    assert [p.rsplit("/", 1)[-1] for p in source.shards] == ["tiles-000000.tar"]
+    assert source.manifest.set_index("slide_id").loc["s0", "status"] == "done"
+
+
+def test_on_an_object_store_each_record_is_its_own_object():
+    """No appends there: a commit writes one small object, and compaction prunes those it holds."""
+    import uuid
+
+    out = OutputDir(f"memory://journal-{uuid.uuid4().hex}")
+    out.makedirs()
+    manifest = RunManifest.from_inputs(pd.DataFrame({"slide_id": ["a", "b"], "path": ["/x/a", "/x/b"]}), None)
+    manifest.save(out, -1)
+    log_ = journal.Journal(out, 0)
+    manifest.mark_done(_tiles("a"), "tiles-000000.tar", "sha")
+    log_.append(manifest.take_dirty())
+    manifest.mark_failed(SlideOutcome("b", ok=False, reason="x"))
+    log_.append(manifest.take_dirty())
+    assert sorted(journal.segments(out)) == [0, 1]
+    _same(read_state(out), manifest.to_frame())
+    through = log_.roll()
+    manifest.save(out, through)
+    log_.prune(through)
+    assert journal.segments(out) == {} and log_.seq == 2
+    _same(read_state(out), manifest.to_frame())
+
+
+def test_a_task_sent_to_a_just_dead_actor_is_not_a_second_death_but_a_poison_slide_still_fails(tmp_path):
+    """The first failure after a death, before the actor answers, is not charged (it can be a task Ray still sent
+    to the dead process); the next one is, so a slide that kills every fresh process fails after 2 deaths."""
+    out, driver = _start(tmp_path)
+    pending = collections.deque()
+    task = driver.tasks["s0"]
+    driver.actor_died(0, "ref1", task, pending)  # killed while tiling s0
+    driver.actor_died(0, "ref2", task, pending)  # s0 re-sent at once, reached the dead process
+    assert driver.manifest.rows["s0"]["status"] == "pending" and list(pending) == [task, task]
+    driver.actor_died(0, "ref3", task, pending)  # the fresh process died on it too
+    assert driver.manifest.rows["s0"]["status"] == "failed" and driver.restarts == 2
+    driver.actor_died(1, "ref4", driver.tasks["s1"], pending)
+    driver.accept(1, _tiles("s2"), None)  # actor 1 answered: alive, so its next death is charged again
+    driver.actor_died(1, "ref5", driver.tasks["s1"], pending)
+    assert read_state(str(tmp_path)).set_index("slide_id").loc["s1", "status"] == "failed"
+
+
+def test_an_actor_never_publishes_over_an_existing_shard(tmp_path):
+    """A stale name (a task queued for a restarted actor) must not overwrite a committed or orphan shard: the
+    actor keeps its shard open past the soft cap until a task brings a free name."""
+    from gpfm_scale.tiling.worker import TileWorker
+
+    worker = TileWorker(TilingConfig(shard_max_bytes=1).model_dump(mode="json"), str(tmp_path))
+    worker.writer.begin_slide()
+    worker.writer.add("s0/0_0", {"jpg": b"x" * 10})
+    (tmp_path / "shards").mkdir(exist_ok=True)
+    (tmp_path / "shards" / "tiles-000003.tar").write_bytes(b"committed")
+    assert not worker.may_seal("tiles-000003.tar") and worker.may_seal("tiles-000004.tar")
+    sealed = worker._ship(worker.writer.commit_slide("s0", 1, worker.may_seal("tiles-000004.tar")),
+                          "tiles-000004.tar")
+    assert sealed.name == "tiles-000004.tar" and not worker.may_seal("tiles-000004.tar")
+    assert (tmp_path / "shards" / "tiles-000003.tar").read_bytes() == b"committed"
