@@ -7,7 +7,7 @@ ever holds a whole slide, and routing rows by slide (`groupby`) is an all-to-all
 features (0.4 TB in float16 for 190M tiles at D = 1,024) in the object store before the first file. Instead:
 1. `PartWriter.summarise` runs in the inference actor right after the model: for each slide in its batch it writes
    the good rows (`index`, `coords`, `features`) to `OUT/parts/{slide_id}/{uuid}.npz` and returns one summary row
-   (slide_id, part, counts, first errors, non-finite count: `SUMMARY_COLUMNS`), ~150 bytes per slide per batch
+   (slide_id, part, counts, first errors, non-finite count: `SUMMARY_COLUMNS`), ~100 bytes per slide per batch
    instead of D x 2-4 bytes per tile. Features never enter Ray's object store (no extra serialisation, no CPU
    reservation for a separate sink stage); the actor's cost is one uncompressed write per batch.
 2. The driver (`collect.SlideCollector`) adds up summaries; once a slide's marker and all its rows are in and
@@ -22,11 +22,13 @@ retried actor batch, are never mixed into a slide. The image-folder path keeps d
 Parts carry no atomicity of their own: a part is listed to the driver only after its write returned, and a part
 file left by a failed batch is never listed. An unsafe slide id (not one path component) writes no part; non-finite
 features (NaN/inf in the stored dtype) are counted, not written: the driver fails those slides (`collect.py`).
+`OUT` must be storage every node sees (as for the tiler's shards): a publish that cannot find a part fails its
+slide with the reason, never publishes it short. Measured (benchmarks/RESULTS.md, bench_embed_sink.py): the driver
+receives 1.5 bytes per tile instead of 4,153 at D = 1,024 float32, at the same images/s.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import uuid
@@ -41,8 +43,6 @@ from gpfm_scale.embed import store
 from gpfm_scale.embed.collect import SlideVerdict
 from gpfm_scale.errors import GpfmError, UnsafeNameError
 from gpfm_scale.names import child_path
-
-log = logging.getLogger(__name__)
 
 PARTS = "parts"
 SUMMARY_COLUMNS = ("slide_id", "part", "n_tiles", "n_ok", "n_corrupt", "error", "n_nonfinite", "nonfinite_x",
