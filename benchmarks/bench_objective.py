@@ -55,6 +55,7 @@ from gpfm_scale.models.meta_arch import SSLMetaArch
 from gpfm_scale.models.objective_config import ObjectiveConfig
 from gpfm_scale.models.vit import Backbone
 from gpfm_scale.train.config import OptimConfig, ScheduleConfig
+from gpfm_scale.train.engine import clip_grad_norms
 from gpfm_scale.train.local import build_optimizer, expert_targets, student_grid
 from gpfm_scale.train.param_groups import apply_schedule
 from gpfm_scale.train.schedules import build_schedules
@@ -157,7 +158,7 @@ class Step:
         with part("backward"):
             terms["total"].backward()
         with part("optimizer"):
-            torch.nn.utils.clip_grad_norm_([p for p in model.student.parameters() if p.grad is not None], 3.0)
+            clip_grad_norms(model.clipped_modules(), 3.0, partitioned=False)
             self.optimizer.step()
         with part("ema"):
             model.update_teacher(self.values.momentum)
@@ -222,6 +223,21 @@ def profile(step: Step, rows: int = 20) -> str:
         step.sync()
     key = "self_device_time_total" if step.device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
+def _dtypes(module: torch.nn.Module) -> str:
+    return ",".join(sorted({str(p.dtype).removeprefix("torch.") for p in module.parameters()})) or "none"
+
+
+def param_dtypes(step: Step) -> dict[str, str | None]:
+    """The dtypes the parameters are held in, read from the model, and the autocast dtype the matmuls run in.
+
+    The teacher must stay float32: each EMA update moves a weight by (1 - momentum) <= 0.008 of its distance to
+    the student's, mostly below bf16's relative resolution (2^-8), so a bf16 teacher would stop following."""
+    experts = ",".join(sorted({_dtypes(e) for e in step.experts.values()})) or "none"
+    return {"teacher_param_dtype": _dtypes(step.model.teacher), "student_param_dtype": _dtypes(step.model.student),
+            "expert_param_dtype": experts,
+            "autocast_dtype": "bfloat16" if step.device.type == "cuda" else None}
 
 
 def peak_tflops(args: argparse.Namespace, device: torch.device) -> float | None:
@@ -311,10 +327,15 @@ def main(argv: list[str] | None = None) -> int:
     result = report(preset, parts, step_s, flops, peak_tflops(args, device))
     result.update(preset=preset_name, device=name, batch=preset.batch, threads=args.threads, torch=torch.__version__)
     result["data_cpu_s"] = step.data_s
+    result.update(param_dtypes(step))
+    peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    result["peak_memory_gib"] = peak_gib
     print_report(result, preset, f"{preset_name} on {name}")
     print(f"multi-crop + collate of one batch on the CPU (data loader work, not in the step): {step.data_s:.3f} s")
-    if device.type == "cuda":
-        print(f"peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+    print(f"parameters: teacher {result['teacher_param_dtype']}, student {result['student_param_dtype']}, "
+          f"experts {result['expert_param_dtype']}; autocast {result['autocast_dtype']}")
+    if peak_gib is not None:
+        print(f"peak memory {peak_gib:.1f} GiB")
     if args.profile:
         print(profile(step))
     if args.json:

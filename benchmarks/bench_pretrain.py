@@ -2,11 +2,12 @@
 
 Both sides train the same objective on the same batches, and are timed at the same points:
 - baseline: a plain loop in this process: `SSLMetaArch` initialised from the run seed, forward + `total.backward()`
-  + `clip_grad_norm_` + torch AdamW over the same parameter groups with the scheduled lr / wd + EMA teacher update,
+  + per-module clipping (`clip_grad_norms`) + torch AdamW over the same parameter groups with the scheduled
+  lr / wd + EMA teacher update,
   with the worker's per-step drop-path seeds; fed by the same loader (`build_loader`, rank 0: the batches the job's
   rank 0 gets) through the same `ExpertPrefetcher` with in-process experts. It computes the job's losses (checked:
   `loss diff`), so what differs is Ray Train (the worker process and its bookkeeping) and DeepSpeed (engine wrapper,
-  ZeRO-2 gradient buckets and flat partitions, its gradient clipping and optimizer step).
+  ZeRO-2 gradient buckets and flat partitions, clipping on its gradient shares and its optimizer step).
 - job: `gpfm_scale.train.stage.run` (the `gpfm-scale pretrain` entry) with 1 worker (as many training processes
   as the baseline), first with in-process experts, then with remote expert actors (`expert_placement.mode`; on CPU
   the actor reserves a stand-in resource and computes on CPU, on another core). Ray is started before any clock.
@@ -126,7 +127,7 @@ def baseline_run(cfg: PretrainConfig, device: torch.device, precision: str = "fp
     """The plain single-process loop (see the module docstring); rows like the job's metrics.jsonl."""
     from gpfm_scale.data.shard_stream import build_loader
     from gpfm_scale.models.meta_arch import SSLMetaArch
-    from gpfm_scale.train.engine import ema_update
+    from gpfm_scale.train.engine import clip_grad_norms
     from gpfm_scale.train.expert_actors import ExpertPrefetcher
     from gpfm_scale.train.expert_placement import build_expert_client
     from gpfm_scale.train.param_groups import apply_schedule, build_param_groups
@@ -144,8 +145,7 @@ def baseline_run(cfg: PretrainConfig, device: torch.device, precision: str = "fp
     client = build_expert_client(cfg.objective.model.experts, placement, None, device)
     loader = build_loader(cfg.loader, cfg.crops, cfg.masks, grid, 0, 1)
     stream = iter(ExpertPrefetcher(loader, client, grid, depth=placement.prefetch_depth))
-    params = [p for p in model.student.parameters() if p.requires_grad]
-    pairs = [(t, s) for _, t, s in model.teacher_student_param_pairs()]
+    clipped = model.clipped_modules()
     rows, ends = [], []
     for step in range(cfg.run.total_iters):
         t0 = time.perf_counter()
@@ -158,11 +158,10 @@ def baseline_run(cfg: PretrainConfig, device: torch.device, precision: str = "fp
         with _amp(device, precision):
             terms = model(batch, item.targets, teacher_temp=sched.teacher_temp)
         terms["total"].backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)
+        clip_grad_norms(clipped, cfg.optim.clip_grad, partitioned=False)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            ema_update(pairs, sched.momentum)
+        model.update_teacher(sched.momentum)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         step_s = time.perf_counter() - t0
@@ -221,13 +220,16 @@ def job_run(cfg: PretrainConfig, out: Path, gpu_share: float | None = None) -> d
 
 def shared_gpu_job(cfg: PretrainConfig, out: Path, share: float, device: str = "cuda") -> None:
     """Remote experts with one GPU: the expert actor holds `share` of it and the worker the rest (fractional GPUs;
-    `place_expert_actors` reserves whole ones). The worker finds the actor by name, as in `stage.run`."""
+    `place_expert_actors` reserves whole ones). The worker gets its name from an expert directory, as in
+    `stage.run`, here one that lists this actor instead of placing."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from gpfm_scale.train.expert_actors import ExpertServer
+    from gpfm_scale.train.expert_directory import release_expert_directory, start_expert_directory
     from gpfm_scale.train.expert_placement import actor_name
+    from gpfm_scale.train.fencing import RunFence
     from gpfm_scale.train.worker import train_loop_per_worker
 
     node, placement = ray.get_runtime_context().get_node_id(), cfg.expert_placement
@@ -235,17 +237,20 @@ def shared_gpu_job(cfg: PretrainConfig, out: Path, share: float, device: str = "
     actor = ray.remote(ExpertServer).options(name=name, num_gpus=share, num_cpus=1,
                                              max_concurrency=placement.max_concurrency).remote(
         cfg.objective.model.experts, device, placement.dtype, placement.reply_dtype)
+    directory, directory_name = start_expert_directory([], placement, fixed={node: [name]})
     try:
         ray.get(actor.describe.remote(), timeout=placement.ready_timeout_s)
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"cfg": cfg.model_dump(mode="json"), "out": str(out), "expert_actors": {node: [name]}},
+            train_loop_config={"cfg": cfg.model_dump(mode="json"), "out": str(out),
+                               "generation": RunFence.start(str(out)).generation, "expert_directory": directory_name},
             scaling_config=ScalingConfig(num_workers=1, use_gpu=True,
                                          resources_per_worker={"CPU": cfg.run.cpus_per_worker, "GPU": 1 - share}),
             run_config=RunConfig(name=cfg.run.name, storage_path=str(out / "checkpoints")),
             torch_config=TorchConfig(backend="nccl" if device == "cuda" else "gloo"))
         result = trainer.fit()
     finally:
+        release_expert_directory(directory)
         ray.kill(actor)
     if result.error is not None:
         raise result.error

@@ -52,3 +52,19 @@ def replace_into_place(tmp: str, dest: str) -> None:
     """Rename a finished temporary file (from mkstemp) to `dest` with the default mode."""
     apply_default_mode(tmp)
     os.replace(tmp, dest)
+
+
+def save_safetensors_atomic(state: dict, dest: str) -> None:
+    """`safetensors.torch.save_file` whole under a temporary name, published with the umask's mode (safetensors
+    alone leaves 0600). `state`: name -> CPU tensor."""
+    from safetensors.torch import save_file
+
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest) or ".", prefix=".", suffix=".partial")
+    os.close(fd)
+    try:
+        save_file(state, tmp)
+        replace_into_place(tmp, dest)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

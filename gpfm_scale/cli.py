@@ -86,6 +86,19 @@ def _pretrain_parser(sub: Any) -> None:
     _add_common(p)
 
 
+def _mix_parser(sub: Any) -> None:
+    p = sub.add_parser("mix", help="Rewrite the tiler's shards into cohort-mixed training shards (before pretrain).",
+                       description="Shuffle every tile of the input shards across DIR/shards/{run_name}-NNNNNN.tar "
+                                   "(each a uniform random sample of the cohort, in random order) with Ray Data, so "
+                                   "that training batches mix slides; writes DIR/mix.json last.")
+    p.add_argument("--shards", required=True, help="Tiler output dir, shards dir, glob or brace notation.")
+    p.add_argument("--out", required=True, help="Output directory (local path or fsspec URL).")
+    p.add_argument("--seed", type=int, dest="seed", help="Seed of the mix.")
+    p.add_argument("--shard-bytes", type=int, dest="shard_bytes", help="Target bytes per output shard.")
+    p.add_argument("--ray-address", dest="ray_address", help="Ray cluster address (default: RAY_ADDRESS or local).")
+    _add_common(p)
+
+
 def _embed_parser(sub: Any) -> None:
     p = sub.add_parser("embed", help="Embed tiles of a cohort (or labelled patches) with a model (stage 3).",
                        description="Map a model over the tiler's shards, a slide manifest (tiled first into "
@@ -177,6 +190,21 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_mix(args: argparse.Namespace) -> int:
+    from gpfm_scale.data.mixing import MixConfig, run
+
+    cfg = load_config(MixConfig, args.config, _overrides(args))
+    if args.print_config:
+        print(describe_config(cfg))
+        return 0
+    result = run(cfg, args.shards, args.out)
+    print(f"mixed {result.n_samples} samples of {result.n_inputs} shards into {result.n_shards} shards "
+          f"({result.samples_per_second:.0f} samples/s) -> {result.out}")
+    for problem in result.problems:
+        print(f"PROBLEM {problem}", file=sys.stderr)
+    return 0 if result.ok else 1
+
+
 def _run_embed(args: argparse.Namespace) -> int:
     from gpfm_scale.embed.config import EmbedConfig
     from gpfm_scale.embed.stage import run
@@ -218,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpfm-scale", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     _tile_parser(sub)
+    _mix_parser(sub)
     _pretrain_parser(sub)
     _embed_parser(sub)
     _evaluate_parser(sub)
@@ -230,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handlers = {"tile": _run_tile, "pretrain": _run_pretrain, "embed": _run_embed, "evaluate": _run_evaluate, "demo": _run_demo}
+    handlers = {"tile": _run_tile, "mix": _run_mix, "pretrain": _run_pretrain, "embed": _run_embed, "evaluate": _run_evaluate, "demo": _run_demo}
     try:
         return handlers[args.cmd](args)
     except GpfmError as err:

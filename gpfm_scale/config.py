@@ -33,6 +33,9 @@ class DriverSettings(StrictModel):
         default="127.0.0.1", description="Address the metrics endpoint binds (0.0.0.0 or the head's IP on a cluster).")
     ray_address: str | None = Field(
         default=None, description="Ray cluster to join; default: RAY_ADDRESS, else a local instance.")
+    resources_timeout_s: float = Field(
+        default=1800.0, gt=0, description="Wait this long for the cluster to offer the stage's actors (an "
+        "autoscaling cluster starts nodes on demand, GPU ones in 5-15 min), then fail (exit 2); see resources.py.")
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

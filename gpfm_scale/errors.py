@@ -35,3 +35,7 @@ class UnsafeNameError(GpfmError):
 
 class OutputLockedError(GpfmError):
     """Another run holds the output directory; the message names the holder."""
+
+
+class ResourcesUnavailableError(GpfmError):
+    """The cluster did not offer what a stage needs (GPUs, CPU slots) within its `resources_timeout_s`."""

@@ -7,6 +7,13 @@ import os
 
 log = logging.getLogger(__name__)
 
+_started_local = False
+
+
+def started_local() -> bool:
+    """True when this process started its own Ray instance: one node, no autoscaler, so waiting for more is futile."""
+    return _started_local
+
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Use the running Ray session if there is one, else join `address` / RAY_ADDRESS, else start a local instance.
@@ -18,12 +25,15 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """
     import ray
 
+    global _started_local
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)
+        _started_local = False
     else:
         log.info("starting a local Ray instance")
         ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, log_to_driver=True)
+        _started_local = True

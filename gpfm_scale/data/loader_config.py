@@ -41,7 +41,8 @@ class LoaderConfig(StrictModel):
     open_shards: int = Field(
         default=4, ge=1,
         description="torch backend: shards each worker reads at once, drawing each sample from a random one of "
-        "them. Shards hold whole slides, so 1 fills a batch from one or two slides; more mixes slides.",
+        "them. Tiler shards hold whole slides, so 1 fills a batch from one or two slides and more mixes a few "
+        "more; shards from `gpfm-scale mix` hold the cohort in random order, so any width mixes it.",
     )
     random_start: bool = Field(
         default=True,

@@ -13,7 +13,12 @@ a resumed run sees exactly the batches of an uninterrupted one):
   - Data epochs of `epoch_length` steps. At each epoch start a stream re-seeds from (seed, rank, v, epoch): shard
     draws with replacement (WebDataset's ResampledShards idea, so ranks and workers need no shard split and any
     shard count works), each read once around from a random start, `open_shards` of them at once with each
-    sample from a random one (a shard holds whole slides), then a fresh shuffle buffer.
+    sample from a random one (a tiler shard holds whole slides), then a fresh shuffle buffer. Resampled, not
+    split: ranks and workers read independent streams, so an epoch is no pass over the data (a tile can come
+    twice before another once); each tile is drawn at the same rate in expectation.
+  - Batches mix the cohort only if the shards do: `gpfm-scale mix` (data/mixing.py) rewrites the tiler's shards
+    into shards that each hold a uniform random sample of all tiles in random order; read as above, a 96-tile
+    batch then holds as many slides as uniform sampling gives, at ~1 byte read per byte delivered.
   - Starting mid-epoch, a stream replays its epoch from the start up to its first step, decoding but not
     augmenting (about 1 ms per 256-px tile, ~20x cheaper than making the crops). The decode must run: whether a
     sample is corrupt is only known by decoding it, and batch composition depends on it (a corrupt sample is

@@ -225,9 +225,13 @@ def shard_size(url: str) -> int:
 
 
 def decode_image_bytes(data: bytes, ext: str) -> torch.Tensor:
-    """JPEG or PNG bytes -> uint8 RGB [3, H, W] (a CHW view of HWC memory for JPEG; the crops copy anyway)."""
+    """JPEG or PNG bytes -> uint8 RGB [3, H, W] (a CHW view of HWC memory for JPEG; the crops copy anyway).
+
+    torchvision decodes a 16-bit PNG to uint16; its high byte is the 8-bit image (`x >> 8`, as libpng's strip-16),
+    where a cast would wrap and a clamp would turn it white."""
     if ext == "png":
-        return decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        image = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        return (image.to(torch.int32) >> 8).to(torch.uint8) if image.dtype == torch.uint16 else image
     return torch.from_numpy(simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)).permute(2, 0, 1)
 
 

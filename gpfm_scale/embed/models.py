@@ -81,7 +81,7 @@ def _weights_path(given: str | None, cfg: EmbedConfig, spec: str) -> Path | None
 
 
 def _describe_export(spec: str) -> ModelInfo:
-    from gpfm_scale.embed.export import WEIGHTS_FILE, read_export_config
+    from gpfm_scale.contracts.export import WEIGHTS_FILE, read_export_config
 
     directory = Path(spec)
     if not directory.is_dir():

@@ -21,6 +21,7 @@ from gpfm_scale.embed.decode import read_task
 from gpfm_scale.embed.models import ModelInfo, build_embedder
 from gpfm_scale.embed.sink import PartWriter
 from gpfm_scale.errors import ConfigError
+from gpfm_scale.resources import wait_for_resources
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +44,27 @@ class ResourcePlan:
         return "cuda" if self.gpus_per_actor > 0 else "cpu"
 
 
+def wait_for_cluster(cfg: EmbedConfig) -> dict[str, float]:
+    """Ask the autoscaler for the inference actors and one read slot, wait until they fit (all `num_actors` when
+    set, else one actor beside the read slot: the automatic plan then sizes itself to what is up) and return
+    `ray.cluster_resources()` for `plan_resources`. A GPU asked for (`gpus_per_actor` > 0) is waited for, never
+    replaced by CPU; ResourcesUnavailableError after `resources_timeout_s`."""
+    import ray
+
+    actor = {"CPU": cfg.cpus_per_actor, "GPU": cfg.gpus_per_actor or 0.0}
+    bundles = [actor, {"CPU": cfg.cpus_per_read_task}] + [actor] * ((cfg.num_actors or 1) - 1)
+    wait_for_resources(bundles, what="embedding", timeout_s=cfg.resources_timeout_s,
+                       min_bundles=None if cfg.num_actors else 2)
+    return ray.cluster_resources()
+
+
 def plan_resources(cfg: EmbedConfig, cluster: dict[str, float]) -> ResourcePlan:
     """Resolve the automatic settings; ConfigError for a plan that would leave no CPU for the read tasks (on
     which Ray Data waits forever without a word) or that asks for GPUs the cluster does not have."""
     cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
     gpus_per_actor = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
+    if cfg.gpus_per_actor is None and gpus < 1:
+        log.warning("no GPU in the cluster: embedding on CPU (set gpus_per_actor: 1 to wait for GPU nodes)")
     if gpus_per_actor > gpus:
         raise ConfigError(f"gpus_per_actor={gpus_per_actor} but the cluster has {gpus:g} GPU(s)")
     spare = cpus - cfg.cpus_per_read_task

@@ -151,11 +151,11 @@ def _stream(tasks: list[dict[str, Any]], info: ModelInfo, cfg: EmbedConfig, tota
     `parts_out`: the actors write slide features there (`sink.py`)."""
     import ray
 
-    from gpfm_scale.embed.predictor import build_pipeline, plan_resources
+    from gpfm_scale.embed.predictor import build_pipeline, plan_resources, wait_for_cluster
     from gpfm_scale.ray_utils import ensure_ray
 
     ensure_ray(cfg.ray_address)
-    plan = plan_resources(cfg, ray.cluster_resources())
+    plan = plan_resources(cfg, wait_for_cluster(cfg))
     log.info("%d inference actor(s) on %s (%g CPU, %g GPU each), batch %d", plan.num_actors, plan.device,
              plan.cpus_per_actor, plan.gpus_per_actor, cfg.batch_size)
     embedded = corrupt = received = 0

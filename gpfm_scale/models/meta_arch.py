@@ -14,14 +14,21 @@ keyword arguments so that it runs unchanged when called through a DeepSpeed engi
 and never calls backward, steps an optimiser or moves tensors to a device (STYLE.md): inputs arrive on the
 model's device. `forward_backward` is the single-process convenience the issue names.
 
-The teacher holds copies of the student's backbone and DINO/iBOT heads (not the expert projection heads), has
-requires_grad False, stays in eval mode (no drop-path, as DINOv2 builds its teacher without it) and changes
-only through `update_teacher`. Parameters are paired by name (`teacher_student_param_pairs`), so ZeRO-3 callers
-can map each pair to its local shards (`update_teacher(m, view=lambda p: p.ds_tensor)`).
+The teacher holds copies of the student's backbone and DINO/iBOT heads (not the expert projection heads), stays
+in eval mode (no drop-path, as DINOv2 builds its teacher without it) and changes only through `update_teacher`.
+Its weights are fp32 *buffers*, not parameters (same names, same modules): nothing optimises them, and DeepSpeed
+acts on parameters only. Its bf16 mode casts parameters and leaves buffers in their dtype; ZeRO partitions
+parameters only. So the teacher stays a whole fp32 copy on every rank under every ZeRO stage, is saved and
+restored exactly with the module's state dict (DeepSpeed checkpoints it), and moves with `.to(device)`. On a
+bf16 run the teacher forward runs under bf16 autocast (fp32 weights, bf16 matmuls), as DINOv2's FSDP teacher
+computes in 16 bits from fp32 shards. Memory: ViT-L + DINO head is ~330M values, 1.3 GB fp32 per rank, held in
+full rather than sharded so that the forward needs no gather and the EMA no bookkeeping of shard layouts.
+`update_teacher` pairs teacher tensors with student parameters by name (`teacher_student_param_pairs`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from collections.abc import Callable, Mapping
@@ -44,8 +51,8 @@ from gpfm_scale.models.losses import (
 )
 from gpfm_scale.models.objective_config import ObjectiveConfig
 from gpfm_scale.models.vit import build_backbone
-from gpfm_scale.train import health
-from gpfm_scale.train.ema import update_ema
+from gpfm_scale.models import health
+from gpfm_scale.models.ema import update_ema
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +88,19 @@ def _crops_as(batch: Mapping[str, Any], dtype: torch.dtype) -> Mapping[str, Any]
     return {**batch, **crops} if crops else batch
 
 
+def _frozen_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of `module` whose parameters are buffers of the same names (kept out of DeepSpeed's casting,
+    partitioning and optimiser; see the module docstring). Module code reads `self.weight` from either."""
+    frozen = copy.deepcopy(module)
+    for sub in frozen.modules():
+        for name, param in list(sub._parameters.items()):
+            if param is None:
+                continue
+            del sub._parameters[name]
+            sub.register_buffer(name, param.detach().requires_grad_(False))
+    return frozen
+
+
 def _select_masked(patch: Tensor, mask_indices: Tensor) -> Tensor:
     """Masked patch tokens [M, D] from [n, N, D] at flat indices into masks.flatten() (collate order)."""
     return patch.flatten(0, 1).index_select(0, mask_indices.to(patch.device))
@@ -106,8 +126,7 @@ class SSLMetaArch(nn.Module):
         student = {"backbone": backbone, "dino_head": build_dino_head(head_cfg, dim)}
         if not head_cfg.shared_ibot_head:
             student["ibot_head"] = build_dino_head(head_cfg, dim)
-        self.teacher = nn.ModuleDict({k: copy.deepcopy(m) for k, m in student.items()})
-        self.teacher.requires_grad_(False)
+        self.teacher = nn.ModuleDict({k: _frozen_copy(m) for k, m in student.items()})
         self.teacher.eval()
         heads = {e.name: build_expert_head(head_cfg, dim, _expert_dim(e.name)) for e in model_cfg.experts}
         self.student = nn.ModuleDict({**student, "expert_heads": nn.ModuleDict(heads)})
@@ -129,39 +148,60 @@ class SSLMetaArch(nn.Module):
     def expert_names(self) -> list[str]:
         return [e.name for e in self.cfg.model.experts]
 
-    def teacher_student_param_pairs(self) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
-        """(name, teacher param, student param) for every teacher parameter, matched by name.
+    @property
+    def student_dtype(self) -> torch.dtype:
+        """The student's parameter dtype: bf16 once DeepSpeed's bf16 mode has cast it, else fp32."""
+        return next(self.student.parameters()).dtype
+
+    def clipped_modules(self) -> dict[str, list[nn.Parameter]]:
+        """{module: trainable parameters} for gradient clipping, one norm each: the backbone, the DINO head and
+        the iBOT head when separate, as DINOv2 clips every `model.student` module (dinov2 train/train.py:247-260).
+        The expert projection heads are absent: GPFM keeps them outside its clipped student and never clips them.
+        """
+        return {name: [p for p in module.parameters() if p.requires_grad]
+                for name, module in self.student.items() if name != "expert_heads"}
+
+    def teacher_student_param_pairs(self) -> list[tuple[str, Tensor, nn.Parameter]]:
+        """(name, teacher tensor, student parameter) for every teacher tensor, matched by name.
 
         Raises RuntimeError when the teacher and the student's teacher-shaped part do not have exactly the
         same parameter names and shapes (e.g. a module added to one side only), which would corrupt the EMA.
         """
-        teacher = dict(self.teacher.named_parameters())
+        teacher = {**dict(self.teacher.named_parameters()), **dict(self.teacher.named_buffers())}
         student = {n: p for n, p in self.student.named_parameters() if n.split(".", 1)[0] in self.teacher}
         if teacher.keys() != student.keys():
             only_t, only_s = sorted(teacher.keys() - student.keys()), sorted(student.keys() - teacher.keys())
             raise RuntimeError(f"teacher/student parameters differ: teacher only {only_t}, student only {only_s}")
         for name, t in teacher.items():
-            if t.shape != student[name].shape:
-                raise RuntimeError(f"{name}: teacher {tuple(t.shape)} vs student {tuple(student[name].shape)}")
+            shape = getattr(student[name], "ds_shape", student[name].shape)  # ZeRO-3 leaves a (0,) placeholder
+            if t.shape != shape:
+                raise RuntimeError(f"{name}: teacher {tuple(t.shape)} vs student {tuple(shape)}")
         return [(name, teacher[name], student[name]) for name in teacher]
 
     @torch.no_grad()
-    def update_teacher(self, momentum: float, view: Callable[[nn.Parameter], Tensor] | None = None) -> None:
-        """teacher <- momentum * teacher + (1 - momentum) * student over the name-matched pairs.
+    def update_teacher(self, momentum: float, student_fp32: Callable[[nn.Parameter], Tensor] | None = None) -> None:
+        """teacher <- momentum * teacher + (1 - momentum) * student over the name-matched pairs, in fp32.
 
-        `view` maps a parameter to the tensor to update (default: the parameter itself); under ZeRO-3 pass the
-        local shard accessor so each rank updates its own partition.
+        `student_fp32` maps a student parameter to its exact fp32 value, whole (default: the parameter itself,
+        which must then be fp32: single-process or fp32 training). Under DeepSpeed pass
+        `gpfm_scale.train.engine.fp32_master` (the optimiser's fp32 master weights; collective under ZeRO).
         """
-        pick = view if view is not None else (lambda p: p)
         pairs = self.teacher_student_param_pairs()
-        update_ema([pick(t) for _, t, _ in pairs], [pick(s) for _, _, s in pairs], momentum)
+        source = student_fp32 if student_fp32 is not None else _own_fp32
+        update_ema([t for _, t, _ in pairs], (source(s) for _, _, s in pairs), momentum)
 
     @torch.no_grad()
     def teacher_forward(self, batch: Mapping[str, Any], teacher_temp: float) -> TeacherOutput:
-        """Teacher on the unmasked global crops -> CLS and masked-token targets (updates the softmax centres)."""
-        out = self.teacher["backbone"](batch["global_crops"])
-        masked = _select_masked(out["patch"], batch["mask_indices"])
-        cls_logits, patch_logits = _head_logits(self.teacher, out["cls"], masked)
+        """Teacher on the unmasked global crops -> CLS and masked-token targets (updates the softmax centres).
+
+        fp32 weights; under bf16 autocast when the student is bf16 (same compute precision as the student)."""
+        crops, dtype = batch["global_crops"], self.student_dtype
+        # nullcontext for an fp32 student: leaves a caller's own autocast (the benchmark's AMP baseline) in force
+        bf16 = torch.autocast(crops.device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+        with bf16:
+            out = self.teacher["backbone"](crops)
+            masked = _select_masked(out["patch"], batch["mask_indices"])
+            cls_logits, patch_logits = _head_logits(self.teacher, out["cls"], masked)
         cls_logits, patch_logits = cls_logits.float(), patch_logits.float()  # centring and softmax in fp32
         if self.cfg.centering == "softmax":
             cls_probs = self.dino_loss.softmax_center_teacher(cls_logits, teacher_temp)
@@ -228,7 +268,7 @@ class SSLMetaArch(nn.Module):
         the batch's uint8 global crops (required iff experts are configured). Returns the loss terms and
         "total" as tensors, plus `health/*` detached Python floats when `with_health`.
         """
-        batch = _crops_as(batch, next(self.parameters()).dtype)
+        batch = _crops_as(batch, self.student_dtype)
         teacher = self.teacher_forward(batch, teacher_temp)
         student = self.student_forward(batch)
         out: dict[str, Tensor | float] = dict(self.compute_losses(student, teacher, batch, expert_targets))
@@ -248,7 +288,7 @@ class SSLMetaArch(nn.Module):
     def health_signals(
         self, student: StudentOutput, teacher: TeacherOutput, expert_targets: ExpertTargets | None
     ) -> dict[str, float]:
-        """Collapse signals (see train/health.py) on this batch; KL pairs each crop with its own teacher view."""
+        """Collapse signals (see models/health.py) on this batch; KL pairs each crop with its own teacher view."""
         signals = {
             "health/teacher_entropy": health.teacher_entropy(teacher.cls_probs),
             "health/kl_teacher_student": health.kl_teacher_student(
@@ -271,6 +311,13 @@ class SSLMetaArch(nn.Module):
         if given != sorted(self.expert_names):
             raise ValueError(f"expert targets for {given}, but the objective distils from {sorted(self.expert_names)}")
         return expert_targets or {}
+
+
+def _own_fp32(param: nn.Parameter) -> Tensor:
+    """The parameter itself as the EMA source, refused unless fp32 (a bf16 copy would feed rounded weights)."""
+    if param.dtype != torch.float32:
+        raise TypeError(f"the student is {param.dtype}: pass its fp32 master weights to update_teacher")
+    return param.detach()
 
 
 def _expert_dim(name: str) -> int:

@@ -41,6 +41,9 @@ class TilingConfig(DriverSettings):
         default=None, ge=1, description="Tiling actors; default: the cluster's CPUs / cpus_per_worker.")
     cpus_per_worker: float = Field(default=1.0, gt=0, description="Logical CPUs reserved per tiling actor.")
     gpus_per_worker: float = Field(default=0.0, ge=0, description="GPUs per actor (for device=cuda decode).")
+    actor_resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources per actor, e.g. {tiling: 1} to keep the actors on "
+        "the CPU node types that declare `tiling` (cluster/*.yaml): else the autoscaler may start a GPU node for them.")
     max_inflight_per_worker: int = Field(
         default=2, ge=1, description="Slides queued per actor: bounds driver and object-store memory.")
     max_worker_deaths_per_slide: int = Field(
@@ -55,6 +58,18 @@ class TilingConfig(DriverSettings):
     def _distinct_readers(cls, v: list[str]) -> list[str]:
         if len(set(v)) != len(v):
             raise ValueError(f"readers must not repeat a reader, got {v}")
+        return v
+
+    @field_validator("actor_resources")
+    @classmethod
+    def _custom_only(cls, v: dict[str, float]) -> dict[str, float]:
+        """CPU and GPU have their own keys (cpus_per_worker, gpus_per_worker); amounts are positive."""
+        for key, amount in v.items():
+            if key in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ValueError(f"actor_resources must hold custom resources only, got {key!r} "
+                                 "(use cpus_per_worker / gpus_per_worker)")
+            if amount <= 0:
+                raise ValueError(f"actor_resources[{key!r}] must be > 0, got {amount}")
         return v
 
     @field_validator("grid")

@@ -28,6 +28,7 @@ from gpfm_scale.atomic import current_umask
 from gpfm_scale.config import dump_config
 from gpfm_scale.metrics import TILING, serve_metrics
 from gpfm_scale.ray_utils import ensure_ray
+from gpfm_scale.resources import alive_nodes, count_fitting, wait_for_resources
 from gpfm_scale.run_lock import OutputLock
 from gpfm_scale.slides.mpp import parse_manifest_mpp
 from gpfm_scale.tiling.config import TilingConfig
@@ -205,16 +206,24 @@ def _run_locked(cfg: TilingConfig, table: pd.DataFrame, out_url: str, start: flo
         worker_restarts=driver.restarts, failed=failed, no_tiles=no_tiles, absent=absent)
 
 
+def _actor_count(cfg: TilingConfig, n_slides: int) -> int:
+    """Ask for `workers` actors (1 when unset) and wait until one fits: actors beyond the nodes that are up wait
+    in Ray's queue, with their slides, until the autoscaler starts more. Unset `workers`: as many as fit now."""
+    bundle = {"CPU": cfg.cpus_per_worker, "GPU": cfg.gpus_per_worker, **cfg.actor_resources}
+    wait_for_resources([bundle] * min(cfg.workers or 1, n_slides), what="tiling actors",
+                       timeout_s=cfg.resources_timeout_s, min_bundles=1)
+    return min(cfg.workers or max(1, count_fitting(bundle, alive_nodes())), n_slides)
+
+
 def _dispatch(cfg: TilingConfig, out: OutputDir, driver: _Driver, todo: list[str]) -> None:
     import ray
     from ray.exceptions import RayActorError
 
     ensure_ray(cfg.ray_address)
-    n_workers = cfg.workers or max(1, int(ray.available_resources().get("CPU", 1) // cfg.cpus_per_worker))
-    n_workers = min(n_workers, len(todo))
+    n_workers = _actor_count(cfg, len(todo))
     remote_cls = ray.remote(TileWorker)
-    opts = {"num_cpus": cfg.cpus_per_worker, "num_gpus": cfg.gpus_per_worker, "max_restarts": -1,
-            "max_task_retries": 0}
+    opts = {"num_cpus": cfg.cpus_per_worker, "num_gpus": cfg.gpus_per_worker, "resources": dict(cfg.actor_resources),
+            "max_restarts": -1, "max_task_retries": 0}
     cfg_dict = cfg.model_dump(mode="json")
     token = uuid.uuid4().hex[:8]  # named so operators (and tests) can find them: gpfm-tiling-{run}-{i}
     umask = current_umask()  # the user's, not that of whoever started the Ray workers: files get the modes they expect

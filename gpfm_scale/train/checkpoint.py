@@ -1,7 +1,8 @@
 """Checkpoints for exact resume, and the exported teacher that needs nothing of this package to load.
 
 A checkpoint directory holds DeepSpeed's own files under `ds/` (module incl. the EMA teacher and the loss centres,
-optimiser shards, one file per rank under ZeRO) with the step as client state. Nothing else is needed: data order,
+optimiser shards, one file per rank under ZeRO) with the step as client state. The teacher is fp32 buffers in the
+module's state dict (never cast or partitioned by DeepSpeed), so it is saved and restored bit for bit. Nothing else is needed: data order,
 augmentation, masks and drop-path are pure functions of (seed, rank, step) (the worker reseeds torch every step),
 and schedules are pure functions of the step.
 
@@ -14,16 +15,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from gpfm_scale.atomic import save_safetensors_atomic, write_bytes_atomic
 from gpfm_scale.errors import CheckpointMismatchError
 from gpfm_scale.models.vit import timm_create_kwargs
-from gpfm_scale.train.engine import gathered
 from gpfm_scale.train.warm_start import EXPORT_FORMAT, export_warm_start
 
 log = logging.getLogger(__name__)
@@ -52,38 +52,36 @@ def load_training_state(engine: Any, directory: str | Path) -> int:
 
 
 def export_teacher(model: Any, backbone_cfg: Any, directory: str | Path, step: int, is_writer: bool) -> None:
-    """Write the teacher backbone as safetensors + config.json (collective under ZeRO-3: every rank must call)."""
+    """Write the fp32 teacher backbone as safetensors + config.json on the writer rank (whole on every rank: no
+    gather, whatever the ZeRO stage)."""
+    if not is_writer:
+        return
     backbone = model.teacher["backbone"]
-    params = list(model.teacher.parameters())  # the heads too: warm_start.safetensors
-    with gathered(params):
-        if is_writer:
-            directory = Path(directory)
-            directory.mkdir(parents=True, exist_ok=True)
-            tmp = directory / ".model.safetensors.partial"
-            save_file(backbone.export_state_dict(), str(tmp))
-            os.replace(tmp, directory / "model.safetensors")
-            export_warm_start(model, directory)
-            config = {
-                "format": EXPORT_FORMAT,
-                "timm": timm_create_kwargs(backbone_cfg),
-                "embed_dim": backbone.embed_dim,
-                "patch_size": backbone_cfg.patch_size,
-                "img_size": backbone_cfg.img_size,
-                "mean": [0.485, 0.456, 0.406],
-                "std": [0.229, 0.224, 0.225],
-                "features": "CLS token after the final LayerNorm (forward_features(x)[:, 0])",
-                "step": step,
-            }
-            (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-            log.info("exported teacher (step %d) to %s", step, directory)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_safetensors_atomic(backbone.export_state_dict(), str(directory / "model.safetensors"))
+    export_warm_start(model, directory)
+    config = {
+        "format": EXPORT_FORMAT,
+        "timm": timm_create_kwargs(backbone_cfg),
+        "embed_dim": backbone.embed_dim,
+        "patch_size": backbone_cfg.patch_size,
+        "img_size": backbone_cfg.img_size,
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "features": "CLS token after the final LayerNorm (forward_features(x)[:, 0])",
+        "step": step,
+    }
+    write_bytes_atomic(str(directory / "config.json"), (json.dumps(config, indent=2) + "\n").encode())
+    log.info("exported teacher (step %d) to %s", step, directory)
 
 
 def load_exported(directory: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild an exported teacher with plain timm (what users and `embed` do), its config.json validated first
-    (`embed.export`: a tampered file must not make timm download or change the input size)."""
+    (`contracts.export`: a tampered file must not make timm download or change the input size)."""
     import timm
 
-    from gpfm_scale.embed.export import read_export_config
+    from gpfm_scale.contracts.export import read_export_config
 
     directory = Path(directory)
     checked = read_export_config(directory)

@@ -20,7 +20,8 @@ class OptimConfig(StrictModel):
 
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0.0)
-    clip_grad: float = Field(3.0, ge=0.0, description="max global grad norm of the student; 0 disables")
+    clip_grad: float = Field(3.0, ge=0.0, description="max grad norm of the backbone, and separately of the "
+                             "DINO (and iBOT) head; expert heads are not clipped; 0 disables")
     layerwise_decay: float = Field(0.9, gt=0.0, le=1.0, description="lr x decay^(depth + 1 - layer_id)")
     patch_embed_lr_mult: float = Field(0.2, ge=0.0)
     last_layer_key: str = Field("last_layer", description="parameter-name substring of the DINO head's last layer")

@@ -5,11 +5,17 @@ Data path of one request (remote mode): the worker's uint8 global crops [B, 3, H
 actor of the worker's node reads them zero-copy (same node, shared memory). Each actor runs its experts (own
 resize + normalisation, no_grad, bf16 autocast on CUDA), resamples patch tokens to the student grid and replies
 with numpy arrays (float16 after bf16 compute: half the bytes) plus its own compute time, so the caller can split
-its wait into transfer/queueing and compute. The client merges the replies into float32 tensors on its device.
+its wait into transfer/queueing and compute. The client merges the replies into float32 tensors on its device
+(on CUDA through pinned memory, a non-blocking copy, then the float32 cast on the GPU).
 
-`ExpertPrefetcher` issues the request for batch k+depth before handing out batch k, so the transfer and the expert
-forward of the next step overlap the student's current step; the wait it reports per step is what is left over.
-Placement of the actors on the nodes (placement groups) is in `expert_placement.py`.
+Failures: an actor that dies restarts in its bundle (stateless; `max_restarts`), and a request whose actor died is
+resubmitted with the same crops (still in the object store) after the client re-resolves its node's actors, which
+re-places them if they are gone for good; after `request_retries` resubmissions it fails with ExpertActorError.
+
+`ExpertPrefetcher` issues the request for batch k+depth before handing out batch k, and a background thread
+collects the replies (object-store read, merge, device copy), so the transfer, the expert forward and the reply
+conversion of the next step overlap the student's current step; the wait it reports per step is what is left over.
+Placement of the actors on the nodes is in `expert_placement.py` and `expert_directory.py`.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
@@ -75,12 +82,21 @@ def _readonly_tensor(array: np.ndarray) -> torch.Tensor:
 
 
 def _to_caller(array: np.ndarray | None, device: torch.device) -> torch.Tensor | None:
-    """A reply array -> float32 tensor on the caller's device, never aliasing object-store memory."""
+    """A reply array -> float32 tensor on the caller's device, never aliasing object-store memory. On CUDA the
+    (float16) reply is staged in pinned memory and copied without blocking; the cast runs on the GPU."""
     if array is None:
         return None
     view = _readonly_tensor(array)
-    out = view.to(device=device, dtype=torch.float32)
+    if device.type == "cuda":
+        return view.pin_memory().to(device, non_blocking=True).float()
+    out = view.to(dtype=torch.float32)
     return out.clone() if out.data_ptr() == view.data_ptr() else out
+
+
+def root_cause(err: BaseException) -> str:
+    """Last line of a Ray error's text: the original exception, e.g. `CheckpointMismatchError: ... not found`."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else repr(err)
 
 
 class ExpertServer:
@@ -175,41 +191,80 @@ class InProcessExperts:
 
 @dataclass
 class _RemoteRequest:
-    """Replies of every expert actor of the node to one request."""
+    """Replies of every expert actor of the node to one request; the crops stay referenced for a resubmission."""
 
+    client: RemoteExperts
+    crops: ray.ObjectRef
+    grid: Grid
     refs: list[ray.ObjectRef]
-    device: torch.device
     submit_s: float
 
     def result(self, timeout_s: float | None = None) -> tuple[Targets, Stats]:
         start = time.perf_counter()
-        replies = ray.get(self.refs, timeout=timeout_s)
+        replies = self._replies(timeout_s)
         targets: Targets = {}
         for reply in replies:
             for name, out in reply["targets"].items():
                 if name in targets:
                     raise ExpertActorError(f"expert {name} answered by more than one actor")
-                targets[name] = {k: _to_caller(v, self.device) for k, v in out.items()}
+                targets[name] = {k: _to_caller(v, self.client.device) for k, v in out.items()}
         wait_s = self.submit_s + time.perf_counter() - start
         return targets, {"wait_s": wait_s, "compute_s": max(r["compute_s"] for r in replies)}
+
+    def _replies(self, timeout_s: float | None) -> list[dict[str, Any]]:
+        """The replies; a dead actor (restarting, or gone with its node) -> resubmit to the re-resolved actors."""
+        retries, retry = self.client.retries, 0
+        while True:
+            try:
+                return ray.get(self.refs, timeout=timeout_s)
+            except ray.exceptions.RayActorError as err:
+                if retry == retries:
+                    raise ExpertActorError(
+                        f"expert request failed {retries + 1} times (expert_placement.request_retries: {retries}); "
+                        f"last error: {type(err).__name__}: {root_cause(err)}"
+                    ) from err
+                retry += 1
+                logger.warning("expert request failed (%s): resubmitting, retry %d of %d", root_cause(err), retry,
+                               retries)
+                self.refs = self.client.resend(self.crops, self.grid)
 
 
 class RemoteExperts:
     """Fans each request out to the expert actors of this worker's node (each holds a subset of the experts) and
-    merges their replies. The crops are put in the object store once and shared by all the actors."""
+    merges their replies. The crops are put in the object store once and shared by all the actors.
 
-    def __init__(self, actors: Sequence[Any], device: str | torch.device = "cpu") -> None:
+    `resolve()` returns the node's actor handles (asking the expert directory, which places them on first use and
+    re-places dead ones); it is called again before each resubmission of a request whose actor died.
+    """
+
+    def __init__(
+        self, resolve: Callable[[], Sequence[Any]], device: str | torch.device = "cpu", retries: int = 3
+    ) -> None:
+        self.resolve = resolve
+        self.device = torch.device(device)
+        self.retries = retries
+        self.actors = self._connect()
+
+    def _connect(self) -> list[Any]:
+        actors = list(self.resolve())
         if not actors:
             raise ExpertActorError("RemoteExperts needs at least one expert actor")
-        self.actors = list(actors)
-        self.device = torch.device(device)
+        return actors
+
+    def _send(self, crops: ray.ObjectRef, grid: Grid) -> list[ray.ObjectRef]:
+        return [actor.forward.remote(crops, grid) for actor in self.actors]
 
     def submit(self, crops: torch.Tensor, grid: Grid) -> _RemoteRequest:
         check_crops(crops)
         start = time.perf_counter()
         ref = ray.put(np.ascontiguousarray(crops.detach().cpu().numpy()))
-        refs = [actor.forward.remote(ref, tuple(grid)) for actor in self.actors]
-        return _RemoteRequest(refs, self.device, time.perf_counter() - start)
+        grid = (int(grid[0]), int(grid[1]))
+        return _RemoteRequest(self, ref, grid, self._send(ref, grid), time.perf_counter() - start)
+
+    def resend(self, crops: ray.ObjectRef, grid: Grid) -> list[ray.ObjectRef]:
+        """Re-resolve the node's actors and send them the same crops again (called from the reply thread)."""
+        self.actors = self._connect()
+        return self._send(crops, grid)
 
     def describe(self) -> list[dict[str, Any]]:
         """Each actor's pid, node id, experts and device."""
@@ -227,10 +282,11 @@ class ExpertStep(NamedTuple, Generic[B]):
 class ExpertPrefetcher(Generic[B]):
     """Iterate `batches` with their expert targets, keeping `depth` requests in flight ahead of the step.
 
-    Before batch k is handed out, the request for batch k + depth has been submitted, so its transfer and expert
-    forward run while the caller computes step k. Per step, `wait_s` is the time blocked on expert work in this
-    iteration (submitting k + depth, then collecting k): near zero when the experts keep up. Pulling batches
-    ahead also moves the loader's wait into this iterator: it is reported as `data_wait_s`.
+    Before batch k is handed out, the request for batch k + depth has been submitted and its collection queued on
+    the reply thread, so its transfer, expert forward and reply conversion run while the caller computes step k.
+    Per step, `wait_s` is the time blocked on expert work in this iteration (submitting k + depth, then waiting
+    for k's collected replies): near zero when the experts keep up. Pulling batches ahead also moves the loader's
+    wait into this iterator: it is reported as `data_wait_s`.
     """
 
     def __init__(
@@ -249,32 +305,40 @@ class ExpertPrefetcher(Generic[B]):
         self.crops_of = crops if callable(crops) else (lambda batch: batch[crops])
         self.depth = depth
 
-    def _issue(self, source: Iterator[B], in_flight: deque[tuple[B, Pending]]) -> tuple[float, float]:
-        """Pull one batch and submit its request; (loader seconds, submit seconds), (t, 0) at the end."""
+    def _issue(
+        self, source: Iterator[B], in_flight: deque[tuple[B, Future]], replies: ThreadPoolExecutor
+    ) -> tuple[float, float]:
+        """Pull one batch, submit its request and queue its collection; (loader s, submit s), (t, 0) at the end."""
         start = time.perf_counter()
         batch = next(source, _END)
         pulled = time.perf_counter()
         if batch is _END:
             return pulled - start, 0.0
-        in_flight.append((batch, self.client.submit(self.crops_of(batch), self.grid)))
+        pending = self.client.submit(self.crops_of(batch), self.grid)
+        in_flight.append((batch, replies.submit(pending.result)))
         return pulled - start, time.perf_counter() - pulled
 
     def __iter__(self) -> Iterator[ExpertStep[B]]:
         source = iter(self.batches)
-        in_flight: deque[tuple[B, Pending]] = deque()
-        data_s, submit_s = 0.0, 0.0
-        for _ in range(self.depth):
-            pulled, submitted = self._issue(source, in_flight)
-            data_s, submit_s = data_s + pulled, submit_s + submitted
-        while in_flight:
-            batch, pending = in_flight.popleft()
-            pulled, submitted = self._issue(source, in_flight)
-            start = time.perf_counter()
-            targets, req = pending.result()
-            wait_s = submit_s + submitted + time.perf_counter() - start
-            stats = {"wait_s": wait_s, "compute_s": req["compute_s"], "data_wait_s": data_s + pulled}
+        in_flight: deque[tuple[B, Future]] = deque()
+        # One thread, so replies are collected in submission order while the caller computes its step.
+        replies = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-replies")
+        try:
             data_s, submit_s = 0.0, 0.0
-            yield ExpertStep(batch, targets, stats)
+            for _ in range(self.depth):
+                pulled, submitted = self._issue(source, in_flight, replies)
+                data_s, submit_s = data_s + pulled, submit_s + submitted
+            while in_flight:
+                batch, collected = in_flight.popleft()
+                pulled, submitted = self._issue(source, in_flight, replies)
+                start = time.perf_counter()
+                targets, req = collected.result()
+                wait_s = submit_s + submitted + time.perf_counter() - start
+                stats = {"wait_s": wait_s, "compute_s": req["compute_s"], "data_wait_s": data_s + pulled}
+                data_s, submit_s = 0.0, 0.0
+                yield ExpertStep(batch, targets, stats)
+        finally:
+            replies.shutdown(wait=False, cancel_futures=True)
 
 
 _END: Any = object()

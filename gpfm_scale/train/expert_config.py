@@ -6,6 +6,10 @@ holds `expert_gpus_per_node` expert actors, one per reserved accelerator, each s
 targets back, pipelined one step ahead. In-process mode builds the experts on the worker's own device (one GPU,
 or CPU tests) behind the same client interface.
 
+Actors are placed lazily, per node, when the first training worker of that node asks (`expert_directory.py`), so a
+worker group that Ray Train restarts on another node finds experts there; a dead actor restarts in its bundle
+(`max_restarts`) and the client resubmits the request (`request_retries`).
+
 `accelerator_resource` is the Ray resource one expert actor reserves: "GPU" on a real cluster (the actor then
 sees exactly one CUDA device and computes in bf16), anything else (tests use a custom `test_gpu` resource) is a
 stand-in: the actor reserves one unit of it and computes on CPU in fp32.
@@ -49,6 +53,12 @@ class ExpertPlacementConfig(StrictModel):
     )
     prefetch_depth: int = Field(1, ge=1, description="expert requests in flight ahead of the step being computed")
     ready_timeout_s: float = Field(300.0, gt=0.0, description="s to reserve the bundles and load the experts")
+    max_restarts: int = Field(
+        -1, ge=-1, description="restarts of a dead expert actor in its bundle (-1: unlimited; they are stateless)"
+    )
+    request_retries: int = Field(
+        3, ge=0, description="resubmissions of one request whose actor died, each after re-resolving the node's actors"
+    )
 
     @model_validator(mode="after")
     def _assignment_fits(self) -> ExpertPlacementConfig:

@@ -7,12 +7,16 @@ machine) share one IP and so one `node:<ip>` resource, while node ids are unique
 `NodeAffinitySchedulingStrategy` to this label (ray.data read_api, "Ray-wide migration", PR 54940). A placement
 group keeps the reservation atomic (all expert GPUs of a node or none) and lets Ray Train's workers take the rest.
 
-Lifetime: not detached. The actors and their groups belong to the driver (the `pretrain` entry point), so training
-workers restarted by Ray Train's FailureConfig keep their experts, and a driver that dies frees the GPUs instead
-of leaking detached actors that would also collide by name with the next run. Ray garbage-collects a
-non-detached actor, named or not, once its owner holds no handle to it: `ExpertActors` keeps the handles, so the
-driver must keep that object until training ends. Actors are named `gpfm-expert-{node_id[:8]}-{i}` in the job's
-namespace; a training worker gets only the plain `names_by_node` dict and finds its own node's actors by name.
+Lifetime: not detached, restartable. Actors and groups are created by the expert directory (`expert_directory.py`),
+a small actor the driver (the `pretrain` entry point) owns, when the first training worker of a node asks for them:
+one owner, so two workers of a node never place twice, and workers that Ray Train restarts on another node get
+experts there. Ownership chains to the driver, so a driver that dies takes the directory and its actors with it
+and frees the GPUs (non-detached groups end with the job) instead of leaking detached actors that would also
+collide by name with the next run. Ray garbage-collects a non-detached actor, named or not, once its owner holds no
+handle to it: `ExpertActors` keeps the handles. A dead actor restarts in its bundle (`max_restarts`: they are
+stateless); one gone for good (its node lost, restarts used up) is re-placed by the directory on the next ask.
+Actors are named `{prefix}-{token}-{node_id[:8]}-{i}` in the job's namespace; a training worker asks the directory
+for its node's names and finds the actors by name.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from gpfm_scale.train.expert_actors import (
     ExpertServer,
     InProcessExperts,
     RemoteExperts,
+    root_cause,
 )
 from gpfm_scale.train.expert_config import ExpertPlacementConfig, resolve_assignment
 
@@ -47,8 +52,8 @@ NamesByNode = dict[str, list[str]]  # Ray node id (hex) -> names of its expert a
 
 @dataclass
 class ExpertActors:
-    """The driver's hold on the placed actors: keep it alive for the whole run (it owns them), pass
-    `names_by_node` to the training workers, and give it to `release_expert_actors` at the end."""
+    """The owner's hold on the placed actors (the expert directory's, per node): keep it while the actors serve (it
+    owns them), and give it to `release_expert_actors` at the end."""
 
     names_by_node: NamesByNode
     handles: dict[str, Any] = field(default_factory=dict, repr=False)  # actor name -> handle
@@ -67,15 +72,6 @@ def actor_name(node_id: str, index: int, prefix: str = DEFAULT_PREFIX) -> str:
 def group_name(node_id: str, prefix: str = DEFAULT_PREFIX) -> str:
     """Name of a node's expert placement group."""
     return f"{prefix}-group-{node_id[:8]}"
-
-
-def expert_nodes(cfg: ExpertPlacementConfig) -> list[str]:
-    """Alive nodes with at least `expert_gpus_per_node` units of the accelerator resource (the default targets)."""
-    return [
-        n["NodeID"]
-        for n in ray.nodes()
-        if n["Alive"] and n["Resources"].get(cfg.accelerator_resource, 0) >= cfg.expert_gpus_per_node
-    ]
 
 
 def _bundle(cfg: ExpertPlacementConfig) -> dict[str, float]:
@@ -102,18 +98,13 @@ def _start_actor(
         .options(
             name=name,
             num_cpus=cfg.cpus_per_actor,
+            max_restarts=cfg.max_restarts,
             max_concurrency=cfg.max_concurrency,
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index),
             **accel,
         )
         .remote(cfgs, "cuda" if cfg.on_cuda else "cpu", cfg.dtype, cfg.reply_dtype)
     )
-
-
-def _root_cause(err: Exception) -> str:
-    """Last line of a Ray error's text: the original exception, e.g. `CheckpointMismatchError: ... not found`."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[-1] if lines else repr(err)
 
 
 def _wait_ready(groups: Mapping[str, PlacementGroup], cfg: ExpertPlacementConfig, deadline: float) -> None:
@@ -133,7 +124,7 @@ def _wait_loaded(actors: Mapping[str, list[tuple[str, Any]]], deadline: float) -
             try:
                 info = ray.get(actor.describe.remote(), timeout=max(deadline - time.monotonic(), 0.01))
             except ray.exceptions.RayActorError as err:
-                raise ExpertActorError(f"expert actor {name} failed to start: {_root_cause(err)}") from err
+                raise ExpertActorError(f"expert actor {name} failed to start: {root_cause(err)}") from err
             except ray.exceptions.GetTimeoutError as err:
                 raise ExpertActorError(f"expert actor {name} did not load its experts in time") from err
             if info["node_id"] != node_id:
@@ -144,18 +135,15 @@ def _wait_loaded(actors: Mapping[str, list[tuple[str, Any]]], deadline: float) -
 def place_expert_actors(
     expert_cfgs: Sequence[ExpertConfig],
     cfg: ExpertPlacementConfig,
-    node_ids: Sequence[str] | None = None,
+    node_ids: Sequence[str],
     prefix: str = DEFAULT_PREFIX,
 ) -> ExpertActors:
-    """Start the expert actors on every node in `node_ids` (default: `expert_nodes(cfg)`) and wait until each has
-    loaded its experts. Its `names_by_node` ({node id: actor names}) is what a training worker passes to
-    `connect_node_experts`. Every actor and group name is `prefix`, a token unique to this call, the node and
-    the index. On any failure everything started here is released and ExpertActorError raised."""
+    """Start the expert actors on every node in `node_ids` and wait until each has loaded its experts (the expert
+    directory calls it for one node at a time). Every actor and group name is `prefix`, a token unique to this
+    call, the node and the index. On any failure everything started here is released and ExpertActorError raised."""
     groups_of = resolve_assignment([c.name for c in expert_cfgs], cfg)
     by_name = {c.name: c for c in expert_cfgs}
-    nodes = list(node_ids) if node_ids is not None else expert_nodes(cfg)
-    if not nodes:
-        raise ExpertActorError(f"no node has {cfg.expert_gpus_per_node} x {cfg.accelerator_resource} for experts")
+    nodes = list(node_ids)
     if len({n[:8] for n in nodes}) != len(nodes):
         raise ExpertActorError(f"node ids not unique in their first 8 characters: {nodes}")
     # A fresh token per placement: names are never reused within a Ray session. A driver that re-created an actor
@@ -182,39 +170,40 @@ def place_expert_actors(
     return placed
 
 
-def connect_node_experts(
-    names_by_node: Mapping[str, Sequence[str]], device: str | torch.device = "cpu"
-) -> RemoteExperts:
-    """Inside a training worker: a client for the expert actors of the node this process runs on."""
+def connect_node_experts(directory: str, device: str | torch.device = "cpu", retries: int = 3) -> RemoteExperts:
+    """Inside a training worker: a client for the expert actors of the node this process runs on, which the expert
+    directory named `directory` places there on the first ask (and re-places if they are gone for good)."""
     node_id = ray.get_runtime_context().get_node_id()
-    names = names_by_node.get(node_id)
-    if not names:
-        placed = ", ".join(n[:8] for n in names_by_node) or "none"
-        raise ExpertActorError(
-            f"no expert actors on this node ({node_id[:8]}); experts were placed on nodes: {placed}. "
-            "place_expert_actors must cover every node that runs training workers"
-        )
-    handles = []
-    for name in names:
+    try:
+        owner = ray.get_actor(directory)
+    except ValueError as err:
+        raise ExpertActorError(f"expert directory {directory} not found (run ended, or another namespace)") from err
+
+    def resolve() -> list[Any]:
         try:
-            handles.append(ray.get_actor(name))
+            names = ray.get(owner.actors_for.remote(node_id))
+        except ray.exceptions.RayError as err:
+            raise ExpertActorError(f"expert directory, node {node_id[:8]}: {root_cause(err)}") from err
+        try:
+            return [ray.get_actor(name) for name in names]
         except ValueError as err:
-            raise ExpertActorError(f"expert actor {name} not found (released, or in another namespace)") from err
-    return RemoteExperts(handles, device)
+            raise ExpertActorError(f"expert actor of node {node_id[:8]} not found: {err}") from err
+
+    return RemoteExperts(resolve, device, retries)
 
 
 def build_expert_client(
     expert_cfgs: Sequence[ExpertConfig],
     cfg: ExpertPlacementConfig,
-    names_by_node: Mapping[str, Sequence[str]] | None,
+    directory: str | None,
     device: str | torch.device = "cpu",
 ) -> ExpertClient:
     """The worker's client for `cfg.mode`: in-process experts on `device`, or the actors of its node."""
     if cfg.mode == "in_process":
         return InProcessExperts(expert_cfgs, device, cfg.dtype)
-    if names_by_node is None:
-        raise ExpertActorError("remote experts: no actor names given (call place_expert_actors in the driver)")
-    return connect_node_experts(names_by_node, device)
+    if directory is None:
+        raise ExpertActorError("remote experts: no expert directory given (start_expert_directory in the driver)")
+    return connect_node_experts(directory, device, cfg.request_retries)
 
 
 def release_expert_actors(placed: ExpertActors) -> None:

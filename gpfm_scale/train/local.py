@@ -2,7 +2,8 @@
 
 Used by the objective's training test, by `benchmarks/bench_objective.py`, and as the in-process baseline of the
 distributed job. Each step: sample B tiles -> multi-crop + iBOT masks + collate (CPU) -> expert targets from the
-in-process experts on the uint8 global crops -> forward/backward -> clip the student's gradients -> AdamW step
+in-process experts on the uint8 global crops -> forward/backward -> clip the backbone's and the DINO head's gradients
+(each by its own norm, as the distributed worker does) -> AdamW step
 with the scheduled lr / weight decay -> EMA teacher update with the scheduled momentum.
 
 Reproducibility: the model is initialised from `seed` (unless a warm-start model is passed); step t draws its
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from gpfm_scale.data.augmentations import MultiCropTransform
 from gpfm_scale.data.collate import collate_multicrop
@@ -31,6 +32,7 @@ from gpfm_scale.models.experts import Expert, build_expert
 from gpfm_scale.models.meta_arch import SSLMetaArch
 from gpfm_scale.models.objective_config import ObjectiveConfig
 from gpfm_scale.train.config import OptimConfig, ScheduleConfig
+from gpfm_scale.train.engine import clip_grad_norms
 from gpfm_scale.train.param_groups import apply_schedule, build_param_groups
 from gpfm_scale.train.schedules import ScheduleValues, build_schedules
 from gpfm_scale.train.warm_start import InitConfig, init_unless_resuming
@@ -99,13 +101,13 @@ def train_step(
     values: ScheduleValues,
     clip_grad: float,
 ) -> dict[str, float]:
-    """One optimiser step on `batch`; returns the loss/health floats plus the scheduled values and grad norm."""
+    """One optimiser step on `batch`; returns the loss/health floats plus the scheduled values and the
+    pre-clipping gradient norm of each clipped module (`grad_norm/<module>`)."""
     apply_schedule(optimizer, values)
     optimizer.zero_grad(set_to_none=True)
     logs = model.forward_backward(batch, targets, values.teacher_temp)
-    params = [p for p in model.student.parameters() if p.grad is not None]
-    max_norm = clip_grad if clip_grad > 0 else float("inf")
-    logs["grad_norm"] = float(nn.utils.clip_grad_norm_(params, max_norm))
+    norms = clip_grad_norms(model.clipped_modules(), clip_grad, partitioned=False)
+    logs.update({f"grad_norm/{name}": float(norm) for name, norm in norms.items()})
     optimizer.step()
     model.update_teacher(values.momentum)
     logs.update(lr=values.lr, wd=values.wd, momentum=values.momentum, teacher_temp=values.teacher_temp)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from gpfm_scale.config import StrictModel
 from gpfm_scale.data.config import CropConfig, MaskConfig
@@ -23,7 +23,9 @@ class RunSettings(StrictModel):
     global_batch_size: int | None = Field(
         default=None, ge=1, description="Images per optimiser step over all workers, when the run declares one "
         "(GPFM: 1,536); must equal loader.batch_size x run.num_workers (checked at load). The lr scales with it.")
-    use_gpu: Literal["auto", "yes", "no"] = Field(default="auto", description="auto: yes when the cluster has GPUs.")
+    use_gpu: Literal["auto", "yes", "no"] = Field(
+        default="auto", description="yes: wait for num_workers GPUs (resources_timeout_s), never train on CPU; "
+        "auto: GPU if the cluster has one when the run starts, else CPU (with a warning); no: CPU.")
     cpus_per_worker: float = Field(default=8.0, gt=0, description="CPU slots per worker (data loading runs there).")
     total_iters: int = Field(default=500_000, ge=1, description="Optimiser steps of the whole run (GPFM: 500k).")
     stop_after_steps: int | None = Field(
@@ -36,6 +38,15 @@ class RunSettings(StrictModel):
     seed: int = Field(default=0, ge=0, description="Seeds model init, augmentation and data order.")
     name: str = Field(default="pretrain", pattern=r"^[A-Za-z0-9_.-]+$", description="Ray Train run name.")
     ray_address: str | None = Field(default=None, description="Ray cluster; default RAY_ADDRESS, else local.")
+    resources_timeout_s: float = Field(
+        default=1800.0, gt=0, description="Wait this long for the workers' CPUs/GPUs (an autoscaling cluster "
+        "starts GPU nodes in 5-15 min), then fail (exit 2).")
+
+    @field_validator("use_gpu", mode="before")
+    @classmethod
+    def _yaml_bool(cls, v: object) -> object:
+        """YAML reads a bare `yes` / `no` as a bool: take it as the word it was."""
+        return {True: "yes", False: "no"}.get(v, v) if isinstance(v, bool) else v
 
 
 class PretrainConfig(StrictModel):

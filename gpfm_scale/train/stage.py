@@ -1,9 +1,13 @@
 """`run(cfg, out, shards, resume) -> PretrainResult`: the pretraining job, from the driver.
 
-It places the expert actors (one placement group per node, on the nodes that will run training workers), hands
+It starts the expert directory (which places a node's expert actors when its first training worker asks), hands
 `train_loop_per_worker` to a Ray Train `TorchTrainer`, and waits. Checkpoints go to `DIR/checkpoints/{run name}`;
 rerunning with `--resume` continues from the newest one (Ray Train reads it back with `get_checkpoint()`), and a
 lost worker restarts the group from it (`FailureConfig`). The exported teacher lands in `DIR/export/`.
+
+One run at a time owns DIR: the driver takes its `OutputLock` before reading anything there and holds it to the
+end, checks that DIR holds no other run and that a resume keeps the trajectory (`resume.check_out`), and then
+starts a new fencing generation (`fencing.RunFence`) that its workers check before each write into DIR.
 """
 
 from __future__ import annotations
@@ -15,11 +19,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from gpfm_scale.config import dump_config
 from gpfm_scale.errors import ConfigError
 from gpfm_scale.ray_utils import ensure_ray
+from gpfm_scale.resources import wait_for_resources
+from gpfm_scale.run_lock import OutputLock
+from gpfm_scale.train.fencing import RunFence
 from gpfm_scale.train.pretrain_config import PretrainConfig
 from gpfm_scale.train.warm_start import resolve_format
+from gpfm_scale.train.resume import check_out, write_run_config
 from gpfm_scale.train.worker import train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -48,47 +55,67 @@ def resolve_shards(spec: str) -> list[str]:
 
 
 def _use_gpu(cfg: PretrainConfig) -> bool:
+    """`auto` decides from the GPUs up now (a recipe config says `yes`, so ViT-L never lands on CPU unnoticed)."""
     import ray
 
     if cfg.run.use_gpu != "auto":
         return cfg.run.use_gpu == "yes"
-    return ray.cluster_resources().get("GPU", 0) >= 1
+    if ray.cluster_resources().get("GPU", 0) >= 1:
+        return True
+    log.warning("run.use_gpu auto: no GPU in the cluster, training on CPU (set run.use_gpu: yes to wait for GPUs)")
+    return False
 
 
-def _place_experts(cfg: PretrainConfig) -> Any:
-    """The driver owns the expert actors for the whole run (Ray collects unowned actors, named or not)."""
+def await_workers(cfg: PretrainConfig) -> bool:
+    """Ask the autoscaler for every training worker's CPUs (+ 1 GPU each when training on GPU) and wait until they
+    all fit, before the experts are placed on those nodes; -> use_gpu. ResourcesUnavailableError on timeout."""
+    use_gpu = _use_gpu(cfg)
+    worker = {"CPU": cfg.run.cpus_per_worker, "GPU": 1.0 if use_gpu else 0.0}
+    wait_for_resources([worker] * cfg.run.num_workers, what="training workers",
+                       timeout_s=cfg.run.resources_timeout_s)
+    return use_gpu
+
+
+def _place_experts(cfg: PretrainConfig) -> tuple[Any, str | None]:
+    """The expert directory, (handle, name): it places a node's expert actors when that node's first worker asks.
+    The driver owns it for the whole run (Ray collects unowned actors, named or not)."""
     experts = cfg.objective.model.experts
     if not experts or cfg.expert_placement.mode != "remote":
-        return None
-    from gpfm_scale.train.expert_placement import place_expert_actors
+        return None, None
+    from gpfm_scale.train.expert_directory import start_expert_directory
 
-    placed = place_expert_actors(experts, cfg.expert_placement)
-    log.info("expert actors: %s", {node[:8]: n for node, n in placed.names_by_node.items()})
-    return placed
+    return start_expert_directory(experts, cfg.expert_placement)
 
 
-def _check_run_dir(storage: str, name: str, resume: bool) -> None:
-    exists = os.path.isdir(os.path.join(storage, name))
-    if exists and not resume:
-        raise ConfigError(f"{os.path.join(storage, name)} exists: pass --resume to continue it, or use a new --out")
-    if resume and not exists:
-        log.warning("--resume given but %s has no run yet: starting from step 0", os.path.join(storage, name))
-
-
-def _trainer(cfg: PretrainConfig, out: str, experts: dict[str, list[str]] | None, use_gpu: bool) -> Any:
+def _trainer(cfg: PretrainConfig, fence: RunFence, experts: str | None, use_gpu: bool) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "out": out, "expert_actors": experts},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "out": fence.out, "generation": fence.generation,
+                           "expert_directory": experts},
         scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
-        run_config=RunConfig(name=cfg.run.name, storage_path=os.path.join(out, "checkpoints"),
+        run_config=RunConfig(name=cfg.run.name, storage_path=os.path.join(fence.out, "checkpoints"),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=cfg.run.max_failures)),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
     )
+
+
+def _fit(cfg: PretrainConfig, fence: RunFence) -> Any:
+    """Train under Ray Train with the driver-owned expert directory; returns Ray Train's Result."""
+    ensure_ray(cfg.run.ray_address)
+    use_gpu = await_workers(cfg)
+    directory, directory_name = _place_experts(cfg)
+    try:
+        return _trainer(cfg, fence, directory_name, use_gpu).fit()
+    finally:
+        if directory is not None:
+            from gpfm_scale.train.expert_directory import release_expert_directory
+
+            release_expert_directory(directory)
 
 
 def run(cfg: PretrainConfig, out: str, shards: str | None = None, resume: bool = False) -> PretrainResult:
@@ -100,20 +127,11 @@ def run(cfg: PretrainConfig, out: str, shards: str | None = None, resume: bool =
         raise ConfigError("no shards: give --shards or loader.shards in the config")
     if cfg.init.weights is not None and not resume:  # fail here, not in every worker after Ray starts
         resolve_format(cfg.init)
-    os.makedirs(out, exist_ok=True)
-    _check_run_dir(os.path.join(out, "checkpoints"), cfg.run.name, resume)
-    with open(os.path.join(out, "config.yaml"), "w") as f:
-        f.write(dump_config(cfg))
-    ensure_ray(cfg.run.ray_address)
-    placed = _place_experts(cfg)
-    names = {k: list(v) for k, v in placed.names_by_node.items()} if placed else None
-    try:
-        result = _trainer(cfg, out, names, _use_gpu(cfg)).fit()
-    finally:
-        if placed:
-            from gpfm_scale.train.expert_placement import release_expert_actors
-
-            release_expert_actors(placed)
+    with OutputLock(out, "pretrain"):
+        check_out(out, cfg, resume)
+        write_run_config(out, cfg)
+        fence = RunFence.start(out)
+        result = _fit(cfg, fence)
     if result.error is not None:
         raise result.error
     checkpoint = result.checkpoint.path if result.checkpoint else None

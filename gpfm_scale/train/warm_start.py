@@ -18,20 +18,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-import safetensors
-import safetensors.torch
 import torch
 from pydantic import Field
-from safetensors.torch import save_file
 
+from gpfm_scale.atomic import save_safetensors_atomic
 from gpfm_scale.config import StrictModel
 from gpfm_scale.errors import CheckpointMismatchError, ConfigError
-from gpfm_scale.models.experts.weights import load_strict, name_list, strict_problems
+from gpfm_scale.models.experts.weights import load_strict, load_weight_file, name_list, strict_problems
 from gpfm_scale.models.init_keys import HEAD_PARTS, dinov2_to_ours, is_dinov2_layout, resample_pos_embed, timm_to_ours
 
 if TYPE_CHECKING:
@@ -58,13 +54,7 @@ class InitConfig(StrictModel):
 
 def _read(path: Path, source: str) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint file, unwrapped from `teacher` / `model` / `state_dict` and `module.`."""
-    try:
-        if path.suffix == ".safetensors":
-            obj: object = safetensors.torch.load_file(str(path), device="cpu")
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, safetensors.SafetensorError) as err:
-        raise CheckpointMismatchError(f"{source}: cannot read {path}: {err}") from err
+    obj = load_weight_file(path, source)
     while isinstance(obj, dict) and (wrapper := next((w for w in _WRAPPERS if isinstance(obj.get(w), dict)), None)):
         obj = obj[wrapper]
     if not isinstance(obj, dict) or not obj:
@@ -180,6 +170,5 @@ def export_warm_start(model: SSLMetaArch, directory: Path) -> None:
     for part in HEAD_PARTS:
         if part in model.teacher:
             state.update({f"{part}.{k}": v for k, v in model.teacher[part].state_dict().items()})
-    tmp = directory / f".{WARM_START_FILE}.partial"
-    save_file({k: v.detach().to("cpu").clone().contiguous() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, directory / WARM_START_FILE)
+    save_safetensors_atomic({k: v.detach().to("cpu").clone().contiguous() for k, v in state.items()},
+                            str(directory / WARM_START_FILE))

@@ -2,8 +2,13 @@
 
 Per step: take the next batch (its expert targets were requested one step earlier, so the experts compute while
 the previous step runs), set lr / wd / temperature / momentum from the schedules, forward through the DeepSpeed
-engine, backward, step, EMA-update the teacher (on ZeRO-3 slices when partitioned), report. Everything a resumed
-run needs is in the checkpoint or is a pure function of the step (schedules, data order).
+engine, backward, clip the backbone and the DINO head each by its own norm, step, EMA-update the fp32 teacher from
+the optimiser's fp32 master weights, report. Everything a resumed run needs is in the checkpoint or is a pure
+function of the step (schedules, data order).
+
+Writes into --out (metrics rows, checkpoints, the export) each check the run's fencing generation first
+(`fencing.RunFence`): a worker whose driver died and whose --out a newer run took over stops without writing.
+Rank 0 cuts metrics.jsonl back to the step it resumed from, so that each step keeps one row.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from typing import Any, Iterator
 import torch
 
 from gpfm_scale.metrics import PRETRAIN, AgentRecorder
+from gpfm_scale.train.fencing import RunFence
 from gpfm_scale.train.pretrain_config import PretrainConfig
+from gpfm_scale.train.resume import METRICS_NAME, truncate_metrics
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +70,7 @@ def _build(cfg: PretrainConfig, device: torch.device, world: int) -> tuple[Any, 
     init_unless_resuming(model, cfg.init, resuming=ray.train.get_checkpoint() is not None)
     groups = build_param_groups(model.student, cfg.optim)
     optimizer = torch.optim.AdamW(groups, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-    ds_cfg = deepspeed_config(cfg.deepspeed, cfg.loader.batch_size, cfg.optim.clip_grad, device.type == "cuda")
+    ds_cfg = deepspeed_config(cfg.deepspeed, cfg.loader.batch_size, device.type == "cuda")
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg,
                                                    dist_init_required=False)
     schedules = build_schedules(cfg.schedule, total_batch=cfg.loader.batch_size * world,
@@ -72,7 +79,7 @@ def _build(cfg: PretrainConfig, device: torch.device, world: int) -> tuple[Any, 
 
 
 def _expert_stream(cfg: PretrainConfig, loader: Iterator[dict], grid: tuple[int, int], device: torch.device,
-                   names_by_node: dict[str, list[str]] | None) -> Iterator[tuple[dict, dict | None, float, float]]:
+                   directory: str | None) -> Iterator[tuple[dict, dict | None, float, float]]:
     """Yields (batch, expert targets or None, data wait s, expert wait s); targets come one step ahead."""
     from gpfm_scale.train.expert_actors import ExpertPrefetcher
     from gpfm_scale.train.expert_placement import build_expert_client
@@ -84,7 +91,7 @@ def _expert_stream(cfg: PretrainConfig, loader: Iterator[dict], grid: tuple[int,
             batch = next(loader)
             yield batch, None, time.perf_counter() - t0, 0.0
     placement = cfg.expert_placement
-    client = build_expert_client(experts, placement, names_by_node, device)
+    client = build_expert_client(experts, placement, directory, device)
     for item in ExpertPrefetcher(loader, client, grid, depth=placement.prefetch_depth):
         yield item.batch, item.targets, item.stats.get("data_wait_s", 0.0), item.stats["wait_s"]
 
@@ -109,8 +116,15 @@ def _metrics(step: int, terms: dict[str, Any], sched: Any, times: StepTimes, ima
     return out
 
 
+def _append_metrics(fence: RunFence, row: dict[str, float]) -> None:
+    """One metrics.jsonl row (rank 0), unless a newer run owns --out (SupersededRunError, nothing written)."""
+    fence.check(f"the metrics row of step {row['step']}")
+    with open(os.path.join(fence.out, METRICS_NAME), "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def _publish(recorder: AgentRecorder, metrics: dict[str, float], rank: int, new_corrupt: int,
-             metrics_path: str | None) -> None:
+             fence: RunFence | None) -> None:
     """Every rank records its own step timing through Ray's metrics agent; rank 0 also the run's figures and the
     metrics.jsonl row."""
     r = str(rank)
@@ -129,16 +143,18 @@ def _publish(recorder: AgentRecorder, metrics: dict[str, float], rank: int, new_
     for key, value in metrics.items():
         if key == "total" or key.startswith(("dino", "ibot", "koleo", "expert/")):
             recorder.set(PRETRAIN.loss, value, term=key)
-    if metrics_path:
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+    if fence:
+        _append_metrics(fence, metrics)
 
 
-def _save_and_report(engine: Any, metrics: dict[str, float], step: int) -> None:
+def _save_and_report(engine: Any, metrics: dict[str, float], step: int, fence: RunFence | None) -> None:
+    """Checkpoint after `step` (every rank: DeepSpeed's save is collective), unless a newer run owns --out."""
     import ray.train
 
     from gpfm_scale.train.checkpoint import save_training_state
 
+    if fence:
+        fence.check(f"the checkpoint of step {step + 1}")
     with tempfile.TemporaryDirectory(prefix="gpfm-ckpt-") as tmp:
         save_training_state(engine, tmp, step + 1)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
@@ -159,12 +175,13 @@ def _resume(engine: Any) -> int:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point. `config`: {"cfg": PretrainConfig as dict, "out": str, "expert_actors": {...}}."""
+    """Ray Train entry point. `config`: {"cfg": PretrainConfig as dict, "out": str, "generation": the run's fencing
+    token (see fencing.py), "expert_directory": the expert directory actor's name or None}."""
     import deepspeed
     import ray.train
 
     from gpfm_scale.data.shard_stream import build_loader
-    from gpfm_scale.train.engine import ema_update
+    from gpfm_scale.train.engine import clip_grad_norms, fp32_master
     from gpfm_scale.train.param_groups import apply_schedule
 
     cfg = PretrainConfig.model_validate(config["cfg"])
@@ -174,13 +191,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     model, engine, optimizer, schedules = _build(cfg, device, world)
     start = _resume(engine)
-    metrics_path = os.path.join(config["out"], "metrics.jsonl") if rank == 0 and config.get("out") else None
+    fence = RunFence(config["out"], config["generation"]) if config.get("out") else None
+    if fence and rank == 0:  # rows past the checkpoint are computed again from here: one row per step
+        fence.check("metrics.jsonl")
+        truncate_metrics(os.path.join(fence.out, METRICS_NAME), start)
     recorder, published_corrupt = AgentRecorder(), 0
     side = cfg.objective.model.backbone.grid_size
     grid = (side, side)
     loader = build_loader(cfg.loader, cfg.crops, cfg.masks, grid, rank, world, start_step=start)
-    stream = _expert_stream(cfg, loader, grid, device, config.get("expert_actors"))
-    pairs = [(t, s) for _, t, s in model.teacher_student_param_pairs()]
+    stream = _expert_stream(cfg, loader, grid, device, config.get("expert_directory"))
+    clipped, partitioned = model.clipped_modules(), engine.zero_optimization_stage() > 0
     corrupt = 0
     for step in range(start, _last_step(cfg)):
         t0 = time.perf_counter()
@@ -191,9 +211,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         apply_schedule(optimizer, sched)
         terms = engine(_to_device(batch, device), targets, teacher_temp=sched.teacher_temp)
         engine.backward(terms["total"])
+        norms = clip_grad_norms(clipped, cfg.optim.clip_grad, partitioned)
+        terms.update({f"grad_norm/{name}": norm for name, norm in norms.items()})  # read only when reported
         engine.step()
-        with torch.no_grad():
-            ema_update(pairs, sched.momentum)
+        model.update_teacher(sched.momentum, fp32_master)
         report, ckpt = _report_every(cfg, step)
         if not report:
             continue
@@ -202,12 +223,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         times = StepTimes(data_wait, expert_wait, time.perf_counter() - t0)
         metrics = _metrics(step, {k: v for k, v in terms.items() if not k.startswith("_")}, sched, times,
                            cfg.loader.batch_size, world, corrupt)
-        _publish(recorder, metrics, rank, corrupt - published_corrupt, metrics_path)
+        metrics["resumed_from"] = start
+        _publish(recorder, metrics, rank, corrupt - published_corrupt, fence)
         published_corrupt = corrupt
         if ckpt:  # metrics alone go to metrics.jsonl and Prometheus: a bare ray.train.report cost 1-2 s here
-            _save_and_report(engine, metrics, step)
-    if config.get("out") and _last_step(cfg) == cfg.run.total_iters:
+            _save_and_report(engine, metrics, step, fence)
+    if fence and _last_step(cfg) == cfg.run.total_iters:
         from gpfm_scale.train.checkpoint import export_teacher
 
-        export_teacher(model, cfg.objective.model.backbone, os.path.join(config["out"], "export"),
+        fence.check("the exported teacher")
+        export_teacher(model, cfg.objective.model.backbone, os.path.join(fence.out, "export"),
                        cfg.run.total_iters, is_writer=rank == 0)

@@ -68,15 +68,28 @@ def _check_agent_metrics(last: dict) -> None:
     assert "ray_gpfm_pretrain_corrupt_samples_total" not in samples  # clean shards: nothing skipped, nothing counted
 
 
+def _leave_rows_past_the_checkpoint(out, steps: list[int]) -> None:
+    """What a run killed after its last checkpoint leaves: rows of later steps, the last one torn."""
+    with open(out / "metrics.jsonl", "a") as f:
+        for step in steps:
+            f.write(json.dumps({"step": step, "total": -1.0, "resumed_from": 0}) + "\n")
+        f.write('{"step": %d, "to' % (steps[-1] + 1))
+
+
 def test_stopped_and_resumed_run_matches_an_uninterrupted_one(shards, tmp_path):
     base = {"run.total_iters": 12, "run.checkpoint_every": 6}
     run(tiny_config(**base), str(tmp_path / "full"), shards=str(shards))
     run(tiny_config(**base, **{"run.stop_after_steps": 6}), str(tmp_path / "split"), shards=str(shards))
     assert not (tmp_path / "split" / "export").exists()
-    run(tiny_config(**base), str(tmp_path / "split"), shards=str(shards), resume=True)
+    with pytest.raises(ConfigError, match=r"run\.seed: 0 -> 1"):  # another trajectory: refused before training
+        run(tiny_config(**base, **{"run.seed": 1}), str(tmp_path / "split"), shards=str(shards), resume=True)
+    _leave_rows_past_the_checkpoint(tmp_path / "split", [7, 8])
+    run(tiny_config(**base, **{"run.log_every": 2}), str(tmp_path / "split"), shards=str(shards), resume=True)
     full, split = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "split")
-    assert [r["step"] for r in split] == list(range(1, 13))
-    for a, b in zip(full, split):
+    assert [r["step"] for r in split] == list(range(1, 7)) + [8, 10, 12]  # each step once: log_every may change
+    assert [r["resumed_from"] for r in split] == [0] * 6 + [6] * 3
+    for b in split:
+        a = full[b["step"] - 1]
         for term in LOSS_TERMS + ["total"]:
             assert a[term] == pytest.approx(b[term], rel=1e-4, abs=1e-5), (a["step"], term)
     with pytest.raises(ConfigError, match="--resume"):
@@ -116,7 +129,8 @@ def test_killed_worker_is_recovered_from_the_checkpoint(shards, tmp_path):
     result = run(cfg, str(tmp_path), shards=str(shards))
     killer.join()
     assert killed, "no training worker was found to kill"
-    steps = [r["step"] for r in read_metrics(tmp_path)]
-    rewind = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
-    assert steps[rewind] in (7, 13, 19)  # restarted right after a checkpoint, not from scratch
-    assert result.steps == 24 and steps[-1] == 24
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 25))  # the restart's repeated steps replaced, not appended
+    restarts = {r["resumed_from"] for r in rows} - {0}
+    assert len(restarts) == 1 and restarts <= {6, 12, 18}  # restarted from a checkpoint, not from scratch
+    assert result.steps == 24

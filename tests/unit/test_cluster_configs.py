@@ -206,6 +206,24 @@ def test_gcp_workers_carry_a_service_account_and_cpu_nodes_are_spot_not_preempti
     assert sched["provisioningModel"] == "SPOT" and sched["automaticRestart"] is False
 
 
+def test_only_the_cpu_tiling_nodes_offer_the_tiling_resource():
+    """`actor_resources: {tiling: 1}` (docs/cluster.md) must scale the CPU type alone, one actor per CPU there."""
+    from gpfm_scale.tiling.config import TilingConfig
+
+    key = "tiling"
+    TilingConfig(actor_resources={key: 1})
+    for name in LAUNCHERS:
+        types = load_yaml(f"cluster/{name}")["available_node_types"]
+        assert types["cpu_tiling"]["resources"] == {"CPU": 64, key: 64}, name
+        assert [t for t, spec in types.items() if key in spec["resources"]] == ["cpu_tiling"], name
+    groups = {g["groupName"]: g for g in load_yaml("cluster/kuberay/raycluster.yaml")["spec"]["workerGroupSpecs"]}
+    declared = {n: json.loads(json.loads(g["rayStartParams"].get("resources", '"{}"'))) for n, g in groups.items()}
+    cpus = groups["cpu-tiling"]["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"]
+    assert declared == {"gpu-8x": {}, "cpu-tiling": {key: int(cpus)}}
+    doc = (REPO / "docs" / "cluster.md").read_text()
+    assert "--set actor_resources='{tiling: 1}'" in doc
+
+
 # ---------------------------------------------------------------- gpfm-scale commands (KubeRay, docs)
 
 def gpfm_parser():

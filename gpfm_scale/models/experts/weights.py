@@ -35,14 +35,18 @@ def read_state_dict(path: str | Path, name: str) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointMismatchError(f"{name}: weights file not found: {path} (set the expert's `weights` path)")
+    return _unwrap(load_weight_file(path, name), path, name)
+
+
+def load_weight_file(path: Path, name: str) -> object:
+    """What a .safetensors (tensors) or .pth/.bin/.pt file (torch.load, weights_only: no code runs) holds, on CPU;
+    CheckpointMismatchError naming `name` when it cannot be read."""
     try:
         if path.suffix == ".safetensors":
-            obj: object = safetensors.torch.load_file(str(path), device="cpu")
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            return safetensors.torch.load_file(str(path), device="cpu")
+        return torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, safetensors.SafetensorError) as err:
         raise CheckpointMismatchError(f"{name}: cannot read weights file {path}: {err}") from err
-    return _unwrap(obj, path, name)
 
 
 def _unwrap(obj: object, path: Path, name: str) -> dict[str, torch.Tensor]:

@@ -65,3 +65,31 @@ def make_shards(root: Path, n_shards: int, per_shard: int, damaged: dict[str, st
 
 def batch_keys(batch: dict) -> list[str]:
     return [m["__key__"] for m in batch["meta"]]
+
+
+def make_cohort(root: Path, tiles_per_slide: list[int], slides_per_shard: int, size: int = 16,
+                run: str = "tiles") -> tuple[list[str], dict[str, bytes]]:
+    """Shards in the tiler's layout: slide after slide ("c{i}", keys "c{i}/{j}_0"), `slides_per_shard` whole
+    slides per shard `root/shards/{run}-NNNNNN.tar`, written with the tiler's ShardWriter.
+
+    Returns the shard paths and the JPEG bytes of every key.
+    """
+    tiles, _ = make_two_class_tiles(sum(tiles_per_slide), size, seed=1)
+    out = root / "shards"
+    out.mkdir(parents=True, exist_ok=True)
+    paths, jpgs, t = [], {}, 0
+    for first in range(0, len(tiles_per_slide), slides_per_shard):
+        writer = ShardWriter(root / "tmp", max_bytes=10**9)
+        for s in range(first, min(first + slides_per_shard, len(tiles_per_slide))):
+            writer.begin_slide()
+            for j in range(tiles_per_slide[s]):
+                key = f"c{s}/{j}_0"
+                jpgs[key] = encode_jpeg(tiles[t])
+                t += 1
+                writer.add(key, sample_files(key, jpgs[key]))
+            writer.commit_slide(f"c{s}", tiles_per_slide[s])
+        sealed = writer.seal()
+        path = out / f"{run}-{len(paths):06d}.tar"
+        os.replace(sealed.tmp_path, path)
+        paths.append(str(path))
+    return paths, jpgs

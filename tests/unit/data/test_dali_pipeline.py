@@ -31,14 +31,6 @@ GRID = (2, 2)
 SEED = 7
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _cfg(shards, **overrides) -> LoaderConfig:
     base = {"shards": shards, "backend": "dali", "batch_size": 4, "num_workers": 0, "shuffle_buffer": 4,
             "decode_threads": 1, "seed": SEED}

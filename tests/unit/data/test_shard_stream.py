@@ -41,15 +41,6 @@ GRID = (2, 2)
 SEED = 7
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny crops run ~7x faster on one intra-op thread than on two contended ones (measured here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _cfg(shards, **overrides) -> LoaderConfig:
     base = {"shards": shards, "backend": "torch", "batch_size": 4, "num_workers": 0, "shuffle_buffer": 4,
             "epoch_length": 3, "seed": SEED}
@@ -273,6 +264,20 @@ def test_png_tiles_decode_losslessly_and_json_is_parsed():
     assert torch.equal(sample["image"], tile) and sample["json"] == {"x": 1, "y": 2}
     with pytest.raises(CorruptSampleError, match="not an object"):
         decode_sample(RawSample(key="s/1_2", shard="x.tar", files={"png": raw.files["png"], "json": b"[1]"}))
+
+
+def test_16_bit_png_tiles_train_on_their_high_byte_not_a_wrapped_or_white_image():
+    """A 16-bit PNG tile (some scanners' exports) reaches the crops as its 8-bit image: the high byte of each sample."""
+    import cv2
+    import numpy as np
+
+    rgb16 = np.random.default_rng(0).integers(0, 65536, size=(12, 10, 3), dtype=np.uint16)
+    ok, png = cv2.imencode(".png", rgb16[:, :, ::-1])  # cv2 writes BGR
+    assert ok
+    raw = RawSample(key="s/1_2", shard="x.tar", files={"png": png.tobytes(), "json": b"{}"})
+    image = decode_sample(raw)["image"]
+    assert image.dtype == torch.uint8
+    assert torch.equal(image, torch.from_numpy((rgb16 >> 8).astype(np.uint8)).permute(2, 0, 1))
 
 
 @pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])

@@ -129,7 +129,8 @@ def test_teacher_gets_no_gradients_and_stays_in_eval_mode() -> None:
     model = make_model()
     logs = model.forward_backward(make_batch(random_masks()), random_targets(), TEMP)
     assert all(math.isfinite(v) for v in logs.values())
-    assert all(not p.requires_grad and p.grad is None for p in model.teacher.parameters())
+    assert list(model.teacher.parameters()) == []  # fp32 buffers: out of every optimiser and of DeepSpeed's casts
+    assert all(not t.requires_grad and t.grad is None for t in model.teacher.buffers())
     student_grads = {n: p.grad for n, p in model.student.named_parameters() if p.requires_grad}
     assert all(g is not None for g in student_grads.values()), [n for n, g in student_grads.items() if g is None]
     assert float(student_grads["backbone.vit.blocks.0.attn.qkv.weight"].abs().sum()) > 0
@@ -140,7 +141,7 @@ def test_teacher_gets_no_gradients_and_stays_in_eval_mode() -> None:
 def test_ema_after_one_step_equals_the_formula_on_every_parameter() -> None:
     model = make_model()
     pairs = model.teacher_student_param_pairs()
-    assert {n for n, _, _ in pairs} == {n for n, _ in model.teacher.named_parameters()}
+    assert {n for n, _, _ in pairs} == {n for n, _ in model.teacher.named_buffers()}
     assert all(torch.equal(t, s) for _, t, s in pairs)  # the teacher starts as a copy
     before = {n: t.detach().clone() for n, t, _ in pairs}
     optimizer = torch.optim.SGD([p for p in model.student.parameters() if p.requires_grad], lr=0.5)
@@ -157,18 +158,19 @@ def test_ema_after_one_step_equals_the_formula_on_every_parameter() -> None:
     assert moved > len(pairs) // 2
 
 
-def test_update_teacher_view_updates_only_what_it_selects() -> None:
-    """The hook for ZeRO-3: `view` picks the tensor of each parameter to update (there: the local shard)."""
+def test_update_teacher_reads_the_given_fp32_source_and_refuses_a_bf16_student() -> None:
+    """Under DeepSpeed the source is the optimiser's fp32 master copy, not the (bf16) module parameter."""
     model = make_model(experts=[])
-    with torch.no_grad():
-        for p in model.student.parameters():
-            p.add_(1.0)
-    before = {n: t.detach().clone() for n, t, _ in model.teacher_student_param_pairs()}
-    model.update_teacher(0.5, view=lambda p: p.view(-1)[:1])
-    for name, teacher, student in model.teacher_student_param_pairs():
-        flat, old = teacher.detach().view(-1), before[name].view(-1)
-        assert torch.allclose(flat[0], 0.5 * old[0] + 0.5 * student.detach().view(-1)[0])
-        assert torch.equal(flat[1:], old[1:])
+    before = {n: t.clone() for n, t, _ in model.teacher_student_param_pairs()}
+    masters = {id(s): torch.full_like(s, 2.0, dtype=torch.float32) for _, _, s in model.teacher_student_param_pairs()}
+    for p in model.student.parameters():  # what DeepSpeed's bf16 mode does: parameters cast, buffers left alone
+        p.data = p.data.to(torch.bfloat16)
+    with pytest.raises(TypeError, match="fp32 master"):
+        model.update_teacher(0.5)
+    model.update_teacher(0.5, student_fp32=lambda s: masters[id(s)])
+    for name, teacher, _ in model.teacher_student_param_pairs():
+        assert teacher.dtype == torch.float32
+        torch.testing.assert_close(teacher, 0.5 * before[name] + 1.0, rtol=0, atol=0)
 
 
 def test_parameter_pairing_is_checked_by_name() -> None:
@@ -286,11 +288,14 @@ def test_separate_ibot_head_is_built_and_paired() -> None:
 
 
 def test_a_bf16_model_takes_fp32_crops_and_computes_its_losses_in_fp32() -> None:
-    # What DeepSpeed's bf16 mode does to the module (parameters cast, inputs left to the caller): the fp32 crops
+    # What DeepSpeed's bf16 mode does to the module (parameters cast, buffers such as the fp32 teacher kept,
+    # inputs left to the caller): the fp32 crops
     # of the loader are cast on entry and every term comes out fp32, close to the fp32 model's on the same batch.
     batch, targets = make_batch(random_masks()), random_targets()
     fp32 = make_model()
-    bf16 = make_model().to(torch.bfloat16)
+    bf16 = make_model()
+    for p in bf16.parameters():
+        p.data = p.data.to(torch.bfloat16)
     ref = fp32(batch, expert_targets=targets, teacher_temp=TEMP, with_health=False)
     out = bf16(batch, expert_targets=targets, teacher_temp=TEMP, with_health=False)
     out["total"].backward()
@@ -298,3 +303,4 @@ def test_a_bf16_model_takes_fp32_crops_and_computes_its_losses_in_fp32() -> None
     for term in TERMS | EXPERT_TERMS | {"total"}:
         assert float(out[term].detach()) == pytest.approx(float(ref[term].detach()), rel=0.05, abs=0.02), term
     assert all(p.grad is None or p.grad.dtype == torch.bfloat16 for p in bf16.parameters())
+    assert all(t.dtype == torch.float32 for t in bf16.teacher.buffers())  # the teacher ran under bf16 autocast

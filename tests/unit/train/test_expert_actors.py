@@ -1,20 +1,30 @@
-"""Expert clients (in-process and Ray actors), the one-step-ahead prefetcher, and placement on one Ray node."""
+"""Expert clients (in-process and Ray actors), the one-step-ahead prefetcher, and placement on one Ray node: lazy,
+once per node, through the expert directory; restarted and re-placed actors keep answering."""
 
 from __future__ import annotations
 
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass
 
 import pytest
+import ray
 import torch
 
 from gpfm_scale.errors import ConfigError
 from gpfm_scale.models.config import ExpertConfig
 from gpfm_scale.models.experts import build_expert
-from gpfm_scale.train.expert_actors import ExpertActorError, ExpertPrefetcher, ExpertServer, InProcessExperts
+from gpfm_scale.train.expert_actors import (
+    ExpertActorError,
+    ExpertPrefetcher,
+    ExpertServer,
+    InProcessExperts,
+    _to_caller,
+)
 from gpfm_scale.train.expert_config import ExpertPlacementConfig, resolve_assignment
+from gpfm_scale.train.expert_directory import release_expert_directory, start_expert_directory
 from gpfm_scale.train.expert_placement import (
     actor_name,
     build_expert_client,
@@ -99,12 +109,30 @@ def test_prefetcher_issues_next_request_before_the_step(depth: int) -> None:
     for step in ExpertPrefetcher(_batches(4), _FakeClient(events), GRID, depth=depth):
         assert step.targets["fake"]["cls"].item() == step.batch["k"]
         events.append(("step", step.batch["k"]))
-    if depth == 1:
-        expected = ["s0", "s1", "r0", "step0", "s2", "r1", "step1", "s3", "r2", "step2", "r3", "step3"]
-    else:
-        expected = ["s0", "s1", "s2", "r0", "step0", "s3", "r1", "step1", "r2", "step2", "r3", "step3"]
-    short = {"submit": "s", "result": "r", "step": "step"}
-    assert [f"{short[kind]}{k}" for kind, k in events] == expected
+    # Replies are collected on a background thread: only these orders are fixed.
+    at = {f"{kind}{k}": i for i, (kind, k) in enumerate(events)}
+    assert [e for e in events if e[0] == "submit"] == [("submit", k) for k in range(4)]
+    assert [e for e in events if e[0] == "step"] == [("step", k) for k in range(4)]
+    for k in range(4):
+        assert at[f"result{k}"] < at[f"step{k}"]
+        if k + depth < 4:
+            assert at[f"submit{k + depth}"] < at[f"step{k}"]  # the next request is out before step k runs
+
+
+def test_prefetcher_collects_replies_off_the_training_thread() -> None:
+    events: list = []
+    threads: list[str] = []
+
+    class _Recording(_FakeClient):
+        def submit(self, crops, grid):
+            pending = super().submit(crops, grid)
+            result = pending.result
+            pending.result = lambda timeout_s=None: (threads.append(threading.current_thread().name), result())[1]
+            return pending
+
+    steps = [step.batch["k"] for step in ExpertPrefetcher(_batches(3), _Recording(events), GRID)]
+    assert steps == [0, 1, 2] and len(threads) == 3
+    assert all(name.startswith("expert-replies") for name in threads)
 
 
 def _mean_wait(client, consumer_s: float, n: int = 6) -> float:
@@ -153,33 +181,68 @@ def test_cuda_experts_compute_in_bf16_and_reply_in_float16() -> None:
     torch.testing.assert_close(
         torch.from_numpy(reply["targets"]["tiny_b"]["cls"]).float(), want["tiny_b"]["cls"], atol=0.05, rtol=0.05
     )
+    on_gpu = _to_caller(reply["targets"]["tiny_b"]["cls"], torch.device("cuda"))  # pinned, non-blocking copy
+    assert on_gpu.device.type == "cuda" and on_gpu.dtype == torch.float32
+    torch.testing.assert_close(on_gpu.cpu(), torch.from_numpy(reply["targets"]["tiny_b"]["cls"]).float())
 
 
 # ---- Ray actors on the test node ------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def placed(ray_session):
-    actors = place_expert_actors(EXPERTS, _placement())
-    yield actors
-    release_expert_actors(actors)
+def directory(ray_session):
+    handle, name = start_expert_directory(EXPERTS, _placement())
+    yield handle, name
+    release_expert_directory(handle)
 
 
 @pytest.fixture(scope="module")
-def remote(placed):
-    return connect_node_experts(placed.names_by_node)
+def remote(directory):
+    return connect_node_experts(directory[1])
 
 
-def test_actors_run_in_other_processes_on_this_node(ray_session, placed, remote) -> None:
+def _names(directory) -> list[str]:
+    (names,) = ray.get(directory[0].placed.remote()).values()
+    return names
+
+
+def _dead(handle) -> None:
+    """Return once calls to `handle` fail as dead (ray.kill is asynchronous; each call is one round trip)."""
+    for _ in range(1000):
+        try:
+            ray.get(handle.describe.remote())
+        except ray.exceptions.ActorDiedError:
+            return
+    raise AssertionError("killed actor still answers")
+
+
+def test_experts_are_placed_once_when_the_first_worker_of_the_node_asks(ray_session, directory) -> None:
+    handle, _ = directory
     node = ray_session.get_runtime_context().get_node_id()
-    (names,) = placed.names_by_node.values()
+    assert ray.get(handle.placed.remote()) == {}  # nothing placed before a worker asks
+    first, second = ray.get([handle.actors_for.remote(node), handle.actors_for.remote(node)])
+    assert first == second and ray.get(handle.placed.remote()) == {node: first}
+
+
+def test_actors_run_in_other_processes_on_this_node(ray_session, directory, remote) -> None:
+    node = ray_session.get_runtime_context().get_node_id()
+    names = _names(directory)
     token = names[0].split("-")[2]
-    assert list(placed.names_by_node) == [node] and re.fullmatch(r"[0-9a-f]{6}", token)
+    assert re.fullmatch(r"[0-9a-f]{6}", token)
     assert names == [actor_name(node, 0, f"gpfm-expert-{token}"), actor_name(node, 1, f"gpfm-expert-{token}")]
     infos = remote.describe()
     assert [i["experts"] for i in infos] == [["tiny_a"], ["tiny_b"]]
     assert all(i["node_id"] == node and i["device"] == "cpu" for i in infos)
     assert len({i["pid"] for i in infos} | {os.getpid()}) == 3
+
+
+def _assert_targets(remote, crops: torch.Tensor, grid=GRID) -> dict:
+    got, stats = remote.submit(crops, grid).result(timeout_s=120)
+    want, _ = InProcessExperts(EXPERTS).submit(crops, grid).result()
+    for name in ("tiny_a", "tiny_b"):
+        torch.testing.assert_close(got[name]["cls"], want[name]["cls"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got["tiny_a"]["patch"], want["tiny_a"]["patch"], atol=1e-5, rtol=1e-5)
+    return stats
 
 
 @pytest.mark.parametrize("grid", [(4, 4), (2, 3)])
@@ -206,10 +269,51 @@ def test_remote_prefetch_keeps_batches_in_order(remote) -> None:
         assert step.stats["wait_s"] >= 0
 
 
-def test_worker_on_a_node_without_experts_gets_a_clear_error(placed) -> None:
-    with pytest.raises(ExpertActorError, match="no expert actors on this node .* placed on nodes: 00000000"):
-        connect_node_experts({"0" * 56: ["gpfm-expert-00000000-0"]})
-    with pytest.raises(ExpertActorError, match="no actor names given"):
+def test_a_killed_actor_restarts_and_answers_the_same(directory, remote) -> None:
+    names = _names(directory)
+    actor = ray.get_actor(names[0])
+    before = ray.get(actor.describe.remote())["pid"]
+    pending = remote.submit(_crops(3), GRID)
+    ray.kill(actor, no_restart=False)  # the request above may be in flight: it is resubmitted
+    want, _ = InProcessExperts(EXPERTS).submit(_crops(3), GRID).result()
+    got, _ = pending.result(timeout_s=120)
+    torch.testing.assert_close(got["tiny_a"]["patch"], want["tiny_a"]["patch"], atol=1e-5, rtol=1e-5)
+    _assert_targets(remote, _crops(4))
+    for _ in range(1000):  # queued calls reach the restarted process
+        if ray.get(actor.describe.remote())["pid"] != before:
+            break
+    else:
+        raise AssertionError("the killed actor never restarted")
+    assert _names(directory) == names  # restarted in place, not placed again
+
+
+def test_actors_gone_for_good_are_placed_again_and_retries_are_bounded(directory, remote) -> None:
+    names = _names(directory)
+    handles = [ray.get_actor(n) for n in names]
+    no_retry = connect_node_experts(directory[1], retries=0)
+    for handle in handles:
+        ray.kill(handle, no_restart=True)
+        _dead(handle)
+    with pytest.raises(ExpertActorError, match=r"failed 1 times .*request_retries: 0.*last error: .*ActorDiedError"):
+        no_retry.submit(_crops(5), GRID).result(timeout_s=120)
+    _assert_targets(remote, _crops(6))  # resubmitted to actors placed anew on this node
+    again = _names(directory)
+    assert again != names and [n.split("-")[3:] for n in again] == [n.split("-")[3:] for n in names]
+
+
+def test_worker_without_experts_gets_a_clear_error(ray_session, directory) -> None:
+    node = ray_session.get_runtime_context().get_node_id()
+    bare, bare_name = start_expert_directory(EXPERTS, _placement(accelerator_resource="no_such_gpu"))
+    listed, listed_name = start_expert_directory([], _placement(), fixed={"0" * 56: ["gpfm-expert-00000000-0"]})
+    try:
+        with pytest.raises(ExpertActorError, match=f"node {node[:8]} has 0 no_such_gpu, expert_gpus_per_node is 2"):
+            connect_node_experts(bare_name)
+        with pytest.raises(ExpertActorError, match="no expert actors on this node .* placed on nodes: 00000000"):
+            connect_node_experts(listed_name)
+    finally:
+        release_expert_directory(bare)
+        release_expert_directory(listed)
+    with pytest.raises(ExpertActorError, match="no expert directory given"):
         build_expert_client(EXPERTS, _placement(), None)
     assert isinstance(build_expert_client(EXPERTS, _placement(mode="in_process"), None), InProcessExperts)
 
@@ -231,16 +335,16 @@ def _leftovers(ray_session, prefix: str) -> tuple[list[str], list[str]]:
         time.sleep(0.2)
 
 
-def test_missing_weights_fail_inside_the_actor_and_reach_the_caller(ray_session, placed, tmp_path) -> None:
-    missing = tmp_path / "nope.safetensors"
+def test_missing_weights_fail_inside_the_actor_and_reach_the_caller(ray_session, directory, tmp_path) -> None:
+    missing, node = tmp_path / "nope.safetensors", ray_session.get_runtime_context().get_node_id()
     cfgs = [ExpertConfig(name="tiny_a", weights=missing)]
     with pytest.raises(ExpertActorError, match=f"test-missing-.* failed to start: .*weights file not found: {missing}"):
-        place_expert_actors(cfgs, _placement(expert_gpus_per_node=1), prefix="test-missing")
+        place_expert_actors(cfgs, _placement(expert_gpus_per_node=1), [node], prefix="test-missing")
     assert _leftovers(ray_session, "test-missing") == ([], [])
 
 
-def test_unreservable_bundles_fail_clearly_and_are_released(ray_session, placed) -> None:
-    node = next(iter(placed.names_by_node))
+def test_unreservable_bundles_fail_clearly_and_are_released(ray_session, directory) -> None:
+    node = ray_session.get_runtime_context().get_node_id()
     cfg = _placement(cpus_per_actor=3.0, ready_timeout_s=1.0)  # 2 x 3 CPUs on a 4-CPU node: never fits
     with pytest.raises(ExpertActorError, match=f"node {node[:8]}: could not reserve 2 x"):
         place_expert_actors(EXPERTS, cfg, node_ids=[node], prefix="test-full")

@@ -17,7 +17,7 @@ def test_exported_teacher_equals_the_teacher(tmp_path):
     cfg = build_config(ObjectiveConfig, apply_overrides(read_yaml(TINY_YAML)["objective"], {"model.experts": []}))
     model = SSLMetaArch(cfg).eval()
     with torch.no_grad():  # make the teacher differ from its initialisation
-        for p in model.teacher.parameters():
+        for p in model.teacher.buffers():
             p.add_(torch.randn_like(p) * 0.01)
     export_teacher(model, cfg.model.backbone, tmp_path, step=7, is_writer=True)
     config = json.loads((tmp_path / "config.json").read_text())

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from gpfm_scale.train.ema import update_ema
+from gpfm_scale.models.ema import update_ema
 
 
 def test_formula_on_plain_tensors() -> None:
@@ -40,3 +40,14 @@ def test_mismatches_raise() -> None:
         update_ema([torch.zeros(2)], [torch.zeros(3)], momentum=0.5)
     with pytest.raises(ValueError, match="momentum"):
         update_ema([torch.zeros(2)], [torch.zeros(2)], momentum=1.5)
+
+
+def test_teacher_must_be_fp32_and_the_student_may_be_a_generator_of_any_dtype() -> None:
+    with pytest.raises(ValueError, match="float32"):
+        update_ema([torch.zeros(2, dtype=torch.bfloat16)], [torch.ones(2)], momentum=0.5)
+    teacher = [torch.zeros(2), torch.ones(3)]
+    update_ema(teacher, (s.to(torch.float64) for s in (torch.ones(2), torch.zeros(3))), momentum=0.75)
+    assert teacher[0].dtype == torch.float32 and teacher[0].tolist() == [0.25, 0.25]
+    assert teacher[1].tolist() == [0.75, 0.75, 0.75]
+    with pytest.raises(ValueError, match="student tensors"):
+        update_ema([torch.zeros(2)], (s for s in []), momentum=0.5)

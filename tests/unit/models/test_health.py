@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from gpfm_scale.train.health import effective_rank, expert_cosine, kl_teacher_student, teacher_entropy
+from gpfm_scale.models.health import effective_rank, expert_cosine, kl_teacher_student, teacher_entropy
 
 
 def test_teacher_entropy_bounds() -> None:
