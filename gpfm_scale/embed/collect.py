@@ -1,20 +1,20 @@
-"""Driver side of the embedding pipeline: rows arrive out of order from the actor pool and become feature files.
+"""Driver side of the embedding pipeline: per-slide summaries arrive out of order and become verdicts.
 
-`SlideCollector` keeps only the slides still open (their features, float16 [n, D], and coordinates), so memory
-follows the pipeline's in-flight window, not the cohort. A slide closes when its marker row (see `decode.py`)
-and all the rows it announces have arrived; it is then judged against the tiler manifest's tile count, written
-(rows sorted back into shard order = the tiler's coordinate order) or failed with a one-line reason.
-`ImageCollector` appends image features to one incrementally written `images.h5`.
+For slides the inference actors write the features themselves (`sink.py`); the driver receives one small summary
+row per slide per batch (`sink.SUMMARY_COLUMNS`). `SlideCollector` adds them up for the slides still open, so
+memory follows the pipeline's in-flight window, not the cohort, and holds no feature. A slide closes when its marker
+row (see `decode.py`) and all the rows it announces have been summarised; it is then judged against the tiler
+manifest's tile count and either handed on to be published (its parts, `sink.Publisher`) or failed with a one-line
+reason. `ImageCollector` appends image features to one incrementally written `images.h5` (driver-side: small).
 
-Two checks happen here, before anything is written, because only here a bad item can fail alone: a slide id that
+Two checks happen here, before anything is published, because only here a bad item can fail alone: a slide id that
 is not one safe path component (from a tar key such as `../../x/0_0.jpg` or `./0_0.jpg`) fails its slide, and
-non-finite features (NaN/inf in the stored dtype: a diverged model, or float16 overflowing past 65504) fail their
-slide, or their image, by name. Writing them would hand the evaluation NaN metrics or a crash.
+non-finite features (NaN/inf in the stored dtype: a diverged model, or float16 overflowing past 65504), counted by
+the actors, fail their slide, or their image, by name. Writing them would hand the evaluation NaN metrics or a crash.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,20 +28,23 @@ NONFINITE = "the model gave non-finite features (NaN/inf in the stored feature_d
 
 @dataclass(frozen=True)
 class SlideVerdict:
+    """A closed slide. `ok` ones still to publish carry their `parts` and an empty `file`."""
+
     slide_id: str
     ok: bool
     reason: str = ""
     file: str = ""
     n: int = 0
     n_corrupt: int = 0
+    n_expected: int = 0
+    parts: tuple[str, ...] = ()
 
 
 @dataclass
 class _OpenSlide:
-    index: list[np.ndarray] = field(default_factory=list)
-    coords: list[np.ndarray] = field(default_factory=list)
-    features: list[np.ndarray] = field(default_factory=list)
+    parts: list[str] = field(default_factory=list)
     n_rows: int = 0
+    n_ok: int = 0
     n_corrupt: int = 0
     first_error: str = ""
     n_nonfinite: int = 0
@@ -50,53 +53,43 @@ class _OpenSlide:
     shard_error: str = ""
 
 
-# (slide_id, features [n, D], coords [n, 2], n_expected, n_corrupt) -> file written, relative to the output
-SlideWriter = Callable[[str, np.ndarray, np.ndarray, int, int], str]
-
-
 class SlideCollector:
-    """Groups tile rows per slide; `expected` (slide -> tiler n_tiles) is None for shards without a manifest."""
+    """Adds up per-slide summaries; `expected` (slide -> tiler n_tiles) is None for shards without a manifest."""
 
-    def __init__(self, write: SlideWriter, expected: dict[str, int] | None, max_corrupt_fraction: float) -> None:
-        self.write = write
+    def __init__(self, expected: dict[str, int] | None, max_corrupt_fraction: float) -> None:
         self.expected = expected
         self.max_corrupt_fraction = max_corrupt_fraction
         self.open: dict[str, _OpenSlide] = {}
         self.closed: set[str] = set()
 
-    def feed(self, batch: dict[str, np.ndarray]) -> list[SlideVerdict]:
-        """Take one output batch of the pipeline; returns the slides it completed."""
-        slide_ids = np.asarray(batch["slide_id"]).astype(str)
+    def feed(self, summary: dict[str, np.ndarray]) -> list[SlideVerdict]:
+        """Take one output block of the pipeline (`sink.SUMMARY_COLUMNS`); returns the slides it completed."""
+        cols = {k: np.asarray(v).tolist() for k, v in summary.items()}
+        touched = []
+        for i, sid in enumerate(map(str, cols["slide_id"])):
+            self._add(self.open.setdefault(sid, _OpenSlide()), {k: v[i] for k, v in cols.items()})
+            touched.append(sid)
         done = []
-        for sid in map(str, np.unique(slide_ids)):
-            rows = slide_ids == sid
-            state = self.open.setdefault(sid, _OpenSlide())
-            self._add(state, {k: np.asarray(v)[rows] for k, v in batch.items() if k != "slide_id"})
+        for sid in dict.fromkeys(touched):
+            state = self.open[sid]
             if state.total is not None and state.n_rows >= state.total:
                 done.append(self._close(sid))
         return done
 
-    def _add(self, state: _OpenSlide, rows: dict[str, np.ndarray]) -> None:
-        marker = rows["total"] >= 0
-        for total, error in zip(rows["total"][marker], rows["error"][marker]):
-            state.total = (state.total or 0) + int(total)
-            state.shard_error = state.shard_error or str(error)
-        tiles = ~marker
-        ok = rows["ok"] & tiles
-        bad = tiles & ~rows["ok"]
-        state.n_rows += int(tiles.sum())
-        state.n_corrupt += int(bad.sum())
-        if bad.any() and not state.first_error:
-            state.first_error = str(rows["error"][bad][0])
-        finite = np.isfinite(rows["features"]).all(axis=1)
-        if (ok & ~finite).any():
-            state.n_nonfinite += int((ok & ~finite).sum())
-            first = np.flatnonzero(ok & ~finite)[0]
-            state.first_nonfinite = state.first_nonfinite or (int(rows["x"][first]), int(rows["y"][first]))
-        if ok.any():
-            state.index.append(rows["index"][ok])
-            state.coords.append(np.stack([rows["x"][ok], rows["y"][ok]], axis=1))
-            state.features.append(rows["features"][ok])
+    @staticmethod
+    def _add(state: _OpenSlide, row: dict) -> None:
+        if row["total"] >= 0:
+            state.total = (state.total or 0) + int(row["total"])
+            state.shard_error = state.shard_error or str(row["shard_error"])
+        state.n_rows += int(row["n_tiles"])
+        state.n_ok += int(row["n_ok"])
+        state.n_corrupt += int(row["n_corrupt"])
+        state.first_error = state.first_error or str(row["error"])
+        if row["n_nonfinite"]:
+            state.n_nonfinite += int(row["n_nonfinite"])
+            state.first_nonfinite = state.first_nonfinite or (int(row["nonfinite_x"]), int(row["nonfinite_y"]))
+        if row["part"]:
+            state.parts.append(str(row["part"]))
 
     def _close(self, sid: str) -> SlideVerdict:
         state = self.open.pop(sid)
@@ -111,11 +104,8 @@ class SlideCollector:
         reason = self._fault(state, expected)
         if reason:
             return SlideVerdict(sid, False, reason, n_corrupt=state.n_corrupt)
-        order = np.argsort(np.concatenate(state.index), kind="stable")
-        features = np.concatenate(state.features)[order]
-        coords = np.concatenate(state.coords)[order].astype(np.int64)
-        file = self.write(sid, features, coords, expected, state.n_corrupt)
-        return SlideVerdict(sid, True, file=file, n=len(features), n_corrupt=state.n_corrupt)
+        return SlideVerdict(sid, True, n=state.n_ok, n_corrupt=state.n_corrupt, n_expected=expected,
+                            parts=tuple(state.parts))
 
     def _fault(self, state: _OpenSlide, expected: int) -> str:
         total = state.total or 0

@@ -19,6 +19,7 @@ import torch
 from gpfm_scale.embed.config import EmbedConfig
 from gpfm_scale.embed.decode import read_task
 from gpfm_scale.embed.models import ModelInfo, build_embedder
+from gpfm_scale.embed.sink import PartWriter
 from gpfm_scale.errors import ConfigError
 from gpfm_scale.resources import wait_for_resources
 
@@ -95,10 +96,12 @@ class Predictor:
 
     Input columns: `image` uint8 [B, 3, S, S] and `ok` (bool); every other column passes through unchanged.
     Output: the same minus `image`, plus `features` [B, D] in `feature_dtype` (zeros where `ok` is False: those rows are
-    markers or corrupt samples, which the driver counts and never stores as features).
+    markers or corrupt samples, which the driver counts and never stores as features). With `parts_out` (slides),
+    the actor writes the features itself and returns only `sink.PartWriter`'s per-slide summary rows.
     """
 
-    def __init__(self, info: ModelInfo, cfg_json: str, device: str, threads: int) -> None:
+    def __init__(self, info: ModelInfo, cfg_json: str, device: str, threads: int,
+                 parts_out: str | None = None) -> None:
         cfg = EmbedConfig.model_validate_json(cfg_json)
         if device == "cpu":
             torch.set_num_threads(threads)
@@ -107,6 +110,7 @@ class Predictor:
         self.dim = info.dim
         self.dtype = autocast_dtype(cfg, device)
         self.feature_dtype = np.dtype(cfg.feature_dtype)
+        self.parts = PartWriter(parts_out) if parts_out is not None else None
         log.info("embedding actor ready: %s on %s (%s)", info.name, device, self.dtype or torch.float32)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -124,13 +128,15 @@ class Predictor:
                 out = self.embedder(tiles)
             features[ok] = out.float().cpu().numpy()
         batch["features"] = features
-        return batch
+        return self.parts.summarise(batch) if self.parts is not None else batch
 
 
-def build_pipeline(tasks: list[dict[str, Any]], info: ModelInfo, cfg: EmbedConfig, plan: ResourcePlan) -> Any:
+def build_pipeline(tasks: list[dict[str, Any]], info: ModelInfo, cfg: EmbedConfig, plan: ResourcePlan,
+                   parts_out: str | None = None) -> Any:
     """The Ray Data dataset: tasks -> read/decode/resize (CPU tasks) -> inference (actor pool) -> driver.
 
     One input block per task so read tasks run in parallel; `batch_size=1` hands each read task one task row.
+    `parts_out`: the actors write slide features under it and send the driver summaries (`sink.py`).
     """
     import ray
 
@@ -153,4 +159,4 @@ def build_pipeline(tasks: list[dict[str, Any]], info: ModelInfo, cfg: EmbedConfi
         compute=ray.data.ActorPoolStrategy(size=plan.num_actors),
         num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None,
         fn_constructor_kwargs={"info": info, "cfg_json": cfg.model_dump_json(), "device": plan.device,
-                               "threads": plan.torch_threads})
+                               "threads": plan.torch_threads, "parts_out": parts_out})

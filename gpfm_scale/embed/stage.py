@@ -3,11 +3,14 @@
 Inputs: the tiler's output (or bare shards), a slide manifest (tiled first into `OUT/tiles/` by the tiling stage:
 its resume, failure records, coordinates and thumbnails come for free, and the tiles serve every later model),
 or an image folder. Reading, decoding and resizing run as Ray Data tasks, the model in an actor pool
-(`predictor.build_pipeline`); the driver groups the returned features per slide (`collect.py`) and is the only
-writer of `OUT` (layout: `store.py`).
+(`predictor.build_pipeline`). For slides the actors write the features (`sink.py`: per-batch parts, published per
+slide as `features/{slide_id}.h5` by a Ray task) and the driver receives only per-slide summaries (`collect.py`),
+a few bytes per tile instead of the feature; it writes the index, failure table and run record (layout:
+`store.py`). Image folders' features come back to the driver, which writes the one `images.h5`.
 
 Resume: a slide is skipped when `features/{slide_id}.h5` exists, was made with the same model (weights
-fingerprint) and holds every tile of the tiler manifest (rows + recorded undecodable tiles = n_tiles). Slides that
+fingerprint) and holds every tile of the tiler manifest (rows + recorded undecodable tiles = n_tiles); a file is
+only ever published whole, and parts or half-written files of a killed run are wiped first. Slides that
 failed embedding are retried on every run; slides that failed tiling follow `tiling.retry_failed`. Failures go to
 `OUT/failed.parquet` (slide_id, stage, reason), never into the index, which lists only slides with features.
 Writing into an `OUT` embedded with another model is refused.
@@ -36,7 +39,7 @@ from tqdm import tqdm
 
 from gpfm_scale.atomic import write_bytes_atomic
 from gpfm_scale.config import dump_config
-from gpfm_scale.embed import store
+from gpfm_scale.embed import sink, store
 from gpfm_scale.embed.collect import ImageCollector, SlideCollector, SlideVerdict
 from gpfm_scale.embed.config import EmbedConfig
 from gpfm_scale.embed.inputs import TileSource, detect_kind, list_image_folder, load_tile_source, shard_names
@@ -68,6 +71,7 @@ class EmbedResult:
     seconds: float
     failed: list[tuple[str, str]] = field(default_factory=list)
     startup_seconds: float = 0.0  # run start -> first features back (tiling, Ray workers, actors, model build)
+    driver_bytes: int = 0  # bytes of the pipeline's output blocks the driver received (summaries, for slides)
 
     @property
     def images_per_second(self) -> float:
@@ -137,11 +141,14 @@ class _Stream:
     embedded: int = 0
     corrupt: int = 0
     startup_seconds: float = 0.0
+    driver_bytes: int = 0
 
 
 def _stream(tasks: list[dict[str, Any]], info: ModelInfo, cfg: EmbedConfig, total: int | None,
-            feed: Callable[[dict[str, np.ndarray]], tuple[int, int, str]], start: float) -> _Stream:
-    """Run the pipeline over `tasks`, handing each output block to `feed` (-> embedded, corrupt, bar note)."""
+            feed: Callable[[dict[str, np.ndarray]], tuple[int, int, str]], start: float,
+            parts_out: str | None = None) -> _Stream:
+    """Run the pipeline over `tasks`, handing each output block to `feed` (-> embedded, corrupt, bar note);
+    `parts_out`: the actors write slide features there (`sink.py`)."""
     import ray
 
     from gpfm_scale.embed.predictor import build_pipeline, plan_resources, wait_for_cluster
@@ -151,11 +158,14 @@ def _stream(tasks: list[dict[str, Any]], info: ModelInfo, cfg: EmbedConfig, tota
     plan = plan_resources(cfg, wait_for_cluster(cfg))
     log.info("%d inference actor(s) on %s (%g CPU, %g GPU each), batch %d", plan.num_actors, plan.device,
              plan.cpus_per_actor, plan.gpus_per_actor, cfg.batch_size)
-    embedded = corrupt = 0
+    embedded = corrupt = received = 0
     t0, first = time.perf_counter(), None
     bar = tqdm(total=total, unit="img", desc="embedding", dynamic_ncols=True)
     try:
-        for block in build_pipeline(tasks, info, cfg, plan).iter_batches(batch_size=None, batch_format="numpy"):
+        blocks = build_pipeline(tasks, info, cfg, plan, parts_out).iter_batches(batch_size=None,
+                                                                                  batch_format="numpy")
+        for block in blocks:
+            received += sum(np.asarray(v).nbytes for v in block.values())
             n_ok, n_bad, note = feed(block)
             first = first or time.perf_counter()
             embedded, corrupt = embedded + n_ok, corrupt + n_bad
@@ -169,7 +179,7 @@ def _stream(tasks: list[dict[str, Any]], info: ModelInfo, cfg: EmbedConfig, tota
         raise GpfmError(f"embedding pipeline failed: {root_cause(err)}") from err
     finally:
         bar.close()
-    return _Stream(embedded, corrupt, (first or time.perf_counter()) - start)
+    return _Stream(embedded, corrupt, (first or time.perf_counter()) - start, received)
 
 
 def root_cause(err: BaseException) -> str:
@@ -255,15 +265,6 @@ def _unsafe_names(slide_id: str, shards: list[str]) -> str:
     return ""
 
 
-def _slide_writer(out_dir: Path, info: ModelInfo, source: TileSource) -> Callable[..., str]:
-    def write(sid: str, features: np.ndarray, coords: np.ndarray, n_expected: int, n_corrupt: int) -> str:
-        attrs = {"model_fingerprint": info.fingerprint, "n_expected": n_expected, "n_corrupt": n_corrupt,
-                 "input_size": info.contract.size}
-        return store.write_slide_features(out_dir, sid, features, coords, info.name, attrs, _coords_attrs(source,
-                                                                                                           sid))
-    return write
-
-
 def _coords_attrs(source: TileSource, sid: str) -> dict[str, Any]:
     """The tiler's CLAM/TRIDENT geometry attributes for the slide (local tiling outputs), else none."""
     path = Path(source.root or "") / "coords" / f"{sid}.h5"
@@ -274,6 +275,7 @@ def _coords_attrs(source: TileSource, sid: str) -> dict[str, Any]:
 
 
 def _run_tiles(cfg: EmbedConfig, info: ModelInfo, source: TileSource, out_dir: Path, start: float) -> EmbedResult:
+    sink.clear_scratch(out_dir)
     plan = _plan_slides(source, info, out_dir)
     skipped = set(plan.done)
     EMBED.slides.labels(status="skipped").inc(len(skipped))
@@ -281,38 +283,49 @@ def _run_tiles(cfg: EmbedConfig, info: ModelInfo, source: TileSource, out_dir: P
         tasks = [{"shard": s, "exclude": sorted(skipped)} for s in plan.todo]
     else:
         tasks = [{"shard": s, "include": sids} for s, sids in plan.todo.items()]
-    collector = SlideCollector(_slide_writer(out_dir, info, source), plan.expected, cfg.max_corrupt_fraction)
+    collector = SlideCollector(plan.expected, cfg.max_corrupt_fraction)
     verdicts: list[SlideVerdict] = []
     log.info("%d slide(s) already embedded, %d shard(s) to read", len(skipped), len(tasks))
 
-    def feed(block: dict[str, np.ndarray]) -> tuple[int, int, str]:
-        is_tile = np.asarray(block["total"]) < 0
-        closed = collector.feed(block)
-        for v in closed:
+    def record(final: list[SlideVerdict]) -> None:
+        verdicts.extend(final)
+        for v in final:
             EMBED.slides.labels(status="done" if v.ok else "failed").inc()
             if not v.ok:
                 log.warning("FAILED %s: %s", v.slide_id, v.reason)
-        verdicts.extend(closed)
-        ok = np.asarray(block["ok"], bool)
-        return int((ok & is_tile).sum()), int((~ok & is_tile).sum()), f"slides {len(verdicts)}"
 
-    stream = _Stream()
+    def feed(block: dict[str, np.ndarray]) -> tuple[int, int, str]:
+        for v in collector.feed(block):
+            record(publisher.submit(v, _slide_attrs(info, v), _coords_attrs(source, v.slide_id)) if v.ok else [v])
+        record(publisher.finished())
+        return int(np.sum(block["n_ok"])), int(np.sum(block["n_corrupt"])), f"slides {len(verdicts)}"
+
+    stream, publisher = _Stream(), sink.Publisher(str(out_dir), info.name)
     try:
         if tasks:
             total = sum(plan.expected.values()) if plan.expected is not None else None
-            stream = _stream(tasks, info, cfg, total, feed, start)
+            stream = _stream(tasks, info, cfg, total, feed, start, parts_out=str(out_dir))
         verdicts.extend(collector.sweep(list(plan.expected or {})))
     finally:  # what finished is recorded even when the pipeline fails: a rerun resumes from it
+        record(publisher.drain())
+        sink.clear_scratch(out_dir)
         failed = _write_slide_outputs(out_dir, source, plan, verdicts)
     n_done = len(plan.done) + sum(v.ok for v in verdicts)
     return _result(out_dir, "slide", info, stream, start, n_items=n_done + len(failed), n_done=n_done,
                    n_skipped=len(skipped), failed=[(f["slide_id"], f"{f['stage']}: {f['reason']}") for f in failed])
 
 
+def _slide_attrs(info: ModelInfo, v: SlideVerdict) -> dict[str, Any]:
+    """The feature file's resume bookkeeping (`complete_features`)."""
+    return {"model_fingerprint": info.fingerprint, "n_expected": v.n_expected, "n_corrupt": v.n_corrupt,
+            "input_size": info.contract.size}
+
+
 def _result(out_dir: Path, kind: str, info: ModelInfo, stream: _Stream, start: float, **counts: Any) -> EmbedResult:
     return EmbedResult(out=str(out_dir), index=str(out_dir / store.INDEX), kind=kind, model=info.name,
                        n_failed=len(counts["failed"]), n_embedded=stream.embedded, n_corrupt=stream.corrupt,
-                       seconds=time.perf_counter() - start, startup_seconds=stream.startup_seconds, **counts)
+                       seconds=time.perf_counter() - start, startup_seconds=stream.startup_seconds,
+                       driver_bytes=stream.driver_bytes, **counts)
 
 
 def _write_slide_outputs(out_dir: Path, source: TileSource, plan: _SlidePlan,

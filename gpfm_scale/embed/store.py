@@ -5,6 +5,8 @@ Layout of an embedding output directory DIR:
                                  (CLAM/TRIDENT layout: their MIL code reads `features` and `coords` unchanged),
                                  attributes `model`, `dim`, `slide_id`.
     DIR/features/images.h5       for an image folder: `features` (N, D) float16 (or float32) and `paths` (N,) of the images.
+    DIR/parts/{slide_id}/*.npz   scratch: per-batch features written by the inference actors (`sink.py`), joined
+                                 into the slide's .h5 and removed; wiped at the start and end of every run.
     DIR/index.parquet            one row per slide (kind "slide") or per image (kind "image"): `slide_id`,
                                  `kind`, `file` (relative to DIR), `row` (the image's row in images.h5, -1 for
                                  slides), `n` (vectors), `label`, `case_id`, `time`, `event` (when known) and

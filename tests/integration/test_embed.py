@@ -3,6 +3,7 @@ on the tiler's shards (one tile corrupted), the hgsc-nuclei image folder, resume
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tarfile
@@ -104,6 +105,43 @@ def test_rerun_skips_finished_slides_and_redoes_a_lost_one(embedded):
     assert all(p.stat().st_mtime_ns == stamps[p.name] for p in files if p.name != "s01.h5")
     with pytest.raises(ConfigError, match="use a new --out"):
         run(_cfg(), "expert:tiny_b", str(root / "cohort" / "manifest.csv"), str(out))
+
+
+def test_workers_write_the_features_the_driver_gets_summaries_and_a_torn_file_is_redone(embedded):
+    root, result = embedded
+    out = root / "out"
+    # per slide and batch a summary row, not 48 float16 values (96 bytes) per tile, reached the driver
+    assert 0 < result.driver_bytes < 96 * result.n_embedded / 4, result.driver_bytes
+    assert not (out / "parts").exists()  # scratch is gone once the slides are published
+    before = {p.name: p.read_bytes() for p in (out / "features").glob("*.h5")}
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "features").glob("*.h5")}
+    (out / "features" / "s02.h5").write_bytes(before["s02.h5"][: len(before["s02.h5"]) // 2])  # killed mid-write
+    (out / "features" / "s01.h5.partial").write_bytes(b"torn")
+    (out / "parts" / "s02").mkdir(parents=True)
+    (out / "parts" / "s02" / "stale.npz").write_bytes(b"a killed run's part")
+    again = run(_cfg(), "expert:tiny_a", str(root / "cohort" / "manifest.csv"), str(out))
+    n02 = int(pd.read_parquet(out / "index.parquet").set_index("slide_id").loc["s02", "n"])
+    assert (again.n_skipped, again.n_done, again.n_embedded, again.n_failed) == (2, 3, n02, 1)
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "features").glob("*.h5")}.items() - stamps.items() == \
+        {("s02.h5", (out / "features" / "s02.h5").stat().st_mtime_ns)}  # only the torn slide was redone
+    with h5py.File(out / "features" / "s02.h5") as f, h5py.File(io.BytesIO(before["s02.h5"])) as old:
+        np.testing.assert_array_equal(f["features"][:], old["features"][:])
+        np.testing.assert_array_equal(f["coords"][:], old["coords"][:])
+    assert not (out / "parts").exists() and not list((out / "features").glob("*.partial"))
+
+
+def test_slides_embedded_in_float32_keep_full_precision(embedded, tmp_path):
+    root, _ = embedded
+    result = run(_cfg(feature_dtype="float32"), "expert:tiny_a", str(root / "out" / "tiles"), str(tmp_path))
+    assert (result.n_done, result.n_failed) == (3, 1)
+    for sid in ("s00", "s01", "s02"):
+        with h5py.File(tmp_path / "features" / f"{sid}.h5") as f, \
+                h5py.File(root / "out" / "features" / f"{sid}.h5") as half:
+            full = f["features"][:]
+            assert full.dtype == np.float32 and full.shape == half["features"].shape
+            np.testing.assert_array_equal(f["coords"][:], half["coords"][:])
+            np.testing.assert_allclose(full, half["features"][:].astype(np.float32), **FP16)
+            assert (full != full.astype(np.float16).astype(np.float32)).any()  # not rounded to float16
 
 
 def _corrupt_first_png(shard: Path) -> str:

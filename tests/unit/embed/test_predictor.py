@@ -26,6 +26,23 @@ def test_predictor_embeds_good_rows_and_passes_other_columns_through():
     assert not out["features"][1].any()
 
 
+def test_predictor_with_parts_out_writes_the_features_and_returns_only_a_summary_per_slide(tmp_path):
+    cfg = EmbedConfig(feature_dtype="float32")
+    predictor = Predictor(describe_model("expert:tiny_a", cfg), cfg.model_dump_json(), "cpu", threads=1,
+                          parts_out=str(tmp_path))
+    images = np.random.default_rng(0).integers(0, 256, (3, 3, 32, 32), dtype=np.uint8)
+    batch = {"image": images, "ok": np.array([True, True, False]), "slide_id": np.array(["a", "b", "b"]),
+             "index": np.array([0, 0, -1]), "x": np.array([5, 6, -1]), "y": np.array([7, 8, -1]),
+             "error": np.array(["", "", ""]), "total": np.array([-1, -1, 1])}
+    out = predictor(batch)
+    assert "features" not in out and out["slide_id"].tolist() == ["a", "b"]
+    assert out["n_ok"].tolist() == [1, 1] and out["total"].tolist() == [-1, 1]
+    with np.load(tmp_path / "parts" / "b" / out["part"][1]) as part:
+        assert part["features"].dtype == np.float32 and part["coords"].tolist() == [[6, 8]]
+        expected = build_expert(ExpertConfig(name="tiny_a"))(torch.from_numpy(images[[1]]))["cls"].numpy()
+        np.testing.assert_allclose(part["features"], expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(("cluster", "overrides", "expected"), [
     ({"CPU": 16}, {}, (7, 1.0, 0.0)),  # (16 - 1 read slot) / 2
     ({"CPU": 2}, {}, (1, 1.0, 0.0)),
