@@ -30,10 +30,18 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+# One real key of each sub-command's config for its `--set` help (tests check that each exists in that config).
+SET_EXAMPLES = {"tile": "tissue.close_px=9", "mix": "shard_bytes=500000000", "pretrain": "optim.clip_grad=3.0",
+                "embed": "feature_dtype=float32", "evaluate": "knn.k=20"}
+# What a sub-command needs to run; not needed for --print-config, so argparse does not require them.
+RUN_INPUTS = {"tile": ("--slides", "--out"), "mix": ("--shards", "--out"), "embed": ("--model", "--input", "--out"),
+              "evaluate": ("--features", "--task", "--out")}
+
+
+def _add_common(p: argparse.ArgumentParser, cmd: str) -> None:
     p.add_argument("--config", help="YAML file with config keys that differ from the defaults.")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="Override any config key, dotted for nesting (e.g. --set tissue.close_px=9). Repeatable.")
+                   help=f"Override any config key, dotted for nesting (e.g. --set {SET_EXAMPLES[cmd]}). Repeatable.")
     p.add_argument("--print-config", action="store_true",
                    help="Print the resolved config (every key, its value and what it means) as YAML and exit.")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -44,10 +52,10 @@ def _tile_parser(sub: Any) -> None:
                        description="Tile slides into DIR/shards/*.tar, DIR/coords/*.h5, DIR/thumbnails/*.png and "
                                    "DIR/manifest.parquet. Rerunning the same command resumes: finished slides are "
                                    "skipped, interrupted ones redone, failed ones retried only with --retry-failed.")
-    p.add_argument("--slides", required=True,
+    p.add_argument("--slides",
                    help="Slide manifest (CSV/Parquet with slide_id, path[, mpp, clinical columns]; an mpp column "
                         "overrides the slide's own), a folder, or a glob. Local paths or fsspec URLs (s3://, gs://).")
-    p.add_argument("--out", required=True, help="Output directory (local path or fsspec URL).")
+    p.add_argument("--out", help="Output directory (local path or fsspec URL).")
     p.add_argument("--target-mpp", type=float, dest="grid.target_mpp",
                    help="µm/px of the written tiles (resampled from the nearest finer level); omit for GPFM's "
                         "native level-0 tiles.")
@@ -66,7 +74,7 @@ def _tile_parser(sub: Any) -> None:
                    help="Serve Prometheus metrics on PORT while running (127.0.0.1 unless --metrics-host).")
     p.add_argument("--metrics-host", dest="metrics_host", help="Address the metrics endpoint binds (default 127.0.0.1).")
     p.add_argument("--ray-address", dest="ray_address", help="Ray cluster address (default: RAY_ADDRESS or local).")
-    _add_common(p)
+    _add_common(p, "tile")
 
 
 def _pretrain_parser(sub: Any) -> None:
@@ -83,7 +91,7 @@ def _pretrain_parser(sub: Any) -> None:
     p.add_argument("--steps", type=int, dest="run.total_iters", help="Total optimiser steps.")
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], dest="deepspeed.zero_stage", help="ZeRO stage.")
     p.add_argument("--ray-address", dest="run.ray_address", help="Ray cluster address (default: RAY_ADDRESS or local).")
-    _add_common(p)
+    _add_common(p, "pretrain")
 
 
 def _mix_parser(sub: Any) -> None:
@@ -91,12 +99,12 @@ def _mix_parser(sub: Any) -> None:
                        description="Shuffle every tile of the input shards across DIR/shards/{run_name}-NNNNNN.tar "
                                    "(each a uniform random sample of the cohort, in random order) with Ray Data, so "
                                    "that training batches mix slides; writes DIR/mix.json last.")
-    p.add_argument("--shards", required=True, help="Tiler output dir, shards dir, glob or brace notation.")
-    p.add_argument("--out", required=True, help="Output directory (local path or fsspec URL).")
+    p.add_argument("--shards", help="Tiler output dir, shards dir, glob or brace notation.")
+    p.add_argument("--out", help="Output directory (local path or fsspec URL).")
     p.add_argument("--seed", type=int, dest="seed", help="Seed of the mix.")
     p.add_argument("--shard-bytes", type=int, dest="shard_bytes", help="Target bytes per output shard.")
     p.add_argument("--ray-address", dest="ray_address", help="Ray cluster address (default: RAY_ADDRESS or local).")
-    _add_common(p)
+    _add_common(p, "mix")
 
 
 def _embed_parser(sub: Any) -> None:
@@ -105,17 +113,17 @@ def _embed_parser(sub: Any) -> None:
                                    "DIR/tiles/) or an image folder (class/image.png) with Ray Data. Writes "
                                    "DIR/features/{slide_id}.h5 (features + coords, CLAM/TRIDENT layout), "
                                    "DIR/index.parquet and DIR/failed.parquet. Rerunning resumes.")
-    p.add_argument("--model", required=True,
+    p.add_argument("--model",
                    help="An export directory of `gpfm-scale pretrain`, expert:NAME, or timm:NAME (local weights).")
-    p.add_argument("--input", required=True, help="Tiler output / shards, a slide manifest, or an image folder.")
-    p.add_argument("--out", required=True, help="Output directory.")
+    p.add_argument("--input", help="Tiler output / shards, a slide manifest, or an image folder.")
+    p.add_argument("--out", help="Output directory.")
     p.add_argument("--batch-size", type=int, dest="batch_size", help="Images per forward pass.")
     p.add_argument("--workers", type=int, dest="num_actors", help="Inference actors (usually one per GPU).")
     p.add_argument("--metrics-port", type=int, dest="metrics_port",
                    help="Serve Prometheus metrics on PORT while running (127.0.0.1 unless --metrics-host).")
     p.add_argument("--metrics-host", dest="metrics_host", help="Address the metrics endpoint binds (default 127.0.0.1).")
     p.add_argument("--ray-address", dest="ray_address", help="Ray cluster address (default: RAY_ADDRESS or local).")
-    _add_common(p)
+    _add_common(p, "embed")
 
 
 def _evaluate_parser(sub: Any) -> None:
@@ -123,16 +131,16 @@ def _evaluate_parser(sub: Any) -> None:
                        description="Evaluate one or more models (one `gpfm-scale embed` output each) on downstream "
                                    "tasks; writes DIR/results.json (metric -> value and 95% CI per model and task) "
                                    "and DIR/report.md with figures. Several models are ranked per task.")
-    p.add_argument("--features", action="append", required=True, metavar="DIR",
+    p.add_argument("--features", action="append", metavar="DIR",
                    help="An embedding output directory (repeat for several models).")
-    p.add_argument("--task", action="append", required=True,
+    p.add_argument("--task", action="append",
                    help="linear-probe, knn, few-shot, retrieval, abmil or survival (repeat or comma-separate).")
     p.add_argument("--labels", help="CSV/Parquet keyed by slide_id|image|file|path with label / time, event / "
                                     "case_id columns; overrides the labels of the embedding index.")
-    p.add_argument("--out", required=True, help="Report directory.")
+    p.add_argument("--out", help="Report directory.")
     p.add_argument("--seed", type=int, dest="seed", help="Seed of splits, probes, few-shot draws and bootstrap.")
     p.add_argument("--bootstrap", type=int, dest="bootstrap", help="Bootstrap resamples for the CIs (0: none).")
-    _add_common(p)
+    _add_common(p, "evaluate")
 
 
 def _demo_parser(sub: Any) -> None:
@@ -242,8 +250,25 @@ def _run_demo(args: argparse.Namespace) -> int:
     return run_demo(args.out)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gpfm-scale")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def _missing_inputs(args: argparse.Namespace) -> list[str]:
+    """The run inputs of `args.cmd` not given (none are needed to --print-config)."""
+    if getattr(args, "print_config", False):
+        return []
+    return [flag for flag in RUN_INPUTS.get(args.cmd, ()) if getattr(args, flag[2:].replace("-", "_")) is None]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpfm-scale", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="cmd", required=True)
     _tile_parser(sub)
     _mix_parser(sub)
@@ -256,7 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    missing = _missing_inputs(args)
+    if missing:
+        print(f"gpfm-scale {args.cmd}: error: the following arguments are required: {', '.join(missing)}",
+              file=sys.stderr)
+        return 2
     args.argv = argv
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     handlers = {"tile": _run_tile, "mix": _run_mix, "pretrain": _run_pretrain, "embed": _run_embed, "evaluate": _run_evaluate, "demo": _run_demo}

@@ -40,3 +40,43 @@ def test_cli_print_config_and_errors(tmp_path, capsys):
     assert "unknown key 'grid.nope'" in capsys.readouterr().err
     assert main(["tile", "--slides", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "o")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_version_and_python_dash_m(capsys):
+    import subprocess
+    import sys
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"gpfm-scale {version('gpfm-scale')}"
+    proc = subprocess.run([sys.executable, "-m", "gpfm_scale", "--version"], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"gpfm-scale {version('gpfm-scale')}"
+
+
+@pytest.mark.parametrize("cmd", ["tile", "mix", "embed", "evaluate"])
+def test_print_config_needs_no_run_inputs_but_a_run_does(cmd, capsys):
+    from gpfm_scale.cli import RUN_INPUTS
+
+    assert main([cmd, "--print-config"]) == 0
+    assert isinstance(yaml.safe_load(capsys.readouterr().out), dict)
+    assert main([cmd]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and all(flag in err for flag in RUN_INPUTS[cmd]), err
+
+
+def test_each_set_example_names_a_key_of_its_own_config(capsys):
+    """The `--set` help of each sub-command shows a key that exists there (one example for all named a tiling key)."""
+    from gpfm_scale.cli import SET_EXAMPLES, build_parser
+
+    parser = build_parser()
+    for cmd, example in SET_EXAMPLES.items():
+        key, _, value = example.partition("=")
+        assert main([cmd, "--set", example, "--print-config"]) == 0, (cmd, capsys.readouterr().err)
+        printed = yaml.safe_load(capsys.readouterr().out)
+        node = printed
+        for part in key.split("."):
+            node = node[part]
+        assert node == yaml.safe_load(value), (cmd, key, node)
+        sub = parser._subparsers._group_actions[0].choices[cmd]
+        assert f"--set {example}" in " ".join(sub.format_help().split())
