@@ -7,6 +7,8 @@ Every stage option maps onto a config key; `--set key=value` reaches any key not
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import logging
 import shlex
 import sys
@@ -33,9 +35,59 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
 # One real key of each sub-command's config for its `--set` help (tests check that each exists in that config).
 SET_EXAMPLES = {"tile": "tissue.close_px=9", "mix": "shard_bytes=500000000", "pretrain": "optim.clip_grad=3.0",
                 "embed": "feature_dtype=float32", "evaluate": "knn.k=20"}
+# The config model of each sub-command, imported only when its help is shown (parsing stays light).
+CONFIG_MODELS = {"tile": "gpfm_scale.tiling.config:TilingConfig", "mix": "gpfm_scale.data.mixing:MixConfig",
+                 "pretrain": "gpfm_scale.train.pretrain_config:PretrainConfig",
+                 "embed": "gpfm_scale.embed.config:EmbedConfig",
+                 "evaluate": "gpfm_scale.evaluate.config:EvaluateConfig"}
 # What a sub-command needs to run; not needed for --print-config, so argparse does not require them.
 RUN_INPUTS = {"tile": ("--slides", "--out"), "mix": ("--shards", "--out"), "embed": ("--model", "--input", "--out"),
               "evaluate": ("--features", "--task", "--out")}
+
+
+@functools.lru_cache(maxsize=None)
+def config_defaults(cmd: str) -> dict[str, Any]:
+    """Dotted config key -> its default, from the sub-command's config model (the one place defaults are written)."""
+    module, _, name = CONFIG_MODELS[cmd].partition(":")
+    flat: dict[str, Any] = {}
+
+    def walk(node: dict[str, Any], prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[prefix + key] = value
+
+    walk(getattr(importlib.import_module(module), name)().model_dump(mode="json"), "")
+    return flat
+
+
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Help that ends each option with its real default: the config model's for options that set a config key (their
+    argparse default is None, meaning "not given"), argparse's own for the rest. Nothing is restated by hand."""
+
+    def __init__(self, prog: str, cmd: str | None = None) -> None:
+        super().__init__(prog)
+        self.cmd = cmd
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if not action.option_strings or action.default is argparse.SUPPRESS:
+            return text
+        default = action.default
+        if default is None and self.cmd in CONFIG_MODELS:
+            default = config_defaults(self.cmd).get(action.dest)
+        if default is None or default is False or default == []:
+            return text
+        return f"{text} (default: {str(default).replace('%', '%%')})"
+
+
+def _subparser(sub: Any, cmd: str, **kwargs: Any) -> argparse.ArgumentParser:
+    return sub.add_parser(cmd, formatter_class=functools.partial(_DefaultsFormatter, cmd=cmd), **kwargs)
+
+
+def _add_log_level(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="Logging level.")
 
 
 def _add_common(p: argparse.ArgumentParser, cmd: str) -> None:
@@ -44,11 +96,11 @@ def _add_common(p: argparse.ArgumentParser, cmd: str) -> None:
                    help=f"Override any config key, dotted for nesting (e.g. --set {SET_EXAMPLES[cmd]}). Repeatable.")
     p.add_argument("--print-config", action="store_true",
                    help="Print the resolved config (every key, its value and what it means) as YAML and exit.")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    _add_log_level(p)
 
 
 def _tile_parser(sub: Any) -> None:
-    p = sub.add_parser("tile", help="Cut whole-slide images into WebDataset shards (stage 1).",
+    p = _subparser(sub, "tile", help="Cut whole-slide images into WebDataset shards (stage 1).",
                        description="Tile slides into DIR/shards/*.tar, DIR/coords/*.h5, DIR/thumbnails/*.png and "
                                    "DIR/manifest.parquet. Rerunning the same command resumes: finished slides are "
                                    "skipped, interrupted ones redone, failed ones retried only with --retry-failed.")
@@ -61,7 +113,7 @@ def _tile_parser(sub: Any) -> None:
                         "native level-0 tiles.")
     p.add_argument("--target-magnification", type=float, dest="grid.target_magnification",
                    help="Alternative to --target-mpp: objective power of the written tiles (20 = 0.5 µm/px).")
-    p.add_argument("--tile-px", type=int, dest="grid.tile_px", help="Tile side in output pixels (default 512).")
+    p.add_argument("--tile-px", type=int, dest="grid.tile_px", help="Tile side in output pixels.")
     p.add_argument("--stride-px", type=int, dest="grid.stride_px", help="Grid step in output pixels (default: tile).")
     p.add_argument("--min-tissue", type=float, dest="grid.min_tissue_fraction",
                    help="Minimum tissue fraction of a kept tile (0..1).")
@@ -72,13 +124,13 @@ def _tile_parser(sub: Any) -> None:
                    help="Retry slides that failed in an earlier run into the same --out.")
     p.add_argument("--metrics-port", type=int, dest="metrics_port",
                    help="Serve Prometheus metrics on PORT while running (127.0.0.1 unless --metrics-host).")
-    p.add_argument("--metrics-host", dest="metrics_host", help="Address the metrics endpoint binds (default 127.0.0.1).")
+    p.add_argument("--metrics-host", dest="metrics_host", help="Address the metrics endpoint binds.")
     p.add_argument("--ray-address", dest="ray_address", help="Ray cluster address (default: RAY_ADDRESS or local).")
     _add_common(p, "tile")
 
 
 def _pretrain_parser(sub: Any) -> None:
-    p = sub.add_parser("pretrain", help="Train the GPFM student/teacher with Ray Train + DeepSpeed (stage 2).",
+    p = _subparser(sub, "pretrain", help="Train the GPFM student/teacher with Ray Train + DeepSpeed (stage 2).",
                        description="Pretrain on the tiler's shards. Writes DIR/checkpoints/ (resume with --resume), "
                                    "DIR/export/model.safetensors + config.json (the teacher, loadable with plain timm) "
                                    "and DIR/metrics.jsonl. Configs: gpfm_scale/configs/tiny.yaml (CPU, minutes), "
@@ -95,7 +147,7 @@ def _pretrain_parser(sub: Any) -> None:
 
 
 def _mix_parser(sub: Any) -> None:
-    p = sub.add_parser("mix", help="Rewrite the tiler's shards into cohort-mixed training shards (before pretrain).",
+    p = _subparser(sub, "mix", help="Rewrite the tiler's shards into cohort-mixed training shards (before pretrain).",
                        description="Shuffle every tile of the input shards across DIR/shards/{run_name}-NNNNNN.tar "
                                    "(each a uniform random sample of the cohort, in random order) with Ray Data, so "
                                    "that training batches mix slides; writes DIR/mix.json last.")
@@ -108,7 +160,7 @@ def _mix_parser(sub: Any) -> None:
 
 
 def _embed_parser(sub: Any) -> None:
-    p = sub.add_parser("embed", help="Embed tiles of a cohort (or labelled patches) with a model (stage 3).",
+    p = _subparser(sub, "embed", help="Embed tiles of a cohort (or labelled patches) with a model (stage 3).",
                        description="Map a model over the tiler's shards, a slide manifest (tiled first into "
                                    "DIR/tiles/) or an image folder (class/image.png) with Ray Data. Writes "
                                    "DIR/features/{slide_id}.h5 (features + coords, CLAM/TRIDENT layout), "
@@ -121,16 +173,17 @@ def _embed_parser(sub: Any) -> None:
     p.add_argument("--workers", type=int, dest="num_actors", help="Inference actors (usually one per GPU).")
     p.add_argument("--metrics-port", type=int, dest="metrics_port",
                    help="Serve Prometheus metrics on PORT while running (127.0.0.1 unless --metrics-host).")
-    p.add_argument("--metrics-host", dest="metrics_host", help="Address the metrics endpoint binds (default 127.0.0.1).")
+    p.add_argument("--metrics-host", dest="metrics_host", help="Address the metrics endpoint binds.")
     p.add_argument("--ray-address", dest="ray_address", help="Ray cluster address (default: RAY_ADDRESS or local).")
     _add_common(p, "embed")
 
 
 def _evaluate_parser(sub: Any) -> None:
-    p = sub.add_parser("evaluate", help="Evaluate embeddings: probes, kNN, retrieval, ABMIL, survival, ranks (stage 4).",
-                       description="Evaluate one or more models (one `gpfm-scale embed` output each) on downstream "
-                                   "tasks; writes DIR/results.json (metric -> value and 95% CI per model and task) "
-                                   "and DIR/report.md with figures. Several models are ranked per task.")
+    p = _subparser(sub, "evaluate",
+                   help="Evaluate embeddings: probes, kNN, retrieval, ABMIL, survival, ranks (stage 4).",
+                   description="Evaluate one or more models (one `gpfm-scale embed` output each) on downstream "
+                               "tasks; writes DIR/results.json (metric -> value and 95% CI per model and task) "
+                               "and DIR/report.md with figures. Several models are ranked per task.")
     p.add_argument("--features", action="append", metavar="DIR",
                    help="An embedding output directory (repeat for several models).")
     p.add_argument("--task", action="append",
@@ -144,9 +197,9 @@ def _evaluate_parser(sub: Any) -> None:
 
 
 def _demo_parser(sub: Any) -> None:
-    p = sub.add_parser("demo", help="Run every stage end to end on small real and synthetic slides.")
+    p = _subparser(sub, "demo", help="Run every stage end to end on small real and synthetic slides.")
     p.add_argument("--out", default="demo-output", help="Where the demo writes everything.")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    _add_log_level(p)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -290,7 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     args.argv = argv
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handlers = {"tile": _run_tile, "mix": _run_mix, "pretrain": _run_pretrain, "embed": _run_embed, "evaluate": _run_evaluate, "demo": _run_demo}
+    handlers = {"tile": _run_tile, "mix": _run_mix, "pretrain": _run_pretrain, "embed": _run_embed,
+                "evaluate": _run_evaluate, "demo": _run_demo}
     try:
         return handlers[args.cmd](args)
     except GpfmError as err:

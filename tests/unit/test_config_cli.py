@@ -80,3 +80,22 @@ def test_each_set_example_names_a_key_of_its_own_config(capsys):
         assert node == yaml.safe_load(value), (cmd, key, node)
         sub = parser._subparsers._group_actions[0].choices[cmd]
         assert f"--set {example}" in " ".join(sub.format_help().split())
+
+
+@pytest.mark.parametrize("cmd", ["tile", "mix", "pretrain", "embed", "evaluate"])
+def test_help_shows_each_options_real_default(cmd):
+    """Options that set a config key show the config model's default (argparse's own is None); others argparse's."""
+    from gpfm_scale.cli import build_parser, config_defaults
+
+    sub = build_parser()._subparsers._group_actions[0].choices[cmd]
+    text = " ".join(sub.format_help().split())
+    defaults = config_defaults(cmd)
+    shown = 0
+    for action in sub._actions:
+        value = defaults.get(action.dest) if action.default is None else action.default
+        if not action.option_strings or value is None or value is False or value == [] or action.dest == "help":
+            continue
+        help_text = " ".join((action.help or "").split())
+        assert f"{help_text} (default: {value})" in text, (cmd, action.dest, value)
+        shown += 1
+    assert shown >= 1
