@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from gpfm_scale.config import describe_config, load_config
+from gpfm_scale.config import StrictModel, describe_config, load_config
 from gpfm_scale.errors import GpfmError
 
 log = logging.getLogger("gpfm_scale")
@@ -212,14 +212,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return over
 
 
-def _run_tile(args: argparse.Namespace) -> int:
-    from gpfm_scale.tiling.config import TilingConfig
+def _run_tile(args: argparse.Namespace, cfg: Any) -> int:
     from gpfm_scale.tiling.stage import run
 
-    cfg = load_config(TilingConfig, args.config, _overrides(args))
-    if args.print_config:
-        print(describe_config(cfg))
-        return 0
     result = run(cfg, args.slides, args.out)
     print(f"tiled {result.n_done}/{result.n_slides} slides, {result.n_tiles} tiles this run "
           f"({result.tiles_per_second:.0f} tiles/s) -> {result.out}")
@@ -235,14 +230,9 @@ def _run_tile(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
-def _run_pretrain(args: argparse.Namespace) -> int:
-    from gpfm_scale.train.pretrain_config import PretrainConfig
+def _run_pretrain(args: argparse.Namespace, cfg: Any) -> int:
     from gpfm_scale.train.stage import run
 
-    cfg = load_config(PretrainConfig, args.config, _overrides(args))
-    if args.print_config:
-        print(describe_config(cfg))
-        return 0
     result = run(cfg, args.out, shards=args.shards, resume=args.resume)
     print(f"pretrained {result.steps} steps in {result.seconds:.0f} s")
     print(f"  teacher:     {result.export_dir}")
@@ -251,13 +241,9 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_mix(args: argparse.Namespace) -> int:
-    from gpfm_scale.data.mixing import MixConfig, run
+def _run_mix(args: argparse.Namespace, cfg: Any) -> int:
+    from gpfm_scale.data.mixing import run
 
-    cfg = load_config(MixConfig, args.config, _overrides(args))
-    if args.print_config:
-        print(describe_config(cfg))
-        return 0
     result = run(cfg, args.shards, args.out)
     print(f"mixed {result.n_samples} samples of {result.n_inputs} shards into {result.n_shards} shards "
           f"({result.samples_per_second:.0f} samples/s) -> {result.out}")
@@ -266,14 +252,9 @@ def _run_mix(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
-def _run_embed(args: argparse.Namespace) -> int:
-    from gpfm_scale.embed.config import EmbedConfig
+def _run_embed(args: argparse.Namespace, cfg: Any) -> int:
     from gpfm_scale.embed.stage import run
 
-    cfg = load_config(EmbedConfig, args.config, _overrides(args))
-    if args.print_config:
-        print(describe_config(cfg))
-        return 0
     result = run(cfg, args.model, args.input, args.out)
     print(f"embedded {result.n_done}/{result.n_items} with {result.model} -> {result.index}")
     for sid, reason in result.failed:
@@ -281,14 +262,9 @@ def _run_embed(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
-def _run_evaluate(args: argparse.Namespace) -> int:
-    from gpfm_scale.evaluate.config import EvaluateConfig
+def _run_evaluate(args: argparse.Namespace, cfg: Any) -> int:
     from gpfm_scale.evaluate.stage import run
 
-    cfg = load_config(EvaluateConfig, args.config, _overrides(args))
-    if args.print_config:
-        print(describe_config(cfg))
-        return 0
     tasks = [t.strip() for item in args.task for t in item.split(",") if t.strip()]
     result = run(cfg, args.features, tasks, args.out, labels=args.labels,
                  command=shlex.join(["gpfm-scale", *args.argv]))
@@ -297,10 +273,16 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_demo(args: argparse.Namespace) -> int:
+def _run_demo(args: argparse.Namespace, cfg: Any) -> int:
     from gpfm_scale.demo import run_demo
 
     return run_demo(args.out)
+
+
+def _load_stage_config(args: argparse.Namespace) -> StrictModel:
+    """The sub-command's config: its model's defaults, then --config, then options and --set (one way for all)."""
+    module, _, name = CONFIG_MODELS[args.cmd].partition(":")
+    return load_config(getattr(importlib.import_module(module), name), args.config, _overrides(args))
 
 
 def _version() -> str:
@@ -346,7 +328,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"tile": _run_tile, "mix": _run_mix, "pretrain": _run_pretrain, "embed": _run_embed,
                 "evaluate": _run_evaluate, "demo": _run_demo}
     try:
-        return handlers[args.cmd](args)
+        cfg = _load_stage_config(args) if args.cmd in CONFIG_MODELS else None
+        if cfg is not None and args.print_config:
+            print(describe_config(cfg))
+            return 0
+        return handlers[args.cmd](args, cfg)
     except GpfmError as err:
         print(f"gpfm-scale {args.cmd}: error: {err}", file=sys.stderr)
         return 2
