@@ -6,15 +6,13 @@ from __future__ import annotations
 import json
 import shlex
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 
 from gpfm_scale.demo import stages
 from gpfm_scale.demo.diagnostics import FLOAT16_RESOLUTION, feature_spread, layerscale_gain
-
-if TYPE_CHECKING:
-    from gpfm_scale.demo.report import Comparison, DemoRun
+from gpfm_scale.demo.run_record import Comparison, DemoRun
 
 MODEL_ROLES = {
     "trained": "the EMA teacher of the demo's pretraining run, exported after its last step",
