@@ -187,3 +187,26 @@ def test_edge_drop_keeps_whole_tiles_and_records_the_untiled_tissue(ragged_slide
     assert keys == {(x, y) for x in (0, 256, 512) for y in (0, 256)}
     untiled = pd.read_parquet(tmp_path / "manifest.parquet")["untiled_tissue_fraction"].iloc[0]
     assert 0 < untiled < 1  # the synthetic tissue reaches into the 232-px and 188-px strips
+
+
+def test_dicom_slides_tile_like_tiff_slides(tmp_path):
+    """A --slides folder holding one folder of .dcm files per slide (as IDC serves TCGA): tiles are its pixels."""
+    pytest.importorskip("wsidicom")
+    from gpfm_scale.slides.synthetic_dicom import write_dicom_wsi
+
+    with open_slide(str(write_synthetic_slide(tmp_path / "src.svs", 1000, 700, seed=4, levels=1).path)) as src:
+        pixels = src.read_region((0, 0), 0, (1000, 700))
+    info = write_dicom_wsi(tmp_path / "cohort" / "TCGA-XX", pixels, mpp=0.25, tile=256, levels=3)
+    result = run(_edge_cfg(encoding="png"), str(tmp_path / "cohort"), str(tmp_path / "out"))
+    assert result.ok and result.n_tiles == 4 * 3
+    manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
+    assert manifest[["slide_id", "reader", "mpp_source"]].values.tolist() == [["TCGA-XX", "dicom", "slide"]]
+    assert manifest["path"].tolist() == [info.folder]
+    for s in read_samples(tmp_path / "out"):
+        m = meta(s)
+        x, y = m["x"], m["y"]
+        expected = np.full((256, 256, 3), 255, np.uint8)
+        part = pixels[y:y + 256, x:x + 256]
+        expected[: part.shape[0], : part.shape[1]] = part
+        assert m["reader"] == "dicom" and m["mpp"] == 0.25
+        np.testing.assert_array_equal(decode(s["png"]), expected)
