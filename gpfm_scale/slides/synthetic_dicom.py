@@ -72,10 +72,12 @@ def _level_dataset(pixels: np.ndarray, level: int, mpp: float, tile: int, jpeg: 
     ds.Modality, ds.Manufacturer, ds.InstanceNumber, ds.SeriesNumber = "SM", "gpfm-scale", level + 1, 1
     ds.PatientID, ds.PatientName, ds.StudyID, ds.AccessionNumber = "SYNTH", "Synthetic^Slide", "1", ""
     ds.StudyDate, ds.StudyTime, ds.ContentDate, ds.ContentTime = "20240101", "000000", "20240101", "000000"
-    ds.ContainerIdentifier, ds.SpecimenLabelInImage, ds.FocusMethod, ds.ExtendedDepthOfField = "SYNTH", "NO", \
-        "AUTO", "NO"
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"] if level == 0 else \
-        ["DERIVED", "PRIMARY", "VOLUME", "RESAMPLED"]
+    ds.ContainerIdentifier, ds.SpecimenLabelInImage = "SYNTH", "NO"
+    ds.FocusMethod, ds.ExtendedDepthOfField = "AUTO", "NO"
+    if level == 0:
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
+    else:
+        ds.ImageType = ["DERIVED", "PRIMARY", "VOLUME", "RESAMPLED"]
     ds.DimensionOrganizationType = "TILED_FULL"
     ds.Rows = ds.Columns = tile
     ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows, ds.TotalPixelMatrixFocalPlanes = w, h, 1
@@ -89,24 +91,40 @@ def _level_dataset(pixels: np.ndarray, level: int, mpp: float, tile: int, jpeg: 
     ds.PhotometricInterpretation = "YBR_FULL_422" if jpeg else "RGB"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
     ds.LossyImageCompression = "01" if jpeg else "00"
+    ds.SharedFunctionalGroupsSequence = _shared_groups(spacing_mm, list(ds.ImageType))
+    ds.OpticalPathSequence = _optical_paths(mpp)
+    _add_frames(ds, pixels, tile, jpeg, quality)
+    return ds
+
+
+def _shared_groups(spacing_mm: float, image_type: list[str]) -> Sequence:
+    """Pixel spacing (mm, row then column), frame type and optical path, the same for every frame."""
     measures = Dataset()
     measures.PixelSpacing = [spacing_mm, spacing_mm]  # (row spacing = y, column spacing = x), mm
     measures.SliceThickness, measures.SpacingBetweenSlices = 0.001, 0.001
     frame_type = Dataset()
-    frame_type.FrameType = list(ds.ImageType)
+    frame_type.FrameType = image_type
     path_id = Dataset()
     path_id.OpticalPathIdentifier = "0"
     shared = Dataset()
     shared.PixelMeasuresSequence = Sequence([measures])
     shared.WholeSlideMicroscopyImageFrameTypeSequence = Sequence([frame_type])
     shared.OpticalPathIdentificationSequence = Sequence([path_id])
-    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    return Sequence([shared])
+
+
+def _optical_paths(mpp: float) -> Sequence:
+    """One brightfield optical path; objective power by the usual 10 / mpp convention."""
     optical = Dataset()
     optical.OpticalPathIdentifier = "0"
     optical.IlluminationTypeCodeSequence = Sequence([_code("111744", "DCM", "Brightfield illumination")])
     optical.IlluminationColorCodeSequence = Sequence([_code("11744", "DCM", "Full Spectrum")])
     optical.ObjectiveLensPower = round(10.0 / mpp, 3)
-    ds.OpticalPathSequence = Sequence([optical])
+    return Sequence([optical])
+
+
+def _add_frames(ds: Dataset, pixels: np.ndarray, tile: int, jpeg: bool, quality: int) -> None:
+    """Pixel Data: raw RGB frames back to back, or one encapsulated baseline JPEG per frame."""
     frames = _frames(pixels, tile)
     ds.NumberOfFrames = len(frames)
     if jpeg:
@@ -116,7 +134,6 @@ def _level_dataset(pixels: np.ndarray, level: int, mpp: float, tile: int, jpeg: 
     else:
         ds.PixelData = b"".join(f.tobytes() for f in frames)
     ds["PixelData"].VR = "OB"
-    return ds
 
 
 def write_dicom_wsi(folder: str | os.PathLike[str], rgb: np.ndarray, mpp: float = 0.25, tile: int = 256,
