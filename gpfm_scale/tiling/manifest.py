@@ -36,7 +36,8 @@ MANIFEST_NAME = "manifest.parquet"
 STATUSES = ("pending", "done", "failed")
 COLUMNS = [
     "slide_id", "path", "status", "reason", "n_tiles", "bytes", "mpp", "mpp_source", "magnification", "reader",
-    "zero_decode", "shards", "shard_sha256", "seconds", "attempts", "in_input", "updated_at",
+    "zero_decode", "untiled_tissue_fraction", "shards", "shard_sha256", "seconds", "attempts", "in_input",
+    "updated_at",
 ]
 META_KEY = b"gpfm_journal"
 """Parquet key-value metadata: {"through": last journal seq compacted in, "reserved": [[run, lo, hi], ...]}."""
@@ -56,6 +57,9 @@ class SlideOutcome:
     magnification: float | None = None
     reader: str = ""
     zero_decode: bool = False
+    untiled_tissue_fraction: float | None = None
+    """Share of the slide's tissue (per its mask) in edge strips no tile covers: 0 with grid.edge 'pad', > 0 when
+    'drop' left tissue at the right/bottom edge untiled; None when the slide failed before its grid was planned."""
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -207,7 +211,8 @@ class RunManifest:
         self._set(outcome.slide_id, dict(
             status=status, reason=outcome.reason, n_tiles=outcome.n_tiles, bytes=outcome.bytes, mpp=outcome.mpp,
             mpp_source=outcome.mpp_source, magnification=outcome.magnification, reader=outcome.reader,
-            zero_decode=outcome.zero_decode, seconds=outcome.seconds, shards=shards, shard_sha256=sha256,
+            zero_decode=outcome.zero_decode, untiled_tissue_fraction=outcome.untiled_tissue_fraction,
+            seconds=outcome.seconds, shards=shards, shard_sha256=sha256,
             updated_at=time.time()))
 
     def mark_done(self, outcome: SlideOutcome, shard: str | None, sha256: str | None) -> None:

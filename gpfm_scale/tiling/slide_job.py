@@ -13,7 +13,7 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
 import cv2
@@ -22,7 +22,7 @@ import numpy as np
 import simplejpeg
 
 from gpfm_scale.errors import GpfmError, SlideReadError
-from gpfm_scale.slides.grid import TileGrid, plan_grid, raw_tile_index, zero_decode_compatible
+from gpfm_scale.slides.grid import TileGrid, plan_grid, raw_tile_index, within_level, zero_decode_compatible
 from gpfm_scale.slides.mpp import magnification_from_mpp, resolve_mpp
 from gpfm_scale.slides.open import open_slide
 from gpfm_scale.slides.qc import render_thumbnail, save_png
@@ -63,10 +63,16 @@ def _decoded_tiles(reader: SlideReader, grid: TileGrid, tile_px: int, cfg: Tilin
         yield encode_tile(region, cfg)
 
 
-def _raw_tiles(reader: SlideReader, grid: TileGrid, layout: Any) -> Iterator[tuple[str, bytes]]:
-    cols, rows = raw_tile_index(grid.coords, grid, layout)
-    for c, r in zip(cols.tolist(), rows.tolist()):
-        yield "jpg", reader.read_raw_tile(grid.read_level, c, r)
+def _raw_tiles(reader: SlideReader, grid: TileGrid, layout: Any, cfg: TilingConfig) -> Iterator[tuple[str, bytes]]:
+    """The stored JPEG tiles of the grid, in grid order; edge tiles that run past the level (edge 'pad') are read
+    through the reader (white outside) and encoded, since a stored edge tile holds undefined pixels there."""
+    inside = within_level(grid)
+    cols, rows = raw_tile_index(grid.coords[inside], grid, layout)
+    stored = (("jpg", reader.read_raw_tile(grid.read_level, c, r)) for c, r in zip(cols.tolist(), rows.tolist()))
+    edges = _decoded_tiles(reader, replace(grid, coords=grid.coords[~inside],
+                                           tissue_fraction=grid.tissue_fraction[~inside]), cfg.grid.tile_px, cfg)
+    for ok in inside.tolist():
+        yield next(stored) if ok else next(edges)
 
 
 def write_coords_h5(path: str, slide_id: str, grid: TileGrid, tile_px: int, mpp0: float) -> None:
@@ -130,10 +136,11 @@ def tile_slide(task: SlideTask, cfg: TilingConfig, writer: ShardWriter, out: Out
             grid = plan_grid(reader.level_dimensions, reader.level_downsamples, mpp0, cfg.grid, mask, mask_ds,
                              task.slide_id)
             outcome.mpp, outcome.magnification = grid.target_mpp, grid.magnification
+            outcome.untiled_tissue_fraction = round(grid.untiled_tissue_fraction, 4)
             outcome.reason = _why_no_tiles(grid, mask, cfg) if len(grid.coords) == 0 else ""
             layout = reader.raw_tile_layout(grid.read_level) if cfg.zero_decode else None
             outcome.zero_decode = bool(layout is not None and zero_decode_compatible(grid, layout))
-            tiles = _raw_tiles(reader, grid, layout) if outcome.zero_decode else \
+            tiles = _raw_tiles(reader, grid, layout, cfg) if outcome.zero_decode else \
                 _decoded_tiles(reader, grid, cfg.grid.tile_px, cfg)
             for i, (ext, payload) in enumerate(tiles):
                 x, y = (int(v) for v in grid.coords[i])
