@@ -88,7 +88,7 @@ def _bags(directory: str, labels: pd.DataFrame | None) -> list[Bag]:
 def _run_slide_task(task: str, bags: list[Bag], cfg: EvaluateConfig) -> TaskResult:
     from gpfm_scale.evaluate.slide_tasks import run_slide_task
 
-    return as_task_result(run_slide_task(task, bags, cfg.slide))
+    return as_task_result(run_slide_task(task, bags, cfg))
 
 
 def _evaluate_model(directory: str, tasks: list[str], labels: pd.DataFrame | None,

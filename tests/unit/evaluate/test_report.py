@@ -131,7 +131,7 @@ def test_stage_dispatches_slide_tasks_with_labels(tmp_path: Path, monkeypatch: p
     monkeypatch.setitem(sys.modules, "gpfm_scale.evaluate.slide_tasks",
                         types.SimpleNamespace(run_slide_task=fake))
     res = stage.run(EvaluateConfig(), [str(emb)], ["survival"], str(tmp_path / "out"), labels=str(labels))
-    assert seen == {"task": "survival", "times": [4.0, 3.0, 2.0, 1.0], "cfg": "SlideTaskConfig"}
+    assert seen == {"task": "survival", "times": [4.0, 3.0, 2.0, 1.0], "cfg": "EvaluateConfig"}
     doc = json.loads(Path(res.results_json).read_text())
     assert doc["results"]["tiny"]["survival"]["c_index"] == {"value": 0.75, "ci_low": 0.5, "ci_high": 1.0}
     assert any(Path(f).name == "km_tiny_survival.png" for f in res.figures)
