@@ -18,6 +18,7 @@ import yaml
 
 from gpfm_scale.config import StrictModel, describe_config, load_config
 from gpfm_scale.errors import GpfmError
+from gpfm_scale.evaluate.tasks import tasks_help
 
 log = logging.getLogger("gpfm_scale")
 
@@ -186,8 +187,7 @@ def _evaluate_parser(sub: Any) -> None:
                                "and DIR/report.md with figures. Several models are ranked per task.")
     p.add_argument("--features", action="append", metavar="DIR",
                    help="An embedding output directory (repeat for several models).")
-    p.add_argument("--task", action="append",
-                   help="linear-probe, knn, few-shot, retrieval, abmil or survival (repeat or comma-separate).")
+    p.add_argument("--task", action="append", help=f"Task to run: {tasks_help()} (repeat or comma-separate).")
     p.add_argument("--labels", help="CSV/Parquet keyed by slide_id|image|file|path with label / time, event / "
                                     "case_id columns; overrides the labels of the embedding index.")
     p.add_argument("--out", help="Report directory.")

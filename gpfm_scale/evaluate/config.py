@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from gpfm_scale.config import StrictModel
 from gpfm_scale.evaluate.slide_config import SlideTaskConfig
+from gpfm_scale.evaluate.tasks import EVAL_TASKS, default_rank_metrics
 
 
 class SplitConfig(StrictModel):
@@ -88,10 +89,16 @@ class EvaluateConfig(StrictModel):
     report: ReportConfig = ReportConfig()
     slide: SlideTaskConfig = Field(SlideTaskConfig(), description="ABMIL and survival settings (slide_config.py)")
     rank_metric: dict[str, str] = Field(
-        {"linear-probe": "balanced_accuracy", "knn": "balanced_accuracy",
-         "few-shot": "balanced_accuracy_{max_shot}shot", "retrieval": "acc_at_1", "abmil": "auc_macro",
-         "survival": "c_index"},
-        description="the metric each task is ranked by (higher is better); {max_shot}: max(few_shot.shots)")
+        default_factory=default_rank_metrics, description="the metric each task is ranked by (higher is better); "
+        "{max_shot}: max(few_shot.shots); a task not named keeps its registry default (evaluate/tasks.py)")
+
+    @field_validator("rank_metric")
+    @classmethod
+    def _rank_metric_of_known_tasks(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - set(EVAL_TASKS.names()))
+        if unknown:
+            raise ValueError(f"no task named {unknown}; tasks: {', '.join(EVAL_TASKS.names())}")
+        return {**default_rank_metrics(), **value}
 
     @model_validator(mode="before")
     @classmethod

@@ -1,5 +1,8 @@
 """Slide-level tasks on bags of tile features: ABMIL classification and MIL survival, over folds, with CIs.
 
+`run_abmil` and `run_survival` take the bags of `embed.store.iter_slide_bags` and the `EvaluateConfig`;
+`evaluate/tasks.py` registers them.
+
 Splits. When every bag has a `split.split_column` value (train/val/test) that split is the one fold. Otherwise
 k folds by case (`split.group_column`, the column the patch tasks group by; all slides of a case in one fold;
 stratified by class, or by event for survival): fold i is the test set, fold i+1 (mod k) the validation set that
@@ -32,7 +35,7 @@ from scipy.stats import rankdata
 from sklearn.model_selection import StratifiedGroupKFold
 
 from gpfm_scale.embed.store import Bag
-from gpfm_scale.errors import ConfigError, GpfmError
+from gpfm_scale.errors import GpfmError
 from gpfm_scale.evaluate.abmil import fit_abmil, predict_proba, slide_classification_metrics
 from gpfm_scale.evaluate.config import EvaluateConfig
 from gpfm_scale.evaluate.censoring import check_censoring, read_survival_labels
@@ -42,7 +45,6 @@ from gpfm_scale.evaluate.survival import concordance_index, fit_survival, predic
 
 log = logging.getLogger(__name__)
 
-TASKS = ("abmil", "survival")
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
@@ -195,6 +197,7 @@ def _check_bags(bags: Sequence[Bag]) -> None:
 
 def run_abmil(bags: Sequence[Bag], cfg: EvaluateConfig) -> TaskResult:
     """ABMIL classification over folds (module docstring); metrics auc_macro, balanced_accuracy, f1_weighted/macro."""
+    _check_bags(bags)
     labelled = [b for b in bags if not _missing(b.row.get(cfg.slide.label_column))]
     if len(labelled) < len(bags):
         log.warning("%d of %d slides have no %r and are left out", len(bags) - len(labelled), len(bags),
@@ -257,6 +260,7 @@ def _within_fold_rank(risk: np.ndarray, folds: list[Fold]) -> np.ndarray:
 
 def run_survival(bags: Sequence[Bag], cfg: EvaluateConfig) -> TaskResult:
     """MIL survival over folds (module docstring); metric c_index. Refuses flipped or inconsistent labels."""
+    _check_bags(bags)
     units, times, events, source = _survival_units(bags, cfg)
     check = check_censoring(times, events, cfg.slide.survival, source)
     folds = make_folds(units, events.astype(np.int64), cfg)
@@ -286,12 +290,3 @@ def _info(cfg: EvaluateConfig, folds: list[Fold], per_fold: list[dict[str, Any]]
     return {"splits": scheme, "seed": cfg.seed, "folds": per_fold, "ids": ids,
             "ci": f"{cfg.ci_level:.0%} percentile bootstrap of the fold mean ({cfg.bootstrap} replicates, "
                   f"test cases resampled within each fold)", **extra}
-
-
-def run_slide_task(task: str, bags: Sequence[Bag], cfg: EvaluateConfig) -> TaskResult:
-    """Run "abmil" or "survival" on `bags` (from `embed.store.iter_slide_bags`); `.metrics` maps name -> Metric."""
-    if task not in TASKS:
-        raise ConfigError(f"unknown slide task {task!r}; known: {', '.join(TASKS)}")
-    bags = list(bags)
-    _check_bags(bags)
-    return run_abmil(bags, cfg) if task == "abmil" else run_survival(bags, cfg)
