@@ -1,7 +1,7 @@
 """Patch-level tasks on frozen features: linear probe, cosine kNN, few-shot (SimpleShot) and retrieval.
 
 Every task gets a `PatchData` (features [N, D], labels [N], a train/val/test split) and the `EvaluateConfig`,
-and reports metrics on the test split only. Which data each one learns from:
+and reports metrics on the test split only; `evaluate/tasks.py` registers them. Which data each one learns from:
 - linear probe: train, with val for early stopping (the only task that selects anything on val);
 - kNN, few-shot, retrieval: train + val as the memory bank / support pool (nothing is tuned on val, so
   holding it out would only weaken them; with a given train/test split this is the whole train set, as UNI).
@@ -13,7 +13,7 @@ import copy
 import logging
 import math
 from contextlib import contextmanager
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -24,13 +24,8 @@ from gpfm_scale.evaluate.metrics import (Metric, balanced_accuracy, bootstrap_me
                                          macro_auc, percentile_ci)
 from gpfm_scale.evaluate.results import TaskResult
 from gpfm_scale.evaluate.splits import PatchData
-from gpfm_scale.registry import Registry
 
 log = logging.getLogger(__name__)
-
-PatchTask = Callable[[PatchData, EvaluateConfig], TaskResult]
-PATCH_TASKS: Registry[PatchTask] = Registry("patch task")
-
 
 def standardise(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
     """z-score with the train rows' mean and std (std floored at 1e-6: constant features stay 0)."""
@@ -107,7 +102,6 @@ def _val_score(model: nn.Module, xv: torch.Tensor, yv: np.ndarray) -> float:
     return -float(nn.functional.cross_entropy(logits, torch.from_numpy(yv)))
 
 
-@PATCH_TASKS.register("linear-probe")
 def linear_probe(data: PatchData, cfg: EvaluateConfig) -> TaskResult:
     """REFERENCE.md protocol: logistic regression on frozen features, early stopping on val macro-AUC."""
     (x_tr, y_tr), (x_val, y_val), (x_te, y_te) = (data.part(s) for s in ("train", "val", "test"))
@@ -143,7 +137,6 @@ def knn_scores(x_bank: np.ndarray, y_bank: np.ndarray, x_query: np.ndarray, num_
     return out / out.sum(1, keepdims=True)
 
 
-@PATCH_TASKS.register("knn")
 def knn(data: PatchData, cfg: EvaluateConfig) -> TaskResult:
     x_bank, y_bank = _memory(data)
     x_te, y_te = data.part("test")
@@ -174,7 +167,6 @@ def _spread(values: list[float], level: float) -> tuple[Metric, Metric]:
     return Metric(float(v.mean()), *percentile_ci(v, level)), Metric(std)
 
 
-@PATCH_TASKS.register("few-shot")
 def few_shot(data: PatchData, cfg: EvaluateConfig) -> TaskResult:
     """k examples per class from train + val, `draws` random draws per k; test balanced accuracy and weighted F1.
 
@@ -237,7 +229,6 @@ def majority_hits(neighbour_labels: np.ndarray, y_query: np.ndarray, k: int, num
     return key.argmax(1) == y_query
 
 
-@PATCH_TASKS.register("retrieval")
 def retrieval(data: PatchData, cfg: EvaluateConfig) -> TaskResult:
     """CRC-100K protocol: z-score with database (train) statistics, Euclidean kNN, Acc@1/3/5 and MVAcc@5."""
     x_bank, y_bank = _memory(data)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,15 +20,15 @@ from gpfm_scale.atomic import write_bytes_atomic
 from gpfm_scale.evaluate.config import EvaluateConfig
 from gpfm_scale.evaluate.plots import plot_embedding_pca, plot_kaplan_meier, plot_rank_heatmap, plot_roc
 from gpfm_scale.evaluate.ranking import RankSummary, rank_markdown
-from gpfm_scale.evaluate.results import RESULTS_FILE, Results, results_payload, write_results_json
+from gpfm_scale.evaluate.results import RESULTS_FILE, Results, TaskResult, results_payload, write_results_json
 from gpfm_scale.evaluate.splits import PatchData
+from gpfm_scale.evaluate.tasks import EVAL_TASKS
 from gpfm_scale.names import child_path, safe_id
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "report.md"
 FIGURES_DIR = "figures"
-ROC_TASKS = ("linear-probe", "abmil")
 
 
 @dataclass(frozen=True)
@@ -53,25 +54,38 @@ def _figure_path(fig_dir: Path, name: str) -> Path:
     return Path(child_path(str(fig_dir), name))
 
 
+@dataclass(frozen=True)
+class TaskPlot:
+    """A figure a task's registry entry can ask for (`tasks.Plot`): its report section and how it is drawn."""
+
+    heading: str
+    needs: tuple[str, ...]  # TaskResult fields that must be set for the figure
+    draw: Callable[[TaskResult, str, Path, int], Path]  # (result, title, path, dpi) -> path
+
+
+TASK_PLOTS = {
+    "roc": TaskPlot("ROC curves (one-vs-rest, test predictions)", ("y_true", "scores"),
+                    lambda r, title, path, dpi: plot_roc(r.y_true, r.scores, r.classes, f"{title} (test)", path, dpi)),
+    "km": TaskPlot("Kaplan-Meier curves (split at the median predicted risk)", ("times", "events", "risk"),
+                   lambda r, title, path, dpi: plot_kaplan_meier(r.times, r.events, r.risk, path, title, dpi)),
+}
+
+
 def _figures(inputs: ReportInputs, out: Path) -> dict[str, list[tuple[str, Path]]]:
     """Section name -> [(caption, path)], each figure written under out/figures/."""
     fig_dir = out / FIGURES_DIR
     dpi = inputs.cfg.report.figure_dpi
-    figs: dict[str, list[tuple[str, Path]]] = {"ranks": [], "roc": [], "km": [], "pca": []}
+    figs: dict[str, list[tuple[str, Path]]] = {"ranks": [], **{p: [] for p in TASK_PLOTS}, "pca": []}
     if inputs.summary is not None and len(inputs.summary.scores):
         figs["ranks"].append(("rank per task", plot_rank_heatmap(
             inputs.summary.ranks, inputs.summary.average_rank, _figure_path(fig_dir, "ranks.png"), dpi)))
     for model, tasks in inputs.results.items():
         for task, res in tasks.items():
-            name = f"{slug(model)}_{slug(task)}"
-            if task in ROC_TASKS and res.scores is not None and res.y_true is not None:
-                figs["roc"].append((f"{model}: {task}", plot_roc(
-                    res.y_true, res.scores, res.classes, f"{model} - {task} (test)",
-                    _figure_path(fig_dir, f"roc_{name}.png"), dpi)))
-            if res.times is not None and res.events is not None and res.risk is not None:
-                figs["km"].append((f"{model}: {task}", plot_kaplan_meier(
-                    res.times, res.events, res.risk, _figure_path(fig_dir, f"km_{name}.png"), f"{model} - {task}",
-                    dpi)))
+            for kind in EVAL_TASKS.get(task).plots:
+                plot = TASK_PLOTS[kind]
+                if all(getattr(res, field) is not None for field in plot.needs):
+                    path = _figure_path(fig_dir, f"{kind}_{slug(model)}_{slug(task)}.png")
+                    figs[kind].append((f"{model}: {task}", plot.draw(res, f"{model} - {task}", path, dpi)))
     for model, data in inputs.embeddings.items():
         figs["pca"].append((model, plot_embedding_pca(
             data.features, data.labels, data.classes, f"{model}: PCA of embeddings",
@@ -111,8 +125,8 @@ def _markdown(inputs: ReportInputs, figs: dict[str, list[tuple[str, Path]]], out
         metric_of = ", ".join(f"{t}: {rank_metric.get(t)}" for t in inputs.summary.scores.index)
         lines += ["## Ranking", "", f"Ranked by ({metric_of}); ties share the mean rank.", "",
                   rank_markdown(inputs.summary), ""]
-    sections = (("ranks", "Ranks"), ("roc", "ROC curves (linear probe and ABMIL, one-vs-rest, test predictions)"),
-                ("km", "Kaplan-Meier curves (split at the median predicted risk)"), ("pca", "Embeddings (PCA)"))
+    sections = (("ranks", "Ranks"), *((kind, plot.heading) for kind, plot in TASK_PLOTS.items()),
+                ("pca", "Embeddings (PCA)"))
     for key, heading in sections:
         if figs[key]:
             lines += [f"## {heading}", ""]

@@ -122,16 +122,16 @@ def test_stage_dispatches_slide_tasks_with_labels(tmp_path: Path, monkeypatch: p
                   "event": [1, 0, 1, 1]}).to_csv(labels, index=False)
     seen = {}
 
-    def fake(task, bags, cfg):
-        seen.update(task=task, times=[b.row["time"] for b in bags], cfg=type(cfg).__name__)
+    def fake(bags, cfg):
+        seen.update(times=[b.row["time"] for b in bags], cfg=type(cfg).__name__)
         return TaskResult({"c_index": Metric(0.75, 0.5, 1.0)}, times=np.array(seen["times"]),
                           events=np.array([1, 0, 1, 1]), risk=-np.array(seen["times"]))
 
     # a stand-in for the slide-task module: the dispatch contract is tested without training a MIL model
     monkeypatch.setitem(sys.modules, "gpfm_scale.evaluate.slide_tasks",
-                        types.SimpleNamespace(run_slide_task=fake))
+                        types.SimpleNamespace(run_survival=fake))
     res = stage.run(EvaluateConfig(), [str(emb)], ["survival"], str(tmp_path / "out"), labels=str(labels))
-    assert seen == {"task": "survival", "times": [4.0, 3.0, 2.0, 1.0], "cfg": "SlideTaskConfig"}
+    assert seen == {"times": [4.0, 3.0, 2.0, 1.0], "cfg": "EvaluateConfig"}
     doc = json.loads(Path(res.results_json).read_text())
     assert doc["results"]["tiny"]["survival"]["c_index"] == {"value": 0.75, "ci_low": 0.5, "ci_high": 1.0}
     assert any(Path(f).name == "km_tiny_survival.png" for f in res.figures)
