@@ -126,17 +126,9 @@ class DicomReader(BackendReader):
             levels = list(self._wsi.levels.levels)
             base = levels[0].pixel_spacing.width
             self._level_numbers = [int(level.level) for level in levels]
-            self._dims = [(int(level.size.width), int(level.size.height)) for level in levels]
-            self._downsamples = [float(level.pixel_spacing.width / base) for level in levels]
+            self.set_levels([(level.size.width, level.size.height) for level in levels],
+                            [level.pixel_spacing.width / base for level in levels])
             self._mpp = positive_float(levels[0].mpp.width)
-
-    @property
-    def level_dimensions(self) -> list[tuple[int, int]]:
-        return list(self._dims)
-
-    @property
-    def level_downsamples(self) -> list[float]:
-        return list(self._downsamples)
 
     @property
     def mpp(self) -> float | None:
