@@ -71,7 +71,7 @@ def pretrain_overrides(cfg: DemoConfig) -> dict[str, object]:
     return {"run.num_workers": cfg.pretrain_workers, "run.cpus_per_worker": 1, "run.total_iters": cfg.pretrain_steps,
             "run.checkpoint_every": cfg.pretrain_steps, "run.log_every": max(1, cfg.pretrain_steps // 5),
             "run.name": RUN_NAME,
-            "run.seed": cfg.seed, "loader.seed": cfg.seed}
+            "run.seed": cfg.seed}
 
 
 def pretrain_config(cfg: DemoConfig) -> PretrainConfig:
