@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from gpfm_scale.config import StrictModel
 from gpfm_scale.tiling.config import TilingSettings
@@ -68,8 +68,7 @@ class DemoConfig(StrictModel):
     bootstrap: int = Field(default=200, ge=0, description="Bootstrap resamples for the 95% intervals (0: none).")
     batch_size: int = Field(default=128, ge=1, description="Images per forward pass when embedding.")
     seed: int = Field(
-        default=0, ge=0, description="Seeds slides, tile sampling (handed to the tiler as grid.seed), patch subsets, "
-        "pretraining and evaluation.")
+        default=0, ge=0, description="Seeds slides, tile sampling, patch subsets, pretraining and evaluation.")
     data_dir: str | None = Field(
         default=None, description="The shared real-data folder; default: GPFM_DATA_DIR, else ../shared/data.")
 
@@ -78,11 +77,3 @@ class DemoConfig(StrictModel):
     def _over_demo_tiling(cls, value: object) -> object:
         """{"grid": {"max_tiles_per_slide": 40}} keeps the demo's 224-px tiles, not the tiler's 512-px default."""
         return _merged(DEMO_TILING, value) if isinstance(value, Mapping) else value
-
-    @model_validator(mode="after")
-    def _one_seed(self) -> DemoConfig:
-        """`seed` is handed to the tiler as its grid seed (`stages.tiling_settings`): a second one would be lost."""
-        if "seed" in self.tiling.grid.model_fields_set:
-            raise ValueError(f"tiling.grid.seed {self.tiling.grid.seed}: the demo's tile sampling follows its seed "
-                             f"({self.seed}); set seed instead")
-        return self

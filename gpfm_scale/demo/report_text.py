@@ -54,7 +54,7 @@ def stage_commands(run: DemoRun) -> dict[str, list[str]]:
             for a in ("--set", f"{k}={v}")]
     return {
         "tiling": [shlex.join(["gpfm-scale", "tile", "--slides", "slides/manifest.csv", "--out", "tiles",
-                               *tiling_sets(stages.tiling_settings(cfg))])],
+                               *tiling_sets(cfg.tiling)])],
         "pretraining": [shlex.join(["gpfm-scale", "pretrain", "--config", str(stages.TINY_YAML), "--shards",
                                     "tiles", "--out", "pretrain", "--workers", str(cfg.pretrain_workers), "--steps",
                                     str(cfg.pretrain_steps), *sets])],

@@ -30,7 +30,7 @@ from gpfm_scale.embed.stage import run as run_embed
 from gpfm_scale.evaluate.config import EvaluateConfig
 from gpfm_scale.evaluate.stage import EvaluateResult
 from gpfm_scale.evaluate.stage import run as run_evaluate
-from gpfm_scale.tiling.config import TilingConfig, TilingSettings
+from gpfm_scale.tiling.config import TilingConfig
 from gpfm_scale.tiling.stage import TilingResult
 from gpfm_scale.tiling.stage import run as run_tiling
 from gpfm_scale.train.pretrain_config import PretrainConfig
@@ -53,14 +53,9 @@ class PretrainOutcome:
     reused: bool
 
 
-def tiling_settings(cfg: DemoConfig) -> TilingSettings:
-    """`DemoConfig.tiling`, its tile sampling seeded by the demo's seed."""
-    return cfg.tiling.model_copy(update={"grid": cfg.tiling.grid.model_copy(update={"seed": cfg.seed})})
-
-
 def tiling_config(cfg: DemoConfig) -> TilingConfig:
-    """The demo's tiling settings on the demo's local Ray instance."""
-    return TilingConfig(**tiling_settings(cfg).model_dump())
+    """The demo's tiling settings (`DemoConfig.tiling`) on the demo's local Ray instance."""
+    return TilingConfig(**cfg.tiling.model_dump())
 
 
 def tile(cfg: DemoConfig, manifest: Path, out: Path) -> TilingResult:

@@ -7,34 +7,31 @@ import pytest
 import tifffile
 
 from gpfm_scale.cli import _parse_set
-from gpfm_scale.config import DriverSettings, apply_overrides, build_config
+from gpfm_scale.config import apply_overrides, build_config
 from gpfm_scale.demo.config import DemoConfig
 from gpfm_scale.demo.data import write_demo_slides
 from gpfm_scale.demo.report_text import tiling_sets
-from gpfm_scale.demo.stages import tiling_config, tiling_settings
+from gpfm_scale.demo.stages import tiling_config
 from gpfm_scale.errors import ConfigError
 from gpfm_scale.tiling.config import TilingConfig
 
 
 def test_the_tiler_and_the_synthetic_slides_take_the_tile_size_of_the_tiling_config(tmp_path):
     cfg = DemoConfig(n_synthetic_slides=2, slide_width=512, slide_height=512, include_real_slide=False,
-                     tiling={"grid": {"tile_px": 128}}, seed=4)
+                     tiling={"grid": {"tile_px": 128}})
     grid = tiling_config(cfg).grid
     assert (grid.tile_px, grid.target_mpp, grid.max_tiles_per_slide) == (128, 0.5, 200)  # the rest: the demo's
-    assert grid.seed == 4  # the demo's one seed samples the tiles
     write_demo_slides(tmp_path, cfg)
     with tifffile.TiffFile(tmp_path / "synthetic-0.svs") as tif:
         assert (tif.pages[0].tilewidth, tif.pages[0].tilelength) == (128, 128)
 
 
 def test_the_reports_tiling_command_rebuilds_the_demos_tiling():
-    cfg = DemoConfig(tiling={"grid": {"max_tiles_per_slide": 40}, "encoding": "png"}, seed=4)
-    args = tiling_sets(tiling_settings(cfg))
+    cfg = DemoConfig(tiling={"grid": {"max_tiles_per_slide": 40}, "encoding": "png"})
+    args = tiling_sets(cfg.tiling)
     assert args[::2] == ["--set"] * (len(args) // 2)
     rebuilt = build_config(TilingConfig, apply_overrides({}, _parse_set(args[1::2])))
-    assert rebuilt.model_dump(exclude=set(DriverSettings.model_fields)) == tiling_config(cfg).model_dump(
-        exclude=set(DriverSettings.model_fields))
-    assert (rebuilt.grid.max_tiles_per_slide, rebuilt.grid.seed, rebuilt.encoding) == (40, 4, "png")
+    assert rebuilt.model_dump(include={"grid", "encoding"}) == cfg.tiling.model_dump(include={"grid", "encoding"})
 
 
 @pytest.mark.parametrize(("old", "owner"), [("tile_px", "tiling.grid.tile_px"),
@@ -42,8 +39,3 @@ def test_the_reports_tiling_command_rebuilds_the_demos_tiling():
 def test_the_old_copies_are_refused_naming_the_tiling_key(old, owner):
     with pytest.raises(ConfigError, match=f"'{old}' was removed: set '{owner}'"):
         build_config(DemoConfig, {old: 64})
-
-
-def test_a_tiling_seed_of_its_own_is_refused():
-    with pytest.raises(ConfigError, match=r"tiling\.grid\.seed 3: .* set seed instead"):
-        build_config(DemoConfig, {"tiling": {"grid": {"seed": 3}}})
