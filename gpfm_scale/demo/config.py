@@ -68,7 +68,8 @@ class DemoConfig(StrictModel):
     bootstrap: int = Field(default=200, ge=0, description="Bootstrap resamples for the 95% intervals (0: none).")
     batch_size: int = Field(default=128, ge=1, description="Images per forward pass when embedding.")
     seed: int = Field(
-        default=0, ge=0, description="Seeds slides, tile sampling, patch subsets, pretraining and evaluation.")
+        default=0, ge=0, description="Seeds slides, patch subsets, pretraining and evaluation (the tile sampling "
+        "has its own: tiling.grid.seed).")
     data_dir: str | None = Field(
         default=None, description="The shared real-data folder; default: GPFM_DATA_DIR, else ../shared/data.")
 
