@@ -143,7 +143,7 @@ def baseline_run(cfg: PretrainConfig, device: torch.device, precision: str = "fp
     grid = student_grid(cfg)
     placement = cfg.expert_placement.model_copy(update={"mode": "in_process"})
     client = build_expert_client(cfg.objective.model.experts, placement, None, device)
-    loader = build_loader(cfg.loader, cfg.crops, cfg.masks, grid, 0, 1)
+    loader = build_loader(cfg.loader_config(), cfg.crops, cfg.masks, grid, 0, 1)
     stream = iter(ExpertPrefetcher(loader, client, grid, depth=placement.prefetch_depth))
     clipped = model.clipped_modules()
     rows, ends = [], []

@@ -55,12 +55,13 @@ def _comparison(run: DemoRun, cmp: Comparison, change: float) -> list[str]:
 
 
 def _tiling(run: DemoRun) -> list[str]:
-    t = run.tiling
+    t, grid = run.tiling, run.cfg.tiling.grid
+    resolution = f"{grid.target_mpp} µm/px" if grid.target_mpp else "the slides' level 0"
     manifest = pd.read_parquet(t.manifest)
     lines = ["## 1. Tiling", "",
              (f"{t.n_done}/{t.n_slides} slides done, {int(manifest['n_tiles'].fillna(0).sum())} tiles in the shards "
              f"([tiles/manifest.parquet](tiles/manifest.parquet)); this run wrote {t.n_tiles} of them "
-             f"({t.n_bytes / 1e6:.1f} MB) in {t.seconds:.1f} s. Tiles are {run.cfg.tile_px} px at 0.5 µm/px; "
+             f"({t.n_bytes / 1e6:.1f} MB) in {t.seconds:.1f} s. Tiles are {grid.tile_px} px at {resolution}; "
              "zero-decode: the slide's own JPEG tiles were copied into the shards without decoding."), "",
              "| slide | status | tiles | reader | µm/px | zero-decode | thumbnail |", "|---|---|---|---|---|---|---|"]
     for r in manifest.to_dict("records"):

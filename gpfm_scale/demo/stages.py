@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 TINY_YAML = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 RUN_NAME = "demo"
-TARGET_MPP = 0.5
 EXPERT = "expert:tiny_a"
 
 
@@ -55,9 +54,8 @@ class PretrainOutcome:
 
 
 def tiling_config(cfg: DemoConfig) -> TilingConfig:
-    """Tiles at 0.5 µm/px (20x): the synthetic slides' own tiles are copied (zero-decode), the real slide's decoded."""
-    return build_config(TilingConfig, {"grid": {"tile_px": cfg.tile_px, "target_mpp": TARGET_MPP,
-                                                "max_tiles_per_slide": cfg.max_tiles_per_slide}}, "demo")
+    """The demo's tiling settings (`DemoConfig.tiling`) on the demo's local Ray instance."""
+    return TilingConfig(**cfg.tiling.model_dump())
 
 
 def tile(cfg: DemoConfig, manifest: Path, out: Path) -> TilingResult:
@@ -71,7 +69,7 @@ def pretrain_overrides(cfg: DemoConfig) -> dict[str, object]:
     return {"run.num_workers": cfg.pretrain_workers, "run.cpus_per_worker": 1, "run.total_iters": cfg.pretrain_steps,
             "run.checkpoint_every": cfg.pretrain_steps, "run.log_every": max(1, cfg.pretrain_steps // 5),
             "run.name": RUN_NAME,
-            "run.seed": cfg.seed, "loader.seed": cfg.seed}
+            "run.seed": cfg.seed}
 
 
 def pretrain_config(cfg: DemoConfig) -> PretrainConfig:

@@ -99,8 +99,7 @@ def run(cfg: EmbedConfig, model_spec: str, input_path: str, out: str) -> EmbedRe
         if kind == "slides":
             from gpfm_scale.tiling.stage import run as run_tiling
 
-            tiling_cfg = cfg.tiling.model_copy(update={"ray_address": cfg.tiling.ray_address or cfg.ray_address})
-            tiled = run_tiling(tiling_cfg, input_path, str(out_dir / "tiles"))
+            tiled = run_tiling(cfg.tiling_config(), input_path, str(out_dir / "tiles"))
             log.info("tiling: %d done, %d failed", tiled.n_done, tiled.n_failed)
             input_path = str(out_dir / "tiles")
         return _run_tiles(cfg, info, load_tile_source(input_path), out_dir, start)

@@ -198,7 +198,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     recorder, published_corrupt = AgentRecorder(), 0
     side = cfg.objective.model.backbone.grid_size
     grid = (side, side)
-    loader = build_loader(cfg.loader, cfg.crops, cfg.masks, grid, rank, world, start_step=start)
+    loader = build_loader(cfg.loader_config(), cfg.crops, cfg.masks, grid, rank, world, start_step=start)
     stream = _expert_stream(cfg, loader, grid, device, config.get("expert_directory"))
     clipped, partitioned = model.clipped_modules(), engine.zero_optimization_stage() > 0
     corrupt = 0

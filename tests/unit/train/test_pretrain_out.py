@@ -11,6 +11,7 @@ import os
 import stat
 
 import pytest
+import yaml
 
 from gpfm_scale.cli import main
 from gpfm_scale.config import apply_overrides, build_config, dump_config, read_yaml
@@ -107,6 +108,21 @@ def test_resume_accepts_changes_that_keep_the_trajectory(shards, tmp_path):
     assert read_yaml(tmp_path / "config.yaml")["run"]["log_every"] == 5
 
 
+@pytest.mark.parametrize(("loader_seed", "refused"), [(0, False), (5, True)])
+def test_resume_reads_a_run_saved_with_the_loader_seed_copy(shards, tmp_path, loader_seed, refused):
+    """A config.yaml written when the loader had its own seed and epoch length: an agreeing copy resumes, a
+    differing one (another data order than run.seed gives now) is refused naming both keys."""
+    cfg = _saved_run(shards, tmp_path)
+    old = read_yaml(tmp_path / "config.yaml")
+    old["loader"].update(seed=loader_seed, epoch_length=cfg.schedule.iters_per_epoch)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    if refused:
+        with pytest.raises(ConfigError, match=r"loader\.seed 5 != run\.seed 0"):
+            check_out(str(tmp_path), cfg, resume=True)
+    else:
+        check_out(str(tmp_path), cfg, resume=True)
+
+
 def test_fresh_run_refuses_an_out_holding_another_run(shards, tmp_path):
     _saved_run(shards, tmp_path, **{"run.name": "other"})
     with pytest.raises(ConfigError, match="holds the run 'other'"):
@@ -116,7 +132,7 @@ def test_fresh_run_refuses_an_out_holding_another_run(shards, tmp_path):
 def test_non_trajectory_keys_are_config_keys():
     keys = dict(flatten(PretrainConfig().model_dump(mode="json")))
     assert NON_TRAJECTORY_KEYS <= set(keys)
-    for refused in ("run.num_workers", "loader.num_workers", "run.seed", "loader.seed", "run.total_iters",
+    for refused in ("run.num_workers", "loader.num_workers", "run.seed", "run.total_iters",
                     "deepspeed.zero_stage", "run.name"):
         assert refused not in NON_TRAJECTORY_KEYS
 
