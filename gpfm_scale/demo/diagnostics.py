@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file
 
-from gpfm_scale.embed.store import load_image_features
+from gpfm_scale.contracts.features import load_image_features
 
 FLOAT16_RESOLUTION = 2.0**-10
 """Relative spacing of float16 values (10-bit mantissa): smaller relative differences do not survive storage."""

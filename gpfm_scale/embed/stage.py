@@ -6,7 +6,7 @@ or an image folder. Reading, decoding and resizing run as Ray Data tasks, the mo
 (`predictor.build_pipeline`). For slides the actors write the features (`sink.py`: per-batch parts, published per
 slide as `features/{slide_id}.h5` by a Ray task) and the driver receives only per-slide summaries (`collect.py`),
 a few bytes per tile instead of the feature; it writes the index, failure table and run record (layout:
-`store.py`). Image folders' features come back to the driver, which writes the one `images.h5`.
+`contracts/features.py`). Image folders' features come back to the driver, which writes the one `images.h5`.
 
 Resume: a slide is skipped when `features/{slide_id}.h5` exists, was made with the same model (weights
 fingerprint) and holds every tile of the tiler manifest (rows + recorded undecodable tiles = n_tiles); a file is
@@ -39,7 +39,8 @@ from tqdm import tqdm
 
 from gpfm_scale.atomic import write_bytes_atomic
 from gpfm_scale.config import dump_config
-from gpfm_scale.embed import sink, store
+from gpfm_scale.contracts import features as store
+from gpfm_scale.embed import sink
 from gpfm_scale.embed.collect import ImageCollector, SlideCollector, SlideVerdict
 from gpfm_scale.embed.config import EmbedConfig
 from gpfm_scale.embed.inputs import TileSource, detect_kind, list_image_folder, load_tile_source, shard_names

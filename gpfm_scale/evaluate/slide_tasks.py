@@ -29,7 +29,7 @@ import numpy as np
 from scipy.stats import rankdata
 from sklearn.model_selection import StratifiedGroupKFold
 
-from gpfm_scale.embed.store import Bag
+from gpfm_scale.contracts.features import Bag
 from gpfm_scale.errors import ConfigError, GpfmError
 from gpfm_scale.evaluate.abmil import fit_abmil, predict_proba, slide_classification_metrics
 from gpfm_scale.evaluate.censoring import check_censoring, read_survival_labels
@@ -285,7 +285,7 @@ def _info(cfg: SlideTaskConfig, folds: list[Fold], per_fold: list[dict[str, Any]
 
 
 def run_slide_task(task: str, bags: Sequence[Bag], cfg: SlideTaskConfig) -> TaskResult:
-    """Run "abmil" or "survival" on `bags` (from `embed.store.iter_slide_bags`); `.metrics` maps name -> Metric."""
+    """Run "abmil" or "survival" on `bags` (from `contracts.features.iter_slide_bags`); `.metrics` maps name -> Metric."""
     if task not in TASKS:
         raise ConfigError(f"unknown slide task {task!r}; known: {', '.join(TASKS)}")
     bags = list(bags)

@@ -79,7 +79,7 @@ def test_tiler_manifest_rows_with_unsafe_slide_ids_or_shard_names_fail_alone(tmp
 
 
 def test_the_feature_writer_refuses_a_slide_id_that_is_not_one_component(tmp_path):
-    from gpfm_scale.embed.store import write_slide_features
+    from gpfm_scale.contracts.features import write_slide_features
     from gpfm_scale.errors import UnsafeNameError
 
     for sid in ("../x", "..", "a/b", ""):
