@@ -155,9 +155,11 @@ def _corrupt_first_png(shard: Path) -> str:
 
 
 def test_exported_teacher_on_tiler_shards_counts_a_corrupt_tile(embedded, tmp_path):
+    from gpfm_scale.contracts.export import load_exported
+    from gpfm_scale.data.config import CropConfig
     from gpfm_scale.models.meta_arch import SSLMetaArch
     from gpfm_scale.models.objective_config import ObjectiveConfig
-    from gpfm_scale.train.checkpoint import export_teacher, load_exported
+    from gpfm_scale.train.checkpoint import export_teacher
     from tests.integration.pretrain_helpers import TINY_YAML
 
     root, _ = embedded
@@ -168,7 +170,7 @@ def test_exported_teacher_on_tiler_shards_counts_a_corrupt_tile(embedded, tmp_pa
     objective = build_config(ObjectiveConfig, apply_overrides(read_yaml(TINY_YAML)["objective"],
                                                               {"model.experts": []}))
     export = tmp_path / "run7" / "export"  # as `gpfm-scale pretrain` writes it: the label is the run's folder
-    export_teacher(SSLMetaArch(objective).eval(), objective.model.backbone, export, 5, True)
+    export_teacher(SSLMetaArch(objective).eval(), objective.model.backbone, export, 5, True, crops=CropConfig())
     result = run(_cfg(), str(export), str(tiles_dir), str(tmp_path / "out"))
     assert (result.n_done, result.n_corrupt) == (3, 1) and result.n_failed == 1  # + the slide that failed tiling
     plain, config = load_exported(export)
