@@ -51,6 +51,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from gpfm_scale.config import build_config
+from gpfm_scale.contracts.features import write_slide_features
+from gpfm_scale.contracts.shards import ShardWriter
 from gpfm_scale.data.synthetic_tiles import make_two_class_tiles
 from gpfm_scale.data.tar_samples import CorruptSampleError, decode_sample, iter_raw_samples
 from gpfm_scale.embed.config import EmbedConfig
@@ -58,8 +60,6 @@ from gpfm_scale.embed.decode import resize_uint8
 from gpfm_scale.embed.models import build_embedder, describe_model
 from gpfm_scale.embed.predictor import autocast_dtype
 from gpfm_scale.embed.stage import run as run_stage
-from gpfm_scale.contracts.features import write_slide_features
-from gpfm_scale.tiling.shards import ShardWriter
 
 log = logging.getLogger("bench_embed")
 

@@ -45,11 +45,11 @@ from pydantic import Field
 
 from gpfm_scale.atomic import write_bytes_atomic
 from gpfm_scale.config import StrictModel
+from gpfm_scale.contracts.output_dir import OutputDir
+from gpfm_scale.contracts.shards import ShardWriter
 from gpfm_scale.data.tar_samples import iter_raw_samples, shard_size
 from gpfm_scale.errors import ConfigError, GpfmError, ShardError
 from gpfm_scale.run_lock import OutputLock
-from gpfm_scale.tiling.outputs import OutputDir
-from gpfm_scale.tiling.shards import ShardWriter
 
 logger = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ import os
 import re
 from typing import Any, Iterator
 
+from gpfm_scale.contracts.output_dir import OutputDir
 from gpfm_scale.errors import ConfigError
-from gpfm_scale.tiling.outputs import OutputDir
 
 log = logging.getLogger(__name__)
 

@@ -28,9 +28,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gpfm_scale.contracts.output_dir import OutputDir
 from gpfm_scale.errors import ConfigError
 from gpfm_scale.tiling import journal
-from gpfm_scale.tiling.outputs import OutputDir
 
 MANIFEST_NAME = "manifest.parquet"
 STATUSES = ("pending", "done", "failed")

@@ -21,6 +21,8 @@ import h5py
 import numpy as np
 import simplejpeg
 
+from gpfm_scale.contracts.output_dir import OutputDir
+from gpfm_scale.contracts.shards import ShardWriter
 from gpfm_scale.errors import GpfmError, SlideReadError
 from gpfm_scale.slides.grid import TileGrid, plan_grid, raw_tile_index, zero_decode_compatible
 from gpfm_scale.slides.mpp import magnification_from_mpp, resolve_mpp
@@ -31,9 +33,7 @@ from gpfm_scale.slides.staging import local_copy
 from gpfm_scale.slides.tissue import choose_mask_level, mask_from_level, mask_width
 from gpfm_scale.tiling.config import TilingConfig
 from gpfm_scale.tiling.manifest import SlideOutcome
-from gpfm_scale.tiling.outputs import OutputDir
 from gpfm_scale.tiling.regions import grid_regions
-from gpfm_scale.tiling.shards import ShardWriter
 
 log = logging.getLogger(__name__)
 

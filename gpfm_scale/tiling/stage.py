@@ -30,18 +30,18 @@ from tqdm import tqdm
 
 from gpfm_scale.atomic import current_umask
 from gpfm_scale.config import dump_config
+from gpfm_scale.contracts.output_dir import OutputDir
+from gpfm_scale.contracts.shards import SealedShard
 from gpfm_scale.metrics import TILING, serve_metrics
 from gpfm_scale.ray_utils import ensure_ray
 from gpfm_scale.resources import alive_nodes, count_fitting, wait_for_resources
 from gpfm_scale.run_lock import OutputLock
 from gpfm_scale.slides.mpp import parse_manifest_mpp
-from gpfm_scale.tiling.config import TilingConfig
 from gpfm_scale.tiling import journal
+from gpfm_scale.tiling.config import TilingConfig
 from gpfm_scale.tiling.inputs import load_slide_table
 from gpfm_scale.tiling.manifest import MANIFEST_NAME, RunManifest, SlideOutcome
-from gpfm_scale.tiling.outputs import OutputDir
 from gpfm_scale.tiling.resume import CONFIG_NAME, check_layout, reconcile, sweep_orphans
-from gpfm_scale.tiling.shards import SealedShard
 from gpfm_scale.tiling.slide_job import SlideTask
 from gpfm_scale.tiling.worker import TileWorker
 

@@ -6,7 +6,7 @@ import tarfile
 import pytest
 import webdataset as wds
 
-from gpfm_scale.tiling.shards import ShardWriter
+from gpfm_scale.contracts.shards import ShardWriter
 
 
 def _write_slide(w: ShardWriter, sid: str, n: int, size: int = 1000) -> None:
@@ -68,7 +68,7 @@ def test_add_outside_slide_is_an_error(tmp_path):
 
 
 def test_fast_tar_header_is_byte_identical_to_tarfile():
-    from gpfm_scale.tiling.shards import _slow_header, tar_header
+    from gpfm_scale.contracts.shards import _slow_header, tar_header
 
     names = [(f"slide_{i % 7}/{i * 256}_{i * 3}.jpg", 1000 + i * 37) for i in range(2000)]
     names += [("x" * 99 + ".json", 5), ("long/" + "y" * 120 + ".jpg", 10)]  # the last one falls back
