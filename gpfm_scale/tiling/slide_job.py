@@ -22,7 +22,7 @@ import numpy as np
 import simplejpeg
 
 from gpfm_scale.contracts.output_dir import OutputDir
-from gpfm_scale.contracts.shards import ShardWriter
+from gpfm_scale.contracts.shards import META_EXT, ShardWriter, sample_key
 from gpfm_scale.errors import GpfmError, SlideReadError
 from gpfm_scale.slides.grid import TileGrid, plan_grid, raw_tile_index, zero_decode_compatible
 from gpfm_scale.slides.mpp import magnification_from_mpp, resolve_mpp
@@ -140,8 +140,8 @@ def tile_slide(task: SlideTask, cfg: TilingConfig, writer: ShardWriter, out: Out
                 meta = {"slide_id": task.slide_id, "x": x, "y": y, "level": grid.read_level,
                         "tile_px": cfg.grid.tile_px, "mpp": grid.target_mpp, "magnification": grid.magnification,
                         "tissue_fraction": round(float(grid.tissue_fraction[i]), 4), "reader": reader.name}
-                outcome.bytes += writer.add(f"{task.slide_id}/{x}_{y}", {ext: payload,
-                                                                        "json": json.dumps(meta).encode()})
+                outcome.bytes += writer.add(sample_key(task.slide_id, x, y), {ext: payload,
+                                                                             META_EXT: json.dumps(meta).encode()})
                 outcome.n_tiles += 1
             if outcome.n_tiles != len(grid.coords):
                 raise SlideReadError(f"reader returned {outcome.n_tiles} of {len(grid.coords)} tiles")

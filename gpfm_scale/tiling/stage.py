@@ -31,7 +31,7 @@ from tqdm import tqdm
 from gpfm_scale.atomic import current_umask
 from gpfm_scale.config import dump_config
 from gpfm_scale.contracts.output_dir import OutputDir
-from gpfm_scale.contracts.shards import SealedShard
+from gpfm_scale.contracts.shards import SealedShard, shard_name
 from gpfm_scale.metrics import TILING, serve_metrics
 from gpfm_scale.ray_utils import ensure_ray
 from gpfm_scale.resources import alive_nodes, count_fitting, wait_for_resources
@@ -108,7 +108,7 @@ class _Driver:
                 self.reserved_hi = self.next_shard + RESERVE_BLOCK
                 self.manifest.reserve(self.cfg.run_name, self.next_shard, self.reserved_hi)
                 self._append({"reserve": [self.cfg.run_name, self.next_shard, self.reserved_hi]})
-            self.names[actor] = f"{self.cfg.run_name}-{self.next_shard:06d}.tar"
+            self.names[actor] = shard_name(self.cfg.run_name, self.next_shard)
             self.next_shard += 1
         return self.names[actor]
 
