@@ -40,6 +40,7 @@ from tqdm import tqdm
 from gpfm_scale.atomic import write_bytes_atomic
 from gpfm_scale.config import dump_config
 from gpfm_scale.contracts import features as store
+from gpfm_scale.contracts.coords import coords_parts, read_geometry
 from gpfm_scale.embed import sink
 from gpfm_scale.embed.collect import ImageCollector, SlideCollector, SlideVerdict
 from gpfm_scale.embed.config import EmbedConfig
@@ -268,11 +269,10 @@ def _unsafe_names(slide_id: str, shards: list[str]) -> str:
 
 def _coords_attrs(source: TileSource, sid: str) -> dict[str, Any]:
     """The tiler's CLAM/TRIDENT geometry attributes for the slide (local tiling outputs), else none."""
-    path = Path(source.root or "") / "coords" / f"{sid}.h5"
+    path = Path(source.root or "", *coords_parts(sid))
     if source.root is None or "://" in source.root or not path.is_file():
         return {}
-    with h5py.File(path, "r") as f:
-        return {k: v for k, v in f["coords"].attrs.items() if v is not None}
+    return read_geometry(path)
 
 
 def _run_tiles(cfg: EmbedConfig, info: ModelInfo, source: TileSource, out_dir: Path, start: float) -> EmbedResult:

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import cv2
-import h5py
 import numpy as np
 import simplejpeg
 
+from gpfm_scale.contracts.coords import coords_parts, write_coords
 from gpfm_scale.contracts.output_dir import OutputDir
 from gpfm_scale.contracts.shards import META_EXT, ShardWriter, sample_key
 from gpfm_scale.errors import GpfmError, SlideReadError
@@ -70,21 +70,18 @@ def _raw_tiles(reader: SlideReader, grid: TileGrid, layout: Any) -> Iterator[tup
 
 
 def write_coords_h5(path: str, slide_id: str, grid: TileGrid, tile_px: int, mpp0: float) -> None:
-    """CLAM/TRIDENT layout: dataset `coords` (N, 2) int64 level-0 (x, y), geometry in attributes."""
-    with h5py.File(path, "w") as f:
-        ds = f.create_dataset("coords", data=grid.coords.astype(np.int64))
-        ds.attrs.update({
-            "name": slide_id,
-            "patch_size": tile_px,
-            "patch_size_level0": int(round(grid.tile_size_level0)),
-            "patch_level": grid.read_level,
-            "level0_mpp": mpp0,
-            "level0_magnification": magnification_from_mpp(mpp0),
-            "target_mpp": grid.target_mpp,
-            "target_magnification": grid.magnification,
-            "overlap": int(round(grid.tile_size_level0 - grid.stride_level0)),
-        })
-        f.create_dataset("tissue_fraction", data=grid.tissue_fraction.astype(np.float32))
+    """The slide's coordinates file (`contracts.coords`: CLAM/TRIDENT layout), its geometry from the grid."""
+    write_coords(path, grid.coords, grid.tissue_fraction, {
+        "name": slide_id,
+        "patch_size": tile_px,
+        "patch_size_level0": int(round(grid.tile_size_level0)),
+        "patch_level": grid.read_level,
+        "level0_mpp": mpp0,
+        "level0_magnification": magnification_from_mpp(mpp0),
+        "target_mpp": grid.target_mpp,
+        "target_magnification": grid.magnification,
+        "overlap": int(round(grid.tile_size_level0 - grid.stride_level0)),
+    })
 
 
 def _publish_side_files(out: OutputDir, slide_id: str, grid: TileGrid, cfg: TilingConfig, mpp0: float,
@@ -92,7 +89,7 @@ def _publish_side_files(out: OutputDir, slide_id: str, grid: TileGrid, cfg: Tili
     fd, tmp = tempfile.mkstemp(suffix=".h5", dir=out.local_tmp_dir())
     os.close(fd)
     write_coords_h5(tmp, slide_id, grid, cfg.grid.tile_px, mpp0)
-    out.publish(tmp, "coords", f"{slide_id}.h5")
+    out.publish(tmp, *coords_parts(slide_id))
     if thumb is not None:
         image, mask, downsample = thumb
         fd, tmp = tempfile.mkstemp(suffix=".png", dir=out.local_tmp_dir())
