@@ -38,7 +38,7 @@ SET_EXAMPLES = {"tile": "tissue.close_px=9", "mix": "shard_bytes=500000000", "pr
 # The config model of each sub-command, imported only when its help is shown (parsing stays light).
 CONFIG_MODELS = {"tile": "gpfm_scale.tiling.config:TilingConfig", "mix": "gpfm_scale.data.mixing:MixConfig",
                  "pretrain": "gpfm_scale.train.pretrain_config:PretrainConfig",
-                 "embed": "gpfm_scale.embed.config:EmbedConfig",
+                 "embed": "gpfm_scale.embed_command:EmbedCommandConfig",
                  "evaluate": "gpfm_scale.evaluate.config:EvaluateConfig"}
 # What a sub-command needs to run; not needed for --print-config, so argparse does not require them.
 RUN_INPUTS = {"tile": ("--slides", "--out"), "mix": ("--shards", "--out"), "embed": ("--model", "--input", "--out"),
@@ -253,7 +253,7 @@ def _run_mix(args: argparse.Namespace, cfg: Any) -> int:
 
 
 def _run_embed(args: argparse.Namespace, cfg: Any) -> int:
-    from gpfm_scale.embed.stage import run
+    from gpfm_scale.embed_command import run
 
     result = run(cfg, args.model, args.input, args.out)
     print(f"embedded {result.n_done}/{result.n_items} with {result.model} -> {result.index}")

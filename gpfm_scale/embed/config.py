@@ -15,7 +15,6 @@ from typing import Any, Literal
 from pydantic import Field
 
 from gpfm_scale.config import DriverSettings
-from gpfm_scale.tiling.config import TilingConfig
 
 InputKind = Literal["auto", "tiles", "slides", "images"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -62,8 +61,6 @@ class EmbedConfig(DriverSettings):
     input_kind: InputKind = Field(
         default="auto", description="What --input is: tiles (tiler output or shards), slides (a slide manifest or "
                                     "folder, tiled first into OUT/tiles), images (class folders); auto detects.")
-    tiling: TilingConfig = Field(
-        default_factory=TilingConfig, description="Tiling settings used when the input is a slide manifest.")
     max_corrupt_fraction: float = Field(
         default=0.05, ge=0, le=1,
         description="A slide with more undecodable tiles than this fraction fails; below it the good tiles are "

@@ -16,8 +16,7 @@ import pytest
 import torch
 
 from gpfm_scale.config import apply_overrides, build_config, read_yaml
-from gpfm_scale.embed.config import EmbedConfig
-from gpfm_scale.embed.stage import run
+from gpfm_scale.embed_command import EmbedCommandConfig, run
 from gpfm_scale.errors import ConfigError
 from gpfm_scale.models.config import ExpertConfig
 from gpfm_scale.models.experts import build_expert
@@ -30,11 +29,11 @@ TILE = 32  # px: tiny_a's and the tiny teacher's input size, so tiles reach the 
 FP16 = {"rtol": 2e-3, "atol": 2e-3}
 
 
-def _cfg(**overrides) -> EmbedConfig:
+def _cfg(**overrides) -> EmbedCommandConfig:
     base = {"batch_size": 16, "num_actors": 1, "read_tasks": 2, "decode_batch": 16, "images_per_task": 400,
             "tiling": {"grid": {"tile_px": TILE, "max_tiles_per_slide": 24, "min_tissue_fraction": 0.25},
                        "workers": 2, "encoding": "png", "thumbnails": False}}
-    return build_config(EmbedConfig, apply_overrides(base, overrides))
+    return build_config(EmbedCommandConfig, apply_overrides(base, overrides))
 
 
 @pytest.fixture(scope="module")
