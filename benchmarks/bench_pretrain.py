@@ -55,8 +55,8 @@ import simplejpeg
 import torch
 
 from gpfm_scale.config import apply_overrides, build_config, read_yaml
+from gpfm_scale.contracts.shards import ShardWriter
 from gpfm_scale.data.synthetic_tiles import make_two_class_tiles
-from gpfm_scale.tiling.shards import ShardWriter
 from gpfm_scale.train.pretrain_config import PretrainConfig
 
 log = logging.getLogger("bench_pretrain")

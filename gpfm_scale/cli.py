@@ -304,7 +304,7 @@ STAGES = {
     "pretrain": Stage("gpfm_scale.train.pretrain_config:PretrainConfig", "gpfm_scale.train.stage:run",
                       _pretrain_parser, inputs=("out", "shards", "resume"), required=(), summary=_pretrain_summary,
                       workers=("run.num_workers", "Ray Train workers"), set_example="optim.clip_grad=3.0"),
-    "embed": Stage("gpfm_scale.embed.config:EmbedConfig", "gpfm_scale.embed.stage:run", _embed_parser,
+    "embed": Stage("gpfm_scale.embed_command:EmbedCommandConfig", "gpfm_scale.embed_command:run", _embed_parser,
                    inputs=("model", "input", "out"), required=("--model", "--input", "--out"),
                    summary=_embed_summary, workers=("num_actors", "inference actors (usually one per GPU)"),
                    set_example="feature_dtype=float32"),

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from gpfm_scale.config import build_config, load_config
+from gpfm_scale.contracts.export import CONFIG_FILE, WEIGHTS_FILE
 from gpfm_scale.demo.config import DemoConfig
 from gpfm_scale.embed.config import EmbedConfig
 from gpfm_scale.embed.stage import EmbedResult
@@ -78,8 +79,8 @@ def pretrain_config(cfg: DemoConfig) -> PretrainConfig:
 
 def exported_step(export_dir: Path) -> int | None:
     """The step recorded in an export's config.json, or None when there is no finished export."""
-    path = export_dir / "config.json"
-    if not (path.is_file() and (export_dir / "model.safetensors").is_file()):
+    path = export_dir / CONFIG_FILE
+    if not (path.is_file() and (export_dir / WEIGHTS_FILE).is_file()):
         return None
     return int(json.loads(path.read_text()).get("step", -1))
 
@@ -109,7 +110,7 @@ def export_random_init(cfg: DemoConfig, directory: Path) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(pcfg.run.seed)
         model = SSLMetaArch(pcfg.objective)
-    export_teacher(model, pcfg.objective.model.backbone, directory, step=0, is_writer=True)
+    export_teacher(model, pcfg.objective.model.backbone, directory, step=0, is_writer=True, crops=pcfg.crops)
     return directory
 
 

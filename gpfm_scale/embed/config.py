@@ -10,12 +10,11 @@ scheduled (measured on 2-CPU machines, REFERENCE.md field notes), so the stage r
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Mapping
+from typing import Any, Literal
 
 from pydantic import Field
 
 from gpfm_scale.config import DriverSettings
-from gpfm_scale.tiling.config import TilingConfig, TilingSettings
 
 InputKind = Literal["auto", "tiles", "slides", "images"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -23,9 +22,7 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 class EmbedConfig(DriverSettings):
     """The driver settings (Ray address, metrics endpoint, resource wait) are the run's, once: the tiling of a
-    slide manifest runs under them too (`tiling_config`)."""
-
-    moved_keys: ClassVar[Mapping[str, str]] = {f"tiling.{key}": key for key in DriverSettings.model_fields}
+    slide manifest runs under them too (`gpfm_scale.embed_command`)."""
 
     batch_size: int = Field(default=256, ge=1, description="Images per forward pass of an inference actor.")
     num_actors: int | None = Field(
@@ -67,15 +64,7 @@ class EmbedConfig(DriverSettings):
     input_kind: InputKind = Field(
         default="auto", description="What --input is: tiles (tiler output or shards), slides (a slide manifest or "
                                     "folder, tiled first into OUT/tiles), images (class folders); auto detects.")
-    tiling: TilingSettings = Field(
-        default_factory=TilingSettings, description="Tiling settings used when the input is a slide manifest.")
     max_corrupt_fraction: float = Field(
         default=0.05, ge=0, le=1,
         description="A slide with more undecodable tiles than this fraction fails; below it the good tiles are "
                     "embedded and the count recorded (n_corrupt). Corrupt tiles are never replaced.")
-
-    def tiling_config(self) -> TilingConfig:
-        """The tiling of a slide manifest: `tiling`, on this run's Ray cluster and resource wait. No metrics port
-        of its own: this run's endpoint serves the tiling counters too (one registry per process)."""
-        return TilingConfig(**self.tiling.model_dump(), ray_address=self.ray_address,
-                            resources_timeout_s=self.resources_timeout_s)

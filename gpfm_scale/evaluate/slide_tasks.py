@@ -1,6 +1,6 @@
 """Slide-level tasks on bags of tile features: ABMIL classification and MIL survival, over folds, with CIs.
 
-`run_abmil` and `run_survival` take the bags of `embed.store.iter_slide_bags` and the `EvaluateConfig`;
+`run_abmil` and `run_survival` take the bags of `contracts.features.iter_slide_bags` and the `EvaluateConfig`;
 `evaluate/tasks.py` registers them.
 
 Splits. When every bag has a `split.split_column` value (train/val/test) that split is the one fold. Otherwise
@@ -34,7 +34,7 @@ import numpy as np
 from scipy.stats import rankdata
 from sklearn.model_selection import StratifiedGroupKFold
 
-from gpfm_scale.embed.store import Bag
+from gpfm_scale.contracts.features import Bag
 from gpfm_scale.errors import GpfmError
 from gpfm_scale.evaluate.abmil import fit_abmil, predict_proba, slide_classification_metrics
 from gpfm_scale.evaluate.config import EvaluateConfig

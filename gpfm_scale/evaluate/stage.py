@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from gpfm_scale.embed.store import Bag, check_finite_bags, iter_slide_bags, load_image_features, model_name
+from gpfm_scale.contracts.features import Bag, check_finite_bags, iter_slide_bags, load_image_features, model_name
 from gpfm_scale.errors import ConfigError, GpfmError
 from gpfm_scale.evaluate.config import EvaluateConfig
 from gpfm_scale.evaluate.ranking import RankSummary, scores_table, summarize_ranks

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from gpfm_scale.registry import Registry
 
 # What a task runs on: "patch" gets the model's image features as `evaluate.splits.PatchData`, split train/val/test;
-# "slide" gets its per-slide bags, `list[embed.store.Bag]` (each [N, D] tile features).
+# "slide" gets its per-slide bags, `list[contracts.features.Bag]` (each [N, D] tile features).
 TaskKind = Literal["patch", "slide"]
 TASK_KINDS: tuple[TaskKind, ...] = ("patch", "slide")
 # Figures a task's result can feed: "roc" needs y_true [N] and scores [N, C], "km" times, events and risk [N].

@@ -18,8 +18,7 @@ import pandas as pd
 
 from gpfm_scale.errors import ConfigError, UnsafeNameError
 from gpfm_scale.names import safe_id
-
-SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm")
+from gpfm_scale.slides.reader import SLIDE_SUFFIXES
 
 
 def _join(base_url: str, path: str) -> str:

@@ -233,4 +233,4 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         fence.check("the exported teacher")
         export_teacher(model, cfg.objective.model.backbone, os.path.join(fence.out, "export"),
-                       cfg.run.total_iters, is_writer=rank == 0)
+                       cfg.run.total_iters, is_writer=rank == 0, crops=cfg.crops)

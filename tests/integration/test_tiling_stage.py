@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from gpfm_scale.config import build_config
+from gpfm_scale.contracts.shards import SAMPLE_FIELDS, sample_key
 from gpfm_scale.slides.open import open_slide
 from gpfm_scale.slides.synthetic import truncate_file, write_corrupt_slide, write_synthetic_slide
 from gpfm_scale.tiling.config import TilingConfig
@@ -37,7 +38,8 @@ def test_tiles_equal_reader_pixels_at_recorded_coords(cohort, tmp_path):
     table = pd.read_csv(cohort).set_index("slide_id")
     for s in samples[::7]:
         m = meta(s)
-        assert s["__key__"] == f"{m['slide_id']}/{m['x']}_{m['y']}"
+        assert s["__key__"] == f"{m['slide_id']}/{m['x']}_{m['y']}" == sample_key(m["slide_id"], m["x"], m["y"])
+        assert set(m) == set(SAMPLE_FIELDS)
         assert (m["tile_px"], m["level"], m["mpp"], m["magnification"]) == (128, 0, 0.5, 20.0)
         assert 0.25 <= m["tissue_fraction"] <= 1 and m["reader"] == "cucim"
         with open_slide(table.loc[m["slide_id"], "path"]) as reader:

@@ -6,7 +6,7 @@ import pytest
 
 from gpfm_scale.cli import config_defaults, main
 from gpfm_scale.config import load_config
-from gpfm_scale.embed.config import EmbedConfig
+from gpfm_scale.embed_command import EmbedCommandConfig
 
 
 def test_ray_address_and_metrics_port_are_keys_once():
@@ -16,7 +16,7 @@ def test_ray_address_and_metrics_port_are_keys_once():
 
 
 def test_the_tiling_of_a_manifest_runs_under_the_embed_runs_driver_settings():
-    cfg = load_config(EmbedConfig, None, {"ray_address": "10.0.0.1:6379", "resources_timeout_s": 60,
+    cfg = load_config(EmbedCommandConfig, None, {"ray_address": "10.0.0.1:6379", "resources_timeout_s": 60,
                                           "metrics_port": 9100, "tiling.grid.tile_px": 256})
     tiling = cfg.tiling_config()
     assert (tiling.ray_address, tiling.resources_timeout_s, tiling.grid.tile_px) == ("10.0.0.1:6379", 60.0, 256)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from gpfm_scale.cli import main
-from gpfm_scale.embed.store import write_index, write_slide_features
+from gpfm_scale.contracts.features import write_index, write_slide_features
 from gpfm_scale.evaluate.synthetic_bags import make_survival_bags
 
 TINY_MIL = ["--set", "slide.num_folds=3", "--set", "slide.train.max_epochs=2", "--set", "slide.train.min_epochs=0",

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gpfm_scale.embed.store import write_image_features, write_index, write_slide_features
+from gpfm_scale.contracts.features import write_image_features, write_index, write_slide_features
 from gpfm_scale.errors import ConfigError
 from gpfm_scale.evaluate import stage
 from gpfm_scale.evaluate.config import EvaluateConfig

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpfm_scale.embed.store import Bag, iter_slide_bags, write_index, write_slide_features
+from gpfm_scale.contracts.features import Bag, iter_slide_bags, write_index, write_slide_features
 from gpfm_scale.errors import GpfmError
 from gpfm_scale.evaluate.config import EvaluateConfig
 from gpfm_scale.evaluate.slide_tasks import (

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from gpfm_scale.cli import build_parser, main
-from gpfm_scale.embed.store import write_image_features, write_index
+from gpfm_scale.contracts.features import write_image_features, write_index
 from gpfm_scale.evaluate import stage
 from gpfm_scale.evaluate.config import EvaluateConfig
 from gpfm_scale.evaluate.metrics import Metric

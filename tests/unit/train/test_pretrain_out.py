@@ -15,6 +15,7 @@ import yaml
 
 from gpfm_scale.cli import main
 from gpfm_scale.config import apply_overrides, build_config, dump_config, read_yaml
+from gpfm_scale.data.config import CropConfig
 from gpfm_scale.errors import ConfigError
 from gpfm_scale.models.meta_arch import SSLMetaArch
 from gpfm_scale.models.objective_config import ObjectiveConfig
@@ -171,7 +172,8 @@ def test_published_files_get_the_umask_mode(tmp_path):
     cfg = build_config(ObjectiveConfig, apply_overrides(read_yaml(TINY_YAML)["objective"], {"model.experts": []}))
     old = os.umask(0o002)
     try:
-        export_teacher(SSLMetaArch(cfg), cfg.model.backbone, tmp_path / "export", step=1, is_writer=True)
+        export_teacher(SSLMetaArch(cfg), cfg.model.backbone, tmp_path / "export", step=1, is_writer=True,
+                       crops=CropConfig())
         write_run_config(str(tmp_path), tiny_config())
         RunFence.start(str(tmp_path))
         worker._append_metrics(RunFence(str(tmp_path), (tmp_path / ".generation").read_text()), {"step": 1})
