@@ -65,6 +65,7 @@ def default_rank_metrics() -> dict[str, str]:
 _PATCH, _SLIDE = "gpfm_scale.evaluate.patch_tasks", "gpfm_scale.evaluate.slide_tasks"
 for _task in (
     EvalTask("linear-probe", "patch", f"{_PATCH}:linear_probe", "balanced_accuracy", ("roc", "confusion")),
+    EvalTask("logreg", "patch", f"{_PATCH}:logreg", "balanced_accuracy", ("roc", "confusion")),
     EvalTask("knn", "patch", f"{_PATCH}:knn", "balanced_accuracy", ("confusion",)),
     EvalTask("few-shot", "patch", f"{_PATCH}:few_shot", "balanced_accuracy_{max_shot}shot"),
     EvalTask("retrieval", "patch", f"{_PATCH}:retrieval", "acc_at_1"),
