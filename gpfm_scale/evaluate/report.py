@@ -142,6 +142,17 @@ def _per_class_tables(results: Results) -> list[str]:
     return lines
 
 
+def _split_warnings(inputs: ReportInputs) -> list[str]:
+    """Report lines for rows or slides split with no case column (`splits.independent_split_warning`, slide
+    tasks' `split_warning` info): one per model and input kind, so a reader sees why numbers may be optimistic."""
+    lines = [f"- **{model}** (patch tasks): {data.split_warning}" for model, data in inputs.embeddings.items()
+             if data.split_warning]
+    for model, tasks in inputs.results.items():
+        lines += [f"- **{model}** ({task}): {res.info['split_warning']}" for task, res in tasks.items()
+                  if res.info.get("split_warning")]
+    return lines
+
+
 def _markdown(inputs: ReportInputs, figs: dict[str, list[tuple[str, Path]]], out: Path) -> str:
     cfg = inputs.cfg
     lines = [
@@ -153,6 +164,9 @@ def _markdown(inputs: ReportInputs, figs: dict[str, list[tuple[str, Path]]], out
         "## Models", "", "| model | features |", "|---|---|",
         *[f"| {m} | `{d}` |" for m, d in inputs.sources.items()], "",
     ]
+    warnings = _split_warnings(inputs)
+    if warnings:
+        lines += ["## Warnings", "", *warnings, ""]
     if inputs.summary is not None and len(inputs.summary.scores):
         rank_metric = cfg.resolved_rank_metric()
         metric_of = ", ".join(f"{t}: {rank_metric.get(t)}" for t in inputs.summary.scores.index)
