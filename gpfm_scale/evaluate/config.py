@@ -50,6 +50,14 @@ class ProbeConfig(StrictModel):
         "than they save; measured 18x faster with 1 than 2 on a busy 2-core machine); null: leave torch's setting")
 
 
+class LogRegConfig(StrictModel):
+    """The `logreg` task: scikit-learn's L-BFGS logistic regression, UNI's protocol (module `patch_tasks.logreg`)."""
+
+    max_iter: int = Field(1000, ge=1, description="L-BFGS iterations (UNI/CLIP: 1000)")
+    C: float | None = Field(None, gt=0, description="inverse L2 strength; null: UNI's C = D * num_classes / 100 "
+                            "(lambda = 100 / (D * num_classes), D the feature dimension)")
+
+
 class KnnConfig(StrictModel):
     k: int = Field(20, ge=1, description="neighbours voting (DINO kNN: cosine similarity)")
     temperature: float = Field(0.07, gt=0, description="vote weight exp(similarity / T)")
@@ -83,6 +91,7 @@ class EvaluateConfig(StrictModel):
     ci_level: float = Field(0.95, gt=0, lt=1, description="confidence level of the percentile intervals")
     split: SplitConfig = SplitConfig()
     probe: ProbeConfig = ProbeConfig()
+    logreg: LogRegConfig = LogRegConfig()
     knn: KnnConfig = KnnConfig()
     few_shot: FewShotConfig = FewShotConfig()
     retrieval: RetrievalConfig = RetrievalConfig()

@@ -6,7 +6,9 @@
 Splits. When every bag has a `split.split_column` value (train/val/test) that split is the one fold. Otherwise
 k folds by case (`split.group_column`, the column the patch tasks group by; all slides of a case in one fold;
 stratified by class, or by event for survival): fold i is the test set, fold i+1 (mod k) the validation set that
-early stopping watches, the other k-2 folds train. Validation and test are always distinct (the GPFM/CLAM scripts
+early stopping watches, the other k-2 folds train; when no bag has a case (no `split.group_column`), each slide is its
+own case and a WARNING (logged, and `split_warning` in the result's info, so in the report) says that slides of
+one patient may then straddle train and test. Validation and test are always distinct (the GPFM/CLAM scripts
 reused the validation fold as the test fold), and every case is tested exactly once. The seed, the bootstrap
 count and the CI level are the evaluation's own (`EvaluateConfig.seed`, `bootstrap`, `ci_level`), as for the
 patch tasks.
@@ -40,6 +42,7 @@ from gpfm_scale.evaluate.abmil import fit_abmil, predict_proba, slide_classifica
 from gpfm_scale.evaluate.config import EvaluateConfig
 from gpfm_scale.evaluate.censoring import check_censoring, read_survival_labels
 from gpfm_scale.evaluate.metrics import Metric, percentile_ci
+from gpfm_scale.evaluate.splits import leakage_warning
 from gpfm_scale.evaluate.results import TaskResult
 from gpfm_scale.evaluate.survival import concordance_index, fit_survival, predict_risk
 
@@ -66,6 +69,7 @@ class Units:
     rows: list[dict[str, Any]]
     cases: np.ndarray
     ids: list[str]
+    split_warning: str | None = None  # set by make_folds when slides are split with no case column
 
 
 def _missing(value: Any) -> bool:
@@ -124,6 +128,11 @@ def kfold_by_case(cases: np.ndarray, strata: np.ndarray, num_folds: int, seed: i
 def make_folds(units: Units, strata: np.ndarray, cfg: EvaluateConfig) -> list[Fold]:
     folds = folds_from_split_column(units.rows, units.cases, cfg.split.split_column)
     if folds is None:
+        column = cfg.split.group_column
+        if not column or all(_missing(r.get(column)) for r in units.rows):
+            reason = "split.group_column is null" if not column else f"no slide has a {column!r}"
+            units.split_warning = leakage_warning("slides are", reason)
+            log.warning("%s", units.split_warning)
         folds = kfold_by_case(units.cases, strata, cfg.slide.num_folds, cfg.seed)
     for f in folds:
         log.info("fold %d: %d train, %d val, %d test", f.index, len(f.train), len(f.val), len(f.test))
@@ -228,7 +237,7 @@ def run_abmil(bags: Sequence[Bag], cfg: EvaluateConfig) -> TaskResult:
 
     metrics = fold_mean_bootstrap(stat, folds, units.cases, cfg)
     return TaskResult(metrics, y_true=y, scores=prob, classes=classes,
-                      info=_info(cfg, folds, info, units.ids, classes=list(classes)))
+                      info=_info(cfg, folds, info, units, classes=list(classes)))
 
 
 def _survival_units(bags: Sequence[Bag], cfg: EvaluateConfig) -> tuple[Units, np.ndarray, np.ndarray, str]:
@@ -280,13 +289,15 @@ def run_survival(bags: Sequence[Bag], cfg: EvaluateConfig) -> TaskResult:
 
     metrics = fold_mean_bootstrap(stat, folds, units.cases, cfg)
     return TaskResult(metrics, times=times, events=events, risk=_within_fold_rank(risk, folds),
-                      info=_info(cfg, folds, info, units.ids, censoring=_finite_or_none(asdict(check)),
+                      info=_info(cfg, folds, info, units, censoring=_finite_or_none(asdict(check)),
                                  unit=cfg.slide.survival.unit, loss=cfg.slide.survival.loss))
 
 
-def _info(cfg: EvaluateConfig, folds: list[Fold], per_fold: list[dict[str, Any]], ids: list[str],
+def _info(cfg: EvaluateConfig, folds: list[Fold], per_fold: list[dict[str, Any]], units: Units,
           **extra: Any) -> dict[str, Any]:
     scheme = "split column" if len(folds) == 1 else f"{len(folds)}-fold by case (test i, val i+1)"
-    return {"splits": scheme, "seed": cfg.seed, "folds": per_fold, "ids": ids,
+    if units.split_warning:
+        extra["split_warning"] = units.split_warning
+    return {"splits": scheme, "seed": cfg.seed, "folds": per_fold, "ids": units.ids,
             "ci": f"{cfg.ci_level:.0%} percentile bootstrap of the fold mean ({cfg.bootstrap} replicates, "
                   f"test cases resampled within each fold)", **extra}

@@ -19,8 +19,9 @@ from gpfm_scale.registry import Registry
 # "slide" gets its per-slide bags, `list[contracts.features.Bag]` (each [N, D] tile features).
 TaskKind = Literal["patch", "slide"]
 TASK_KINDS: tuple[TaskKind, ...] = ("patch", "slide")
-# Figures a task's result can feed: "roc" needs y_true [N] and scores [N, C], "km" times, events and risk [N].
-Plot = Literal["roc", "km"]
+# Figures a task's result can feed: "roc" and "confusion" (matrix of the argmax predictions) need y_true [N] and
+# scores [N, C], "km" times, events and risk [N].
+Plot = Literal["roc", "confusion", "km"]
 
 
 @dataclass(frozen=True)
@@ -63,11 +64,12 @@ def default_rank_metrics() -> dict[str, str]:
 
 _PATCH, _SLIDE = "gpfm_scale.evaluate.patch_tasks", "gpfm_scale.evaluate.slide_tasks"
 for _task in (
-    EvalTask("linear-probe", "patch", f"{_PATCH}:linear_probe", "balanced_accuracy", ("roc",)),
-    EvalTask("knn", "patch", f"{_PATCH}:knn", "balanced_accuracy"),
+    EvalTask("linear-probe", "patch", f"{_PATCH}:linear_probe", "balanced_accuracy", ("roc", "confusion")),
+    EvalTask("logreg", "patch", f"{_PATCH}:logreg", "balanced_accuracy", ("roc", "confusion")),
+    EvalTask("knn", "patch", f"{_PATCH}:knn", "balanced_accuracy", ("confusion",)),
     EvalTask("few-shot", "patch", f"{_PATCH}:few_shot", "balanced_accuracy_{max_shot}shot"),
     EvalTask("retrieval", "patch", f"{_PATCH}:retrieval", "acc_at_1"),
-    EvalTask("abmil", "slide", f"{_SLIDE}:run_abmil", "auc_macro", ("roc",)),
+    EvalTask("abmil", "slide", f"{_SLIDE}:run_abmil", "auc_macro", ("roc", "confusion")),
     EvalTask("survival", "slide", f"{_SLIDE}:run_survival", "c_index", ("km",)),
 ):
     register_task(_task)

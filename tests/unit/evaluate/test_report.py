@@ -72,8 +72,8 @@ def test_report_files_exist_and_results_round_trip(tmp_path: Path):
     md = md_path.read_text()
     assert command in md.split("## Models")[0]
     linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert {Path(p).name for p in linked} == {"ranks.png", "roc_m1_linear-probe.png", "km_m1_survival.png",
-                                              "pca_m1.png"}
+    assert {Path(p).name for p in linked} == {"ranks.png", "roc_m1_linear-probe.png", "confusion_m1_linear-probe.png",
+                                              "km_m1_survival.png", "pca_m1.png"}
     for rel in linked:
         assert (tmp_path / rel).read_bytes()[:4] == b"\x89PNG"
     assert sorted(map(str, figures)) == sorted(str(tmp_path / p) for p in linked)

@@ -28,7 +28,7 @@ def _evaluate_help() -> str:
 def test_every_registered_task_is_dispatched_ranked_drawn_and_listed():
     help_text = _evaluate_help()
     rank_metric = EvaluateConfig().resolved_rank_metric()
-    assert len(EVAL_TASKS.names()) == 6
+    assert len(EVAL_TASKS.names()) == 7
     for name in EVAL_TASKS:
         task = EVAL_TASKS.get(name)
         assert callable(task.load()), name
