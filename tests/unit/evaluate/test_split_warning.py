@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gpfm_scale.embed.store import write_image_features, write_index
+from gpfm_scale.contracts.features import write_image_features, write_index
 from gpfm_scale.evaluate import stage
 from gpfm_scale.evaluate.config import EvaluateConfig, SplitConfig
 from gpfm_scale.evaluate.slide_tasks import Units, make_folds
