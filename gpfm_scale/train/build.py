@@ -13,6 +13,8 @@ The per-step seed is `step.step_seed` (seed, rank, step), drawn inside `train_st
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from gpfm_scale.data.config import CropConfig
@@ -20,6 +22,7 @@ from gpfm_scale.errors import ConfigError
 from gpfm_scale.models.meta_arch import SSLMetaArch
 from gpfm_scale.models.objective_config import ObjectiveConfig
 from gpfm_scale.train.config import OptimConfig, ScheduleConfig
+from gpfm_scale.train.engine import build_deepspeed_engine
 from gpfm_scale.train.param_groups import build_param_groups
 from gpfm_scale.train.pretrain_config import PretrainConfig
 from gpfm_scale.train.schedules import build_schedules
@@ -68,15 +71,13 @@ def build_pretrain_trainer(cfg: PretrainConfig, device: torch.device, *, rank: i
                            autocast: torch.dtype | None = None) -> Trainer:
     """The trainer of one `pretrain` rank: DeepSpeed-wrapped (the Ray Train worker; torch.distributed must be
     up), or with `use_deepspeed=False` the same model, optimiser, schedules and seeds in one plain process (the
-    benchmark's baseline, `autocast` its bf16 way)."""
+    benchmark's baseline, `autocast` its bf16 way). The lr scales with the global batch, batch_size x world."""
     model = build_model(cfg.objective, cfg.run.seed, cfg.init, resuming=resuming, device=device)
-    total_batch, total_iters = cfg.loader.batch_size * world, cfg.run.total_iters
+    local = build_local_trainer(model, cfg.optim, cfg.schedule, seed=cfg.run.seed,
+                                total_batch=cfg.loader.batch_size * world, total_iters=cfg.run.total_iters,
+                                autocast=autocast)
     if not use_deepspeed:
-        return build_local_trainer(model, cfg.optim, cfg.schedule, seed=cfg.run.seed, total_batch=total_batch,
-                                   total_iters=total_iters, autocast=autocast)
-    from gpfm_scale.train.engine import build_deepspeed_engine
-
-    engine = build_deepspeed_engine(model, build_optimizer(model, cfg.optim), cfg.deepspeed, cfg.loader.batch_size,
+        return replace(local, rank=rank)
+    engine = build_deepspeed_engine(model, local.engine.optimizer, cfg.deepspeed, cfg.loader.batch_size,
                                     on_gpu=device.type == "cuda")
-    schedules = build_schedules(cfg.schedule, total_batch=total_batch, total_iters=total_iters)
-    return Trainer(engine, schedules, cfg.optim.clip_grad, cfg.run.seed, rank)
+    return replace(local, engine=engine, rank=rank)
