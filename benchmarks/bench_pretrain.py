@@ -110,7 +110,7 @@ def run_overrides(iters: int, workers: int, cpus: float, name: str) -> dict[str,
             "run.checkpoint_every": iters, "run.log_every": 1, "run.max_failures": 0, "run.name": name}
 
 
-def baseline_run(cfg: PretrainConfig, device: torch.device, precision: str = "fp32") -> dict[str, Any]:
+def baseline_run(cfg: PretrainConfig, device: torch.device) -> dict[str, Any]:
     """The plain single-process loop (see the module docstring); rows like the job's metrics.jsonl."""
     from gpfm_scale.data.shard_stream import build_loader
     from gpfm_scale.train.build import build_pretrain_trainer, student_grid
@@ -119,8 +119,7 @@ def baseline_run(cfg: PretrainConfig, device: torch.device, precision: str = "fp
     from gpfm_scale.train.step import to_device, train_step
 
     start = time.perf_counter()
-    amp = torch.bfloat16 if device.type == "cuda" and precision == "bf16" else None  # autocast over fp32 weights
-    trainer = build_pretrain_trainer(cfg, device, use_deepspeed=False, autocast=amp)
+    trainer = build_pretrain_trainer(cfg, device, use_deepspeed=False)  # bf16: autocast over fp32 weights
     grid = student_grid(cfg.objective, cfg.crops)
     placement = cfg.expert_placement.model_copy(update={"mode": "in_process"})
     client = build_expert_client(cfg.objective.model.experts, placement, None, device)
@@ -410,7 +409,7 @@ def gpu_section(args: argparse.Namespace, work: Path, save: Callable[[list], Non
         for precision in precisions:
             tags = {"precision": precision, "warmup": args.gpu_warmup, "batch": args.gpu_batch}
             cfg = gpu_config(args, shards, experts, "in_process", precision)
-            runs.append(tagged(baseline_run(cfg, torch.device("cuda"), precision), **tags))
+            runs.append(tagged(baseline_run(cfg, torch.device("cuda")), **tags))
             torch.cuda.empty_cache()
             save(runs)
             for mode, share in (("in_process", None), ("remote", args.gpu_expert_share)):

@@ -22,7 +22,7 @@ from gpfm_scale.errors import ConfigError
 from gpfm_scale.models.meta_arch import SSLMetaArch
 from gpfm_scale.models.objective_config import ObjectiveConfig
 from gpfm_scale.train.config import OptimConfig, ScheduleConfig
-from gpfm_scale.train.engine import build_deepspeed_engine
+from gpfm_scale.train.engine import build_deepspeed_engine, resolve_precision
 from gpfm_scale.train.param_groups import build_param_groups
 from gpfm_scale.train.pretrain_config import PretrainConfig
 from gpfm_scale.train.schedules import build_schedules
@@ -67,17 +67,18 @@ def build_local_trainer(model: SSLMetaArch, optim_cfg: OptimConfig, schedule_cfg
 
 
 def build_pretrain_trainer(cfg: PretrainConfig, device: torch.device, *, rank: int = 0, world: int = 1,
-                           resuming: bool = False, use_deepspeed: bool = True,
-                           autocast: torch.dtype | None = None) -> Trainer:
+                           resuming: bool = False, use_deepspeed: bool = True) -> Trainer:
     """The trainer of one `pretrain` rank: DeepSpeed-wrapped (the Ray Train worker; torch.distributed must be
     up), or with `use_deepspeed=False` the same model, optimiser, schedules and seeds in one plain process (the
-    benchmark's baseline, `autocast` its bf16 way). The lr scales with the global batch, batch_size x world."""
+    benchmark's baseline; a bf16 run on a GPU is autocast over fp32 weights there, the plain-PyTorch way). The
+    lr scales with the global batch, batch_size x world."""
+    on_gpu = device.type == "cuda"
     model = build_model(cfg.objective, cfg.run.seed, cfg.init, resuming=resuming, device=device)
+    bf16 = on_gpu and resolve_precision(cfg.deepspeed, on_gpu) == "bf16"
     local = build_local_trainer(model, cfg.optim, cfg.schedule, seed=cfg.run.seed,
                                 total_batch=cfg.loader.batch_size * world, total_iters=cfg.run.total_iters,
-                                autocast=autocast)
+                                autocast=torch.bfloat16 if bf16 else None)
     if not use_deepspeed:
         return replace(local, rank=rank)
-    engine = build_deepspeed_engine(model, local.engine.optimizer, cfg.deepspeed, cfg.loader.batch_size,
-                                    on_gpu=device.type == "cuda")
+    engine = build_deepspeed_engine(model, local.engine.optimizer, cfg.deepspeed, cfg.loader.batch_size, on_gpu)
     return replace(local, engine=engine, rank=rank)
