@@ -7,7 +7,7 @@ checkpoint, and `embed` skips feature files that are complete for the same weigh
 (seconds); it is deterministic for a given seed.
 
 The random-init baseline: `SSLMetaArch` built with the pretraining run's seed is exactly what the Ray Train worker
-builds at step 0 (`train/worker.py::_build` seeds torch the same way before building it), so exporting its teacher
+builds at step 0 (both build it with `train/build.py::build_model` from that seed), so exporting its teacher
 with `export_teacher` gives the trained model's own initialisation, in the same export format; `embed` reads both
 the same way. The comparison then isolates what the pretraining steps changed.
 """
@@ -101,15 +101,14 @@ def pretrain(cfg: DemoConfig, tiles: Path, out: Path) -> PretrainOutcome:
 
 def export_random_init(cfg: DemoConfig, directory: Path) -> Path:
     """The pretraining run's step-0 teacher (same seed, same architecture), exported like a trained one."""
-    from gpfm_scale.models.meta_arch import SSLMetaArch
+    from gpfm_scale.train.build import build_model
     from gpfm_scale.train.checkpoint import export_teacher
 
     if exported_step(directory) == 0:
         return directory
     pcfg = pretrain_config(cfg)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(pcfg.run.seed)
-        model = SSLMetaArch(pcfg.objective)
+        model = build_model(pcfg.objective, pcfg.run.seed)
     export_teacher(model, pcfg.objective.model.backbone, directory, step=0, is_writer=True, crops=pcfg.crops)
     return directory
 

@@ -3,7 +3,7 @@
 A checkpoint directory holds DeepSpeed's own files under `ds/` (module incl. the EMA teacher and the loss centres,
 optimiser shards, one file per rank under ZeRO) with the step as client state. The teacher is fp32 buffers in the
 module's state dict (never cast or partitioned by DeepSpeed), so it is saved and restored bit for bit. Nothing else is needed: data order,
-augmentation, masks and drop-path are pure functions of (seed, rank, step) (the worker reseeds torch every step),
+augmentation, masks and drop-path are pure functions of (seed, rank, step) (`train_step` reseeds torch every step),
 and schedules are pure functions of the step.
 
 The export is `model.safetensors` (the teacher's timm ViT weights) + `config.json` (the `timm.create_model`
