@@ -28,7 +28,7 @@ Corrupt data: DALI cannot skip a sample. Measured (DALI 2.4, CPU): a truncated J
 decode sample #3 : run-000000.tar:13824:slide0/3_0.jpg") and a truncated tar fails the reader ("Invalid seek");
 either way the pipeline object is dead. Samples missing the image or the json are skipped by the reader
 (uncounted). So the DALI path needs validated shards (`tar_samples.validate_shards`); with `backend: auto` the
-loader continues with the torch path from the failed step (`shard_stream.with_fallback`), with `dali` it raises.
+loader continues with the torch path from the failed step (`loader.with_fallback`), with `dali` it raises.
 `stats` are therefore always {"corrupt": 0, "shard_errors": 0, "samples": batch_size}.
 """
 
@@ -48,7 +48,8 @@ from gpfm_scale.data import dali_colour
 from gpfm_scale.data.collate import collate_multicrop
 from gpfm_scale.data.config import CropConfig, MaskConfig
 from gpfm_scale.data.loader_config import LoaderConfig
-from gpfm_scale.data.shard_stream import batch_mask_rng, derive_seed, expand_shard_urls
+from gpfm_scale.data.seeds import TAG_PIPELINE, batch_mask_rng, derive_seed
+from gpfm_scale.data.shard_urls import expand_shard_urls
 from gpfm_scale.data.tar_samples import split_member_name
 from gpfm_scale.errors import ConfigError, ShardError
 
@@ -58,8 +59,6 @@ except ImportError:  # DALI not installed: dali_available() is False and nothing
     fn = pipeline_def = types = None  # type: ignore[assignment]
 
 logger = logging.getLogger(__name__)
-
-_TAG_PIPELINE = 5
 
 
 def dali_available() -> bool:
@@ -204,7 +203,7 @@ def build_dali_pipeline(urls: list[str], loader_cfg: LoaderConfig, crop_cfg: Cro
     return define(paths, index_paths, loader_cfg, crop_cfg, (rank, world_size),
                   "cpu" if device_id is None else "mixed",
                   batch_size=loader_cfg.batch_size, num_threads=loader_cfg.decode_threads, device_id=device_id,
-                  seed=derive_seed(loader_cfg.seed, rank, _TAG_PIPELINE) % (2**31 - 1),
+                  seed=derive_seed(loader_cfg.seed, rank, TAG_PIPELINE) % (2**31 - 1),
                   prefetch_queue_depth=loader_cfg.prefetch)
 
 
@@ -250,8 +249,8 @@ def _samples(crops: list[torch.Tensor], cfg: CropConfig, metas: list[dict[str, A
 def build_dali_loader(loader_cfg: LoaderConfig, crop_cfg: CropConfig, mask_cfg: MaskConfig,
                       grid_hw: tuple[int, int], rank: int, world_size: int, device_id: int | None = None,
                       start_step: int = 0) -> Iterator[dict[str, Any]]:
-    """Infinite iterator of this rank's batches (same dict as `shard_stream.build_loader`; tensors on cuda:device_id
-    when given). No exact resume. The pipeline is built on the first `next`, so DALI errors surface there."""
+    """Infinite iterator of this rank's batches (same dict as `shard_stream.build_torch_loader`; tensors on
+    cuda:device_id when given). No exact resume. The pipeline is built on the first `next`, so DALI errors surface there."""
     urls = expand_shard_urls(loader_cfg.shards)
     pipe = build_dali_pipeline(urls, loader_cfg, crop_cfg, rank, world_size, device_id)
     device = None if device_id is None else torch.device("cuda", device_id)

@@ -20,8 +20,9 @@ from gpfm_scale.data.dali_pipeline import (_augment, _colour, _crop_kinds, _jitt
                                            _solarize, build_dali_loader, build_dali_pipeline, fn, pipeline_def,
                                            types)
 from gpfm_scale.data.synthetic_tiles import make_two_class_tiles  # noqa: E402
+from gpfm_scale.data.loader import with_fallback  # noqa: E402
 from gpfm_scale.data.loader_config import LoaderConfig  # noqa: E402
-from gpfm_scale.data.shard_stream import build_torch_loader, with_fallback  # noqa: E402
+from gpfm_scale.data.shard_stream import build_torch_loader  # noqa: E402
 from gpfm_scale.errors import ConfigError  # noqa: E402
 from tests.unit.data.shard_helpers import batch_keys, make_shards  # noqa: E402
 
@@ -83,7 +84,7 @@ def test_corrupt_jpeg_stops_dali_and_auto_continues_with_torch(tmp_path, caplog)
     with pytest.raises(RuntimeError, match="s0/1_0"):
         next(_dali(cfg))
     torch_cfg = cfg.model_copy(update={"backend": "torch", "open_shards": 1, "random_start": False})
-    with caplog.at_level(logging.ERROR, logger="gpfm_scale.data.shard_stream"):
+    with caplog.at_level(logging.ERROR, logger="gpfm_scale.data.loader"):
         stream = with_fallback(_dali(cfg), lambda step: build_torch_loader(torch_cfg, CROPS, MASKS, GRID, 0, step), 0)
         got = [next(stream) for _ in range(2)]
     ref = build_torch_loader(torch_cfg, CROPS, MASKS, GRID, 0, 0)
