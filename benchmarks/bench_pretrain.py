@@ -125,7 +125,7 @@ def _amp(device: torch.device, precision: str) -> Any:
 
 def baseline_run(cfg: PretrainConfig, device: torch.device, precision: str = "fp32") -> dict[str, Any]:
     """The plain single-process loop (see the module docstring); rows like the job's metrics.jsonl."""
-    from gpfm_scale.data.shard_stream import build_loader
+    from gpfm_scale.data.loader import build_loader
     from gpfm_scale.models.meta_arch import SSLMetaArch
     from gpfm_scale.train.engine import clip_grad_norms
     from gpfm_scale.train.expert_actors import ExpertPrefetcher

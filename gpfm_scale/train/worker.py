@@ -180,7 +180,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import deepspeed
     import ray.train
 
-    from gpfm_scale.data.shard_stream import build_loader
+    from gpfm_scale.data.loader import build_loader
     from gpfm_scale.train.engine import clip_grad_norms, fp32_master
     from gpfm_scale.train.param_groups import apply_schedule
 
