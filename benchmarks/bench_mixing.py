@@ -49,7 +49,7 @@ from gpfm_scale.data.mixing import MixConfig, run
 log = logging.getLogger("bench_mixing")
 # Composition does not depend on the augmentations: crops only, so the loaders' time goes to reading and decoding.
 CROPS = CropConfig(global_size=16, local_size=8, n_local=1, hflip_p=0.0, jitter_p=0.0, grayscale_p=0.0,
-                   blur_p_global1=0.0, blur_p_global2=0.0, blur_p_local=0.0, solarize_p_global2=0.0)
+                   blur_probabilities=(0.0, 0.0, 0.0), solarize_p_global2=0.0)
 GRID = (2, 2)
 BLOCK = 512
 
