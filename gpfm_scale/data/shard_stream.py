@@ -1,6 +1,7 @@
 """The CPU (torch) pretraining loader: resampled WebDataset shards -> multi-crop batches, exactly resumable.
 
-Per training rank, `build_torch_loader` (chosen by `loader.build_loader`) returns an infinite iterator of `collate_multicrop` dicts plus
+Per training rank, `build_torch_loader` (chosen by `loader.build_loader`) returns an infinite iterator of
+`collate_multicrop` dicts plus
   step: int, the global step this batch is for;
   stats: {"corrupt", "shard_errors", "samples"}: per-batch deltas (corrupt samples skipped and damaged shards met
     while filling this batch, samples in it), so a trainer sums them into counters whatever worker made the batch.
