@@ -26,6 +26,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from gpfm_scale.data.batch_keys import GLOBAL_CROPS, GLOBAL_CROPS_UINT8, LOCAL_CROPS, LOCAL_CROPS_UINT8
 from gpfm_scale.data.config import CropConfig
 from gpfm_scale.data.crop_recipe import CropKind, CropRecipe
 
@@ -187,10 +188,10 @@ class MultiCropTransform:
         cfg, g = self.cfg, _make_generator(generator)
         globals_u8 = [self._crop(image, kind, g) for kind in self.recipe.global_crops]
         locals_u8 = [self._crop(image, kind, g) for kind in self.recipe.local_crops]
-        out: dict[str, list] = {"global_crops_uint8": globals_u8, "local_crops_uint8": locals_u8}
+        out: dict[str, list] = {GLOBAL_CROPS_UINT8: globals_u8, LOCAL_CROPS_UINT8: locals_u8}
         if cfg.normalize:
-            out["global_crops"] = [normalize_uint8(x, cfg.mean, cfg.std) for x in globals_u8]
-            out["local_crops"] = [normalize_uint8(x, cfg.mean, cfg.std) for x in locals_u8]
+            out[GLOBAL_CROPS] = [normalize_uint8(x, cfg.mean, cfg.std) for x in globals_u8]
+            out[LOCAL_CROPS] = [normalize_uint8(x, cfg.mean, cfg.std) for x in locals_u8]
         return out
 
     def _crop(self, image: torch.Tensor, kind: CropKind, g: torch.Generator) -> torch.Tensor:

@@ -44,6 +44,17 @@ import numpy as np
 import torch
 
 from gpfm_scale.data import dali_colour
+from gpfm_scale.data.batch_keys import (
+    GLOBAL_CROPS,
+    GLOBAL_CROPS_UINT8,
+    LOCAL_CROPS,
+    LOCAL_CROPS_UINT8,
+    STATS,
+    STATS_CORRUPT,
+    STATS_SAMPLES,
+    STATS_SHARD_ERRORS,
+    STEP,
+)
 from gpfm_scale.data.collate import collate_multicrop
 from gpfm_scale.data.config import CropConfig, MaskConfig
 from gpfm_scale.data.crop_recipe import CropKind, CropRecipe
@@ -220,11 +231,11 @@ def _samples(crops: list[torch.Tensor], num_global: int, normalize: bool, metas:
     u8, f32 = crops[0::step], crops[1::step] if normalize else []
     out = []
     for i, meta in enumerate(metas):
-        sample: dict[str, Any] = {"global_crops_uint8": [c[i] for c in u8[:num_global]],
-                                  "local_crops_uint8": [c[i] for c in u8[num_global:]]}
+        sample: dict[str, Any] = {GLOBAL_CROPS_UINT8: [c[i] for c in u8[:num_global]],
+                                  LOCAL_CROPS_UINT8: [c[i] for c in u8[num_global:]]}
         if normalize:
-            sample["global_crops"] = [c[i] for c in f32[:num_global]]
-            sample["local_crops"] = [c[i] for c in f32[num_global:]]
+            sample[GLOBAL_CROPS] = [c[i] for c in f32[:num_global]]
+            sample[LOCAL_CROPS] = [c[i] for c in f32[num_global:]]
         sample.update(meta)
         out.append(sample)
     return out
@@ -257,7 +268,7 @@ def _dali_batches(pipe: Any, recipe: CropRecipe, normalize: bool, mask_cfg: Mask
         metas = [_sample_meta(outputs[n_crops], outputs[n_crops + 1], i) for i in range(len(outputs[n_crops]))]
         samples = _samples(crops, num_global, normalize, metas)
         batch = collate_multicrop(samples, mask_cfg, grid, batch_mask_rng(seed, rank, step))
-        batch["step"] = step
-        batch["stats"] = {"corrupt": 0, "shard_errors": 0, "samples": len(metas)}
+        batch[STEP] = step
+        batch[STATS] = {STATS_CORRUPT: 0, STATS_SHARD_ERRORS: 0, STATS_SAMPLES: len(metas)}
         yield batch
         step += 1

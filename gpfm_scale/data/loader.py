@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from gpfm_scale.data.batch_keys import STEP
 from gpfm_scale.data.config import CropConfig, MaskConfig
 from gpfm_scale.data.loader_config import LoaderConfig
 from gpfm_scale.data.shard_stream import build_torch_loader
@@ -39,7 +40,7 @@ def with_fallback(primary: Iterator[dict[str, Any]], fallback: Callable[[int], I
     try:
         for batch in primary:
             yield batch
-            step = int(batch["step"]) + 1
+            step = int(batch[STEP]) + 1
     except (RuntimeError, ShardError) as err:
         logger.error("DALI loader failed before step %d; continuing with the torch loader: %s", step, err)
         yield from fallback(step)

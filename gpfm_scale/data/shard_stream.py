@@ -48,6 +48,7 @@ import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from gpfm_scale.data.augmentations import MultiCropTransform
+from gpfm_scale.data.batch_keys import STATS, STATS_CORRUPT, STATS_SAMPLES, STATS_SHARD_ERRORS, STEP
 from gpfm_scale.data.collate import collate_multicrop
 from gpfm_scale.data.config import CropConfig, MaskConfig
 from gpfm_scale.data.loader_config import LoaderConfig
@@ -75,7 +76,7 @@ class _Counters:
     shard_errors: int = 0
 
     def take(self) -> dict[str, int]:
-        out = {"corrupt": self.corrupt, "shard_errors": self.shard_errors}
+        out = {STATS_CORRUPT: self.corrupt, STATS_SHARD_ERRORS: self.shard_errors}
         self.corrupt = self.shard_errors = 0
         return out
 
@@ -221,8 +222,8 @@ class ShardStream(IterableDataset):
             out.update(sample)
             crops.append(out)
         batch = collate_multicrop(crops, self.mask_cfg, self.grid_hw, batch_mask_rng(seed, rank, step))
-        batch["step"] = step
-        batch["stats"] = {**stats, "samples": len(samples)}
+        batch[STEP] = step
+        batch[STATS] = {**stats, STATS_SAMPLES: len(samples)}
         return batch
 
 
