@@ -14,7 +14,7 @@ from tests.unit.data.shard_helpers import make_shards
 
 ROOT = Path(__file__).resolve().parents[3]
 # Packages whose code builds or reads batches; each must use the names from batch_keys.
-READERS = ("gpfm_scale/data",)
+READERS = ("gpfm_scale/data", "gpfm_scale/models")
 # Keys distinctive enough to find as literals ("step", "meta", "masks" are also ordinary words elsewhere).
 DISTINCT = (*batch_keys.CROP_KEYS, batch_keys.MASK_INDICES, batch_keys.N_MASKED_PER_IMAGE, batch_keys.MASKS_WEIGHT,
             batch_keys.N_MASKED_PATCHES, batch_keys.UPPERBOUND)
