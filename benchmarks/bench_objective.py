@@ -46,6 +46,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from gpfm_scale.data.augmentations import MultiCropTransform
+from gpfm_scale.data.batch_keys import GLOBAL_CROPS_UINT8
 from gpfm_scale.data.collate import collate_multicrop
 from gpfm_scale.data.config import CropConfig, MaskConfig
 from gpfm_scale.data.synthetic_tiles import make_two_class_tiles
@@ -145,7 +146,7 @@ class Step:
         model, batch = self.model, self.batch
         self.optimizer.zero_grad(set_to_none=True)
         with part("experts"):
-            targets = expert_targets(self.experts, batch["global_crops_uint8"], self.grid) if self.experts else None
+            targets = expert_targets(self.experts, batch[GLOBAL_CROPS_UINT8], self.grid) if self.experts else None
         with self.autocast():
             with part("teacher"):
                 teacher = model.teacher_forward(batch, self.values.teacher_temp)
@@ -198,7 +199,7 @@ def count_flops(step: Step) -> dict[str, int]:
     step.optimizer.zero_grad(set_to_none=True)
     model, batch, out = step.model, step.batch, {}
     with FlopCounterMode(display=False) as counter:
-        targets = expert_targets(step.experts, batch["global_crops_uint8"], step.grid) if step.experts else None
+        targets = expert_targets(step.experts, batch[GLOBAL_CROPS_UINT8], step.grid) if step.experts else None
     out["experts"] = counter.get_total_flops()
     with FlopCounterMode(display=False) as counter, step.autocast():
         terms = model.compute_losses(

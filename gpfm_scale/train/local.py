@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from gpfm_scale.data.augmentations import MultiCropTransform
+from gpfm_scale.data.batch_keys import GLOBAL_CROPS_UINT8
 from gpfm_scale.data.collate import collate_multicrop
 from gpfm_scale.data.config import CropConfig, MaskConfig
 from gpfm_scale.errors import ConfigError
@@ -155,7 +156,7 @@ def train_local(
     for step in range(steps):
         start = time.perf_counter()
         batch = sample_batch(images, batch_size, transform, mask_cfg, grid, seed * _STEP_SEED_STRIDE + step)
-        targets = expert_targets(experts, batch["global_crops_uint8"], grid) if experts else None
+        targets = expert_targets(experts, batch[GLOBAL_CROPS_UINT8], grid) if experts else None
         logs = train_step(model, optimizer, batch, targets, schedules.at(step), optim_cfg.clip_grad)
         history.append({"step": float(step), **logs, "step_seconds": time.perf_counter() - start})
         if step % 50 == 0 or step == steps - 1:

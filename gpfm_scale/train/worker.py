@@ -23,6 +23,7 @@ from typing import Any, Iterator
 
 import torch
 
+from gpfm_scale.data.batch_keys import STATS, STATS_CORRUPT
 from gpfm_scale.metrics import PRETRAIN, AgentRecorder
 from gpfm_scale.train.fencing import RunFence
 from gpfm_scale.train.pretrain_config import PretrainConfig
@@ -206,7 +207,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         batch, targets, data_wait, expert_wait = next(stream)
         torch.manual_seed(step_seed(cfg.run.seed, rank, step))  # drop-path: a function of the step, for resume
-        corrupt += int(batch.get("stats", {}).get("corrupt", 0))
+        corrupt += int(batch.get(STATS, {}).get(STATS_CORRUPT, 0))
         sched = schedules.at(step)
         apply_schedule(optimizer, sched)
         terms = engine(_to_device(batch, device), targets, teacher_temp=sched.teacher_temp)

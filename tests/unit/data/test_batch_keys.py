@@ -13,8 +13,8 @@ from gpfm_scale.data.loader_config import LoaderConfig
 from tests.unit.data.shard_helpers import make_shards
 
 ROOT = Path(__file__).resolve().parents[3]
-# Packages whose code builds or reads batches; each must use the names from batch_keys.
-READERS = ("gpfm_scale/data", "gpfm_scale/models")
+# Where batches are built or read (the whole package and the benchmarks): each must use the names from batch_keys.
+READERS = ("gpfm_scale", "benchmarks")
 # Keys distinctive enough to find as literals ("step", "meta", "masks" are also ordinary words elsewhere).
 DISTINCT = (*batch_keys.CROP_KEYS, batch_keys.MASK_INDICES, batch_keys.N_MASKED_PER_IMAGE, batch_keys.MASKS_WEIGHT,
             batch_keys.N_MASKED_PATCHES, batch_keys.UPPERBOUND)
