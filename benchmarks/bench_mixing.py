@@ -41,15 +41,16 @@ import simplejpeg
 import torch
 
 from gpfm_scale.contracts.shards import ShardWriter
+from gpfm_scale.data.batch_keys import META
 from gpfm_scale.data.config import CropConfig, MaskConfig
+from gpfm_scale.data.loader import build_loader
 from gpfm_scale.data.loader_config import LoaderConfig
 from gpfm_scale.data.mixing import MixConfig, run
-from gpfm_scale.data.shard_stream import build_loader
 
 log = logging.getLogger("bench_mixing")
 # Composition does not depend on the augmentations: crops only, so the loaders' time goes to reading and decoding.
 CROPS = CropConfig(global_size=16, local_size=8, n_local=1, hflip_p=0.0, jitter_p=0.0, grayscale_p=0.0,
-                   blur_p_global1=0.0, blur_p_global2=0.0, blur_p_local=0.0, solarize_p_global2=0.0)
+                   blur_probabilities=(0.0, 0.0, 0.0), solarize_p_global2=0.0)
 GRID = (2, 2)
 BLOCK = 512
 
@@ -119,10 +120,10 @@ def measure_loader(urls: list[str], cfg: LoaderConfig, batches: int, footprint: 
         batch = next(loader)
         if i == 0:
             after_fill = _rchar()
-        slides = Counter(m["json"]["slide_id"] for m in batch["meta"])
+        slides = Counter(m["json"]["slide_id"] for m in batch[META])
         distinct.append(len(slides))
-        top_share = max(top_share, max(slides.values()) / len(batch["meta"]))
-        delivered[i > 0] += sum(footprint[m["__key__"]] for m in batch["meta"])
+        top_share = max(top_share, max(slides.values()) / len(batch[META]))
+        delivered[i > 0] += sum(footprint[m["__key__"]] for m in batch[META])
     end = _rchar()
     return {"distinct_mean": float(np.mean(distinct)), "distinct_min": int(min(distinct)),
             "top_share": top_share, "bytes_read_per_sample_byte": (end - start) / sum(delivered),

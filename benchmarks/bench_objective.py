@@ -47,6 +47,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from gpfm_scale.data.augmentations import MultiCropTransform
+from gpfm_scale.data.batch_keys import GLOBAL_CROPS_UINT8
 from gpfm_scale.data.collate import collate_multicrop
 from gpfm_scale.data.config import CropConfig, MaskConfig
 from gpfm_scale.data.synthetic_tiles import make_two_class_tiles
@@ -168,7 +169,7 @@ class Step:
         part = timer or (lambda _name: nullcontext())
         self.engine.timer = part
         with part("experts"):
-            targets = expert_targets(self.experts, self.batch["global_crops_uint8"], self.grid) if self.experts else None
+            targets = expert_targets(self.experts, self.batch[GLOBAL_CROPS_UINT8], self.grid) if self.experts else None
         return train_step(self.trainer, self.batch, targets, STEP, timer)
 
 
@@ -207,7 +208,7 @@ def count_flops(step: Step) -> dict[str, int]:
     optimizer.zero_grad(set_to_none=True)
     model, batch, out = step.model, step.batch, {}
     with FlopCounterMode(display=False) as counter:
-        targets = expert_targets(step.experts, batch["global_crops_uint8"], step.grid) if step.experts else None
+        targets = expert_targets(step.experts, batch[GLOBAL_CROPS_UINT8], step.grid) if step.experts else None
     out["experts"] = counter.get_total_flops()
     with FlopCounterMode(display=False) as counter, step.engine.autocast_context():
         terms = model.compute_losses(

@@ -112,7 +112,7 @@ def run_overrides(iters: int, workers: int, cpus: float, name: str) -> dict[str,
 
 def baseline_run(cfg: PretrainConfig, device: torch.device) -> dict[str, Any]:
     """The plain single-process loop (see the module docstring); rows like the job's metrics.jsonl."""
-    from gpfm_scale.data.shard_stream import build_loader
+    from gpfm_scale.data.loader import build_loader
     from gpfm_scale.train.build import build_pretrain_trainer, student_grid
     from gpfm_scale.train.expert_actors import ExpertPrefetcher
     from gpfm_scale.train.expert_placement import build_expert_client

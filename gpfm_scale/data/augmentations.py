@@ -5,8 +5,8 @@ uint8 through every augmentation (faster, 4x smaller than float32) and are norma
 
 Per crop, in this order: RandomResizedCrop (bicubic, antialias) -> horizontal flip -> [vertical flip] ->
 [90-degree rotation] -> [HED stain jitter] -> colour jitter (random order of brightness/contrast/saturation/hue)
--> grayscale -> Gaussian blur -> solarize (global crop 2 only). Bracketed steps are off by default. Blur odds per
-crop kind come from `CropConfig.blur_probabilities` (default "effective": what DINOv2/GPFM's code does).
+-> grayscale -> Gaussian blur -> solarize (global crop 2 only). Bracketed steps are off by default. Sizes, areas,
+counts and the odds of each step per crop come from `crop_recipe.CropRecipe`, which the DALI backend reads too.
 
 Reproducibility: every random draw comes from one `torch.Generator` passed to `__call__` (or made from an int
 seed), in a fixed order, so the same image and seed give bit-identical crops; the global torch RNG is neither
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,7 +26,9 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from gpfm_scale.data.batch_keys import GLOBAL_CROPS, GLOBAL_CROPS_UINT8, LOCAL_CROPS, LOCAL_CROPS_UINT8
 from gpfm_scale.data.config import CropConfig
+from gpfm_scale.data.crop_recipe import CropKind, CropRecipe
 
 logger = logging.getLogger(__name__)
 
@@ -165,18 +166,8 @@ def _make_generator(generator: torch.Generator | int | None) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-@dataclass(frozen=True)
-class _CropSpec:
-    """What differs between the three kinds of crop: output size (px), area range, blur and solarize odds."""
-
-    size: int
-    scale: tuple[float, float]
-    blur_p: float
-    solarize_p: float
-
-
 class MultiCropTransform:
-    """One uint8 tile [3, H, W] -> 2 global crops [3, G, G] + `n_local` local crops [3, L, L].
+    """One uint8 tile [3, H, W] -> 2 global crops [3, G, G] + `n_local` local crops [3, L, L] (`CropRecipe`).
 
     Returns a dict of lists (one tensor per crop):
       global_crops_uint8 [2 x uint8 [3, G, G]]: the global crops after every augmentation, before normalisation;
@@ -188,54 +179,40 @@ class MultiCropTransform:
 
     def __init__(self, cfg: CropConfig) -> None:
         self.cfg = cfg
-        blur_global1, blur_global2, blur_local = cfg.blur_p
-        self._global1 = _CropSpec(cfg.global_size, cfg.global_scale, blur_global1, 0.0)
-        self._global2 = _CropSpec(cfg.global_size, cfg.global_scale, blur_global2, cfg.solarize_p_global2)
-        self._local = _CropSpec(cfg.local_size, cfg.local_scale, blur_local, 0.0)
+        self.recipe = CropRecipe.from_config(cfg)
         logger.debug("multi-crop transform: %s", cfg.model_dump())
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator | int | None = None) -> dict[str, list]:
         """`generator`: a torch.Generator (consumed), an int seed, or None (seed drawn from the global RNG)."""
         _check_image(image)
         cfg, g = self.cfg, _make_generator(generator)
-        globals_u8 = [self._crop(image, self._global1, g), self._crop(image, self._global2, g)]
-        locals_u8 = [self._crop(image, self._local, g) for _ in range(cfg.n_local)]
-        out: dict[str, list] = {"global_crops_uint8": globals_u8, "local_crops_uint8": locals_u8}
+        globals_u8 = [self._crop(image, kind, g) for kind in self.recipe.global_crops]
+        locals_u8 = [self._crop(image, kind, g) for kind in self.recipe.local_crops]
+        out: dict[str, list] = {GLOBAL_CROPS_UINT8: globals_u8, LOCAL_CROPS_UINT8: locals_u8}
         if cfg.normalize:
-            out["global_crops"] = [normalize_uint8(x, cfg.mean, cfg.std) for x in globals_u8]
-            out["local_crops"] = [normalize_uint8(x, cfg.mean, cfg.std) for x in locals_u8]
+            out[GLOBAL_CROPS] = [normalize_uint8(x, cfg.mean, cfg.std) for x in globals_u8]
+            out[LOCAL_CROPS] = [normalize_uint8(x, cfg.mean, cfg.std) for x in locals_u8]
         return out
 
-    def _crop(self, image: torch.Tensor, spec: _CropSpec, g: torch.Generator) -> torch.Tensor:
-        """One augmented uint8 crop [3, spec.size, spec.size]."""
+    def _crop(self, image: torch.Tensor, kind: CropKind, g: torch.Generator) -> torch.Tensor:
+        """One augmented uint8 crop [3, kind.size, kind.size]."""
         cfg = self.cfg
-        top, left, h, w = sample_crop_box(image.shape[-2], image.shape[-1], spec.scale, cfg.crop_ratio, g)
-        size = [spec.size, spec.size]
+        top, left, h, w = sample_crop_box(image.shape[-2], image.shape[-1], kind.scale, kind.ratio, g)
+        size = [kind.size, kind.size]
         x = F.resized_crop(image, top, left, h, w, size, F.InterpolationMode.BICUBIC, antialias=True)
-        x = self._geometric(x, g)
-        if _coin(cfg.hed_jitter_p, g) and cfg.hed_jitter > 0.0:
+        x = _geometric(x, kind, g)
+        if _coin(kind.hed_jitter_p, g) and cfg.hed_jitter > 0.0:
             x = hed_jitter(x, *sample_hed_params(cfg.hed_jitter, g))
-        if _coin(cfg.jitter_p, g):
+        if _coin(kind.jitter_p, g):
             x = self._color_jitter(x, g)
-        if _coin(cfg.grayscale_p, g):
+        if _coin(kind.grayscale_p, g):
             x = F.rgb_to_grayscale(x, num_output_channels=3)
-        if _coin(spec.blur_p, g):
+        if _coin(kind.blur_p, g):
             sigma = _uniform(cfg.blur_sigma[0], cfg.blur_sigma[1], g)
             x = F.gaussian_blur(x, [cfg.blur_kernel, cfg.blur_kernel], [sigma, sigma])
-        if _coin(spec.solarize_p, g):
+        if _coin(kind.solarize_p, g):
             x = F.solarize(x, threshold=cfg.solarize_threshold)
         return x.contiguous()
-
-    def _geometric(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        cfg = self.cfg
-        if _coin(cfg.hflip_p, g):
-            x = F.horizontal_flip(x)
-        if _coin(cfg.vflip_p, g):
-            x = F.vertical_flip(x)
-        k = 1 + _randint(3, g)
-        if _coin(cfg.rot90_p, g):
-            x = torch.rot90(x, k, dims=(-2, -1))
-        return x
 
     def _color_jitter(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         """torchvision ColorJitter semantics: four factors, applied in a random order."""
@@ -245,6 +222,18 @@ class MultiCropTransform:
         s = _uniform(max(0.0, 1.0 - cfg.jitter_saturation), 1.0 + cfg.jitter_saturation, g)
         hue = _uniform(-cfg.jitter_hue, cfg.jitter_hue, g)
         return color_jitter(x, (b, c, s, hue), torch.randperm(4, generator=g).tolist())
+
+
+def _geometric(x: torch.Tensor, kind: CropKind, g: torch.Generator) -> torch.Tensor:
+    """Flips, then a 90-degree rotation (k drawn whether or not it applies, so the stream does not depend on p)."""
+    if _coin(kind.hflip_p, g):
+        x = F.horizontal_flip(x)
+    if _coin(kind.vflip_p, g):
+        x = F.vertical_flip(x)
+    k = 1 + _randint(3, g)
+    if _coin(kind.rot90_p, g):
+        x = torch.rot90(x, k, dims=(-2, -1))
+    return x
 
 
 def color_jitter(x: torch.Tensor, factors: tuple[float, float, float, float], order: list[int]) -> torch.Tensor:

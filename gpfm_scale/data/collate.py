@@ -17,10 +17,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from gpfm_scale.data.batch_keys import (
+    CROP_KEYS,
+    GLOBAL_CROPS,
+    GLOBAL_CROPS_UINT8,
+    MASKS,
+    MASKS_WEIGHT,
+    MASK_INDICES,
+    META,
+    N_MASKED_PATCHES,
+    N_MASKED_PER_IMAGE,
+    UPPERBOUND,
+)
 from gpfm_scale.data.config import MaskConfig
 from gpfm_scale.data.masking import MaskGenerator, masked_token_upperbound, sample_masks
-
-CROP_KEYS = ("global_crops", "local_crops", "global_crops_uint8", "local_crops_uint8")
 
 
 def _stack_by_crop(samples: list[dict[str, Any]], key: str) -> torch.Tensor:
@@ -39,10 +49,10 @@ def _mask_fields(masks: torch.Tensor) -> dict[str, Any]:
     mask_indices = masks.flatten().nonzero().flatten()
     weights = (1.0 / n_per_image.clamp(min=1).to(torch.float32)).unsqueeze(-1).expand_as(masks)[masks]
     return {
-        "mask_indices": mask_indices,
-        "n_masked_per_image": n_per_image,
-        "masks_weight": weights,
-        "n_masked_patches": torch.full((1,), mask_indices.numel(), dtype=torch.long),
+        MASK_INDICES: mask_indices,
+        N_MASKED_PER_IMAGE: n_per_image,
+        MASKS_WEIGHT: weights,
+        N_MASKED_PATCHES: torch.full((1,), mask_indices.numel(), dtype=torch.long),
     }
 
 
@@ -69,16 +79,16 @@ def collate_multicrop(
     if rng is None:
         rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,))))
     out: dict[str, Any] = {k: _stack_by_crop(samples, k) for k in CROP_KEYS if k in samples[0]}
-    n_global = len(samples[0].get("global_crops_uint8", samples[0].get("global_crops", [])))
+    n_global = len(samples[0].get(GLOBAL_CROPS_UINT8, samples[0].get(GLOBAL_CROPS, [])))
     if n_global == 0:
         raise ValueError("samples carry no global crops")
     n_images = n_global * len(samples)
     generator = MaskGenerator.from_config(mask_cfg, *grid_hw)
     masks = sample_masks(n_images, mask_cfg.ratio_range, mask_cfg.mask_probability, generator, rng)
-    out["masks"] = masks
+    out[MASKS] = masks
     out.update(_mask_fields(masks))
-    out["upperbound"] = masked_token_upperbound(
+    out[UPPERBOUND] = masked_token_upperbound(
         n_images, mask_cfg.ratio_range, mask_cfg.mask_probability, generator.num_patches
     )
-    out["meta"] = [{k: v for k, v in s.items() if k not in CROP_KEYS} for s in samples]
+    out[META] = [{k: v for k, v in s.items() if k not in CROP_KEYS} for s in samples]
     return out

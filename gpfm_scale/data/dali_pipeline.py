@@ -2,10 +2,10 @@
 
 Graph: `fn.readers.webdataset` (this rank's 1/world_size of the samples, shuffled in an `initial_fill` buffer,
 seeded from (seed, rank)) -> `fn.decoders.image` ("mixed" = nvJPEG on the GPU when a device id is given, "cpu"
-without) -> per crop: random_resized_crop (bicubic, antialiased, the CropConfig scale and ratio ranges) -> flips
-[-> 90-degree rotation] -> colour jitter with p -> grayscale with p -> Gaussian blur with p (odds per crop kind
-from `crops.blur_probabilities`, as in the torch path) -> solarize with p (global crop 2) -> uint8 CHW crop and
-crop_mirror_normalize float CHW crop. Probabilities are DALI conditionals.
+without) -> per crop of `crop_recipe.CropRecipe` (the recipe the torch path reads: sizes, scale and ratio ranges,
+counts, the odds of each step per crop): random_resized_crop (bicubic, antialiased) -> flips [-> 90-degree
+rotation] -> colour jitter with p -> grayscale with p -> Gaussian blur with p -> solarize with p (global crop 2)
+-> uint8 CHW crop and crop_mirror_normalize float CHW crop. Probabilities are DALI conditionals.
 iBOT masks and the collate fields are made on the host per batch by `collate_multicrop`, with the mask seed of
 the torch path (`batch_mask_rng`).
 
@@ -28,7 +28,7 @@ Corrupt data: DALI cannot skip a sample. Measured (DALI 2.4, CPU): a truncated J
 decode sample #3 : run-000000.tar:13824:slide0/3_0.jpg") and a truncated tar fails the reader ("Invalid seek");
 either way the pipeline object is dead. Samples missing the image or the json are skipped by the reader
 (uncounted). So the DALI path needs validated shards (`tar_samples.validate_shards`); with `backend: auto` the
-loader continues with the torch path from the failed step (`shard_stream.with_fallback`), with `dali` it raises.
+loader continues with the torch path from the failed step (`loader.with_fallback`), with `dali` it raises.
 `stats` are therefore always {"corrupt": 0, "shard_errors": 0, "samples": batch_size}.
 """
 
@@ -38,17 +38,29 @@ import json
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from gpfm_scale.data import dali_colour
+from gpfm_scale.data.batch_keys import (
+    GLOBAL_CROPS,
+    GLOBAL_CROPS_UINT8,
+    LOCAL_CROPS,
+    LOCAL_CROPS_UINT8,
+    STATS,
+    STATS_CORRUPT,
+    STATS_SAMPLES,
+    STATS_SHARD_ERRORS,
+    STEP,
+)
 from gpfm_scale.data.collate import collate_multicrop
 from gpfm_scale.data.config import CropConfig, MaskConfig
+from gpfm_scale.data.crop_recipe import CropKind, CropRecipe
 from gpfm_scale.data.loader_config import LoaderConfig
-from gpfm_scale.data.shard_stream import batch_mask_rng, derive_seed, expand_shard_urls
+from gpfm_scale.data.seeds import TAG_PIPELINE, batch_mask_rng, derive_seed
+from gpfm_scale.data.shard_urls import expand_shard_urls
 from gpfm_scale.data.tar_samples import split_member_name
 from gpfm_scale.errors import ConfigError, ShardError
 
@@ -59,30 +71,10 @@ except ImportError:  # DALI not installed: dali_available() is False and nothing
 
 logger = logging.getLogger(__name__)
 
-_TAG_PIPELINE = 5
-
 
 def dali_available() -> bool:
     """True when DALI imports in this process."""
     return fn is not None
-
-
-@dataclass(frozen=True)
-class _CropKind:
-    """What differs between global crop 1, global crop 2 and the local crops (sizes in px)."""
-
-    size: int
-    scale: tuple[float, float]
-    blur_p: float
-    solarize_p: float
-
-
-def _crop_kinds(cfg: CropConfig) -> list[_CropKind]:
-    blur_global1, blur_global2, blur_local = cfg.blur_p
-    global1 = _CropKind(cfg.global_size, cfg.global_scale, blur_global1, 0.0)
-    global2 = _CropKind(cfg.global_size, cfg.global_scale, blur_global2, cfg.solarize_p_global2)
-    local = _CropKind(cfg.local_size, cfg.local_scale, blur_local, 0.0)
-    return [global1, global2] + [local] * cfg.n_local
 
 
 def _coin(p: float) -> Any:
@@ -126,29 +118,29 @@ def _solarize(x: Any, threshold: int) -> Any:
     return fn.cast(wide + (wide >= threshold) * (255 - 2 * wide), dtype=types.UINT8)
 
 
-def _colour(x: Any, cfg: CropConfig) -> Any:
+def _colour(x: Any, kind: CropKind, cfg: CropConfig) -> Any:
     """Colour jitter with p (torchvision factors, random order per sample) then grayscale with p, on uint8 HWC."""
     # Nested ifs on purpose here and below: the outer test is a Python bool (no op in the graph when p = 0), the
     # inner one a per-sample DALI conditional; `and` would mix the two in AutoGraph.
-    if cfg.jitter_p > 0.0:
-        if _coin(cfg.jitter_p):
+    if kind.jitter_p > 0.0:
+        if _coin(kind.jitter_p):
             factors, order = _jitter_draws(cfg)
             x = dali_colour.to_uint8(dali_colour.color_jitter(dali_colour.to_float(x), factors, order))
-    if cfg.grayscale_p > 0.0:
-        if _coin(cfg.grayscale_p):
+    if kind.grayscale_p > 0.0:
+        if _coin(kind.grayscale_p):
             x = dali_colour.to_uint8(dali_colour.grayscale(dali_colour.to_float(x)))
     return x
 
 
-def _augment(image: Any, kind: _CropKind, cfg: CropConfig) -> Any:
-    """One augmented uint8 HWC crop [S, S, 3] of a decoded tile (DataNode)."""
+def _augment(image: Any, kind: CropKind, cfg: CropConfig) -> Any:
+    """One augmented uint8 HWC crop [S, S, 3] of a decoded tile (DataNode); S = kind.size."""
     x = fn.random_resized_crop(image, size=[kind.size, kind.size], random_area=list(kind.scale),
-                               random_aspect_ratio=list(cfg.crop_ratio), interp_type=types.INTERP_CUBIC,
+                               random_aspect_ratio=list(kind.ratio), interp_type=types.INTERP_CUBIC,
                                antialias=True, num_attempts=10)
-    x = fn.flip(x, horizontal=_coin_int(cfg.hflip_p), vertical=_coin_int(cfg.vflip_p))
-    if cfg.rot90_p > 0.0:
-        x = _rot90(x, cfg.rot90_p)
-    x = _colour(x, cfg)
+    x = fn.flip(x, horizontal=_coin_int(kind.hflip_p), vertical=_coin_int(kind.vflip_p))
+    if kind.rot90_p > 0.0:
+        x = _rot90(x, kind.rot90_p)
+    x = _colour(x, kind, cfg)
     if kind.blur_p > 0.0:
         if _coin(kind.blur_p):
             x = fn.gaussian_blur(x, window_size=cfg.blur_kernel, sigma=fn.random.uniform(range=list(cfg.blur_sigma)))
@@ -172,7 +164,7 @@ def _multicrop_graph(paths: list[str], index_paths: list[str] | None, loader_cfg
     mean = [255.0 * m for m in crop_cfg.mean]
     std = [255.0 * s for s in crop_cfg.std]
     outputs = []
-    for kind in _crop_kinds(crop_cfg):
+    for kind in CropRecipe.from_config(crop_cfg).crops:
         crop = _augment(decoded, kind, crop_cfg)
         outputs.append(fn.transpose(crop, perm=[2, 0, 1]))
         if crop_cfg.normalize:
@@ -204,7 +196,7 @@ def build_dali_pipeline(urls: list[str], loader_cfg: LoaderConfig, crop_cfg: Cro
     return define(paths, index_paths, loader_cfg, crop_cfg, (rank, world_size),
                   "cpu" if device_id is None else "mixed",
                   batch_size=loader_cfg.batch_size, num_threads=loader_cfg.decode_threads, device_id=device_id,
-                  seed=derive_seed(loader_cfg.seed, rank, _TAG_PIPELINE) % (2**31 - 1),
+                  seed=derive_seed(loader_cfg.seed, rank, TAG_PIPELINE) % (2**31 - 1),
                   prefetch_queue_depth=loader_cfg.prefetch)
 
 
@@ -231,17 +223,19 @@ def _sample_meta(meta: Any, source: Any, i: int) -> dict[str, Any]:
     return {"__key__": key, "shard": path, "json": parsed}
 
 
-def _samples(crops: list[torch.Tensor], cfg: CropConfig, metas: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per-sample dicts in `MultiCropTransform` form (views into the crop batches), for `collate_multicrop`."""
-    step = 2 if cfg.normalize else 1
-    u8, f32 = crops[0::step], crops[1::step] if cfg.normalize else []
+def _samples(crops: list[torch.Tensor], num_global: int, normalize: bool, metas: list[dict[str, Any]]
+             ) -> list[dict[str, Any]]:
+    """Per-sample dicts in `MultiCropTransform` form (views into the crop batches), for `collate_multicrop`.
+    crops: the pipeline's crop outputs, per crop of the recipe its uint8 batch [and its float batch]."""
+    step = 2 if normalize else 1
+    u8, f32 = crops[0::step], crops[1::step] if normalize else []
     out = []
     for i, meta in enumerate(metas):
-        sample: dict[str, Any] = {"global_crops_uint8": [c[i] for c in u8[:2]],
-                                  "local_crops_uint8": [c[i] for c in u8[2:]]}
-        if cfg.normalize:
-            sample["global_crops"] = [c[i] for c in f32[:2]]
-            sample["local_crops"] = [c[i] for c in f32[2:]]
+        sample: dict[str, Any] = {GLOBAL_CROPS_UINT8: [c[i] for c in u8[:num_global]],
+                                  LOCAL_CROPS_UINT8: [c[i] for c in u8[num_global:]]}
+        if normalize:
+            sample[GLOBAL_CROPS] = [c[i] for c in f32[:num_global]]
+            sample[LOCAL_CROPS] = [c[i] for c in f32[num_global:]]
         sample.update(meta)
         out.append(sample)
     return out
@@ -250,28 +244,31 @@ def _samples(crops: list[torch.Tensor], cfg: CropConfig, metas: list[dict[str, A
 def build_dali_loader(loader_cfg: LoaderConfig, crop_cfg: CropConfig, mask_cfg: MaskConfig,
                       grid_hw: tuple[int, int], rank: int, world_size: int, device_id: int | None = None,
                       start_step: int = 0) -> Iterator[dict[str, Any]]:
-    """Infinite iterator of this rank's batches (same dict as `shard_stream.build_loader`; tensors on cuda:device_id
-    when given). No exact resume. The pipeline is built on the first `next`, so DALI errors surface there."""
+    """Infinite iterator of this rank's batches (same dict as `shard_stream.build_torch_loader`; tensors on
+    cuda:device_id when given). No exact resume. The pipeline is built on the first `next`, so DALI errors
+    surface there."""
     urls = expand_shard_urls(loader_cfg.shards)
     pipe = build_dali_pipeline(urls, loader_cfg, crop_cfg, rank, world_size, device_id)
     device = None if device_id is None else torch.device("cuda", device_id)
     grid = (int(grid_hw[0]), int(grid_hw[1]))
-    n_crops = (2 + crop_cfg.n_local) * (2 if crop_cfg.normalize else 1)
     logger.info("DALI loader, rank %d/%d: %d shards, device %s, batch %d", rank, world_size, len(urls),
                 device_id, loader_cfg.batch_size)
-    return _dali_batches(pipe, n_crops, crop_cfg, mask_cfg, grid, (loader_cfg.seed, rank, device, start_step))
+    return _dali_batches(pipe, CropRecipe.from_config(crop_cfg), crop_cfg.normalize, mask_cfg, grid,
+                         (loader_cfg.seed, rank, device, start_step))
 
 
-def _dali_batches(pipe: Any, n_crops: int, crop_cfg: CropConfig, mask_cfg: MaskConfig, grid: tuple[int, int],
+def _dali_batches(pipe: Any, recipe: CropRecipe, normalize: bool, mask_cfg: MaskConfig, grid: tuple[int, int],
                   where: tuple[int, int, torch.device | None, int]) -> Iterator[dict[str, Any]]:
     seed, rank, device, step = where
+    n_crops, num_global = len(recipe.crops) * (2 if normalize else 1), len(recipe.global_crops)
     pipe.build()
     while True:
         outputs = pipe.run()
         crops = [_to_torch(t, device) for t in outputs[:n_crops]]
         metas = [_sample_meta(outputs[n_crops], outputs[n_crops + 1], i) for i in range(len(outputs[n_crops]))]
-        batch = collate_multicrop(_samples(crops, crop_cfg, metas), mask_cfg, grid, batch_mask_rng(seed, rank, step))
-        batch["step"] = step
-        batch["stats"] = {"corrupt": 0, "shard_errors": 0, "samples": len(metas)}
+        samples = _samples(crops, num_global, normalize, metas)
+        batch = collate_multicrop(samples, mask_cfg, grid, batch_mask_rng(seed, rank, step))
+        batch[STEP] = step
+        batch[STATS] = {STATS_CORRUPT: 0, STATS_SHARD_ERRORS: 0, STATS_SAMPLES: len(metas)}
         yield batch
         step += 1

@@ -47,6 +47,7 @@ from gpfm_scale.atomic import write_bytes_atomic
 from gpfm_scale.config import StrictModel
 from gpfm_scale.contracts.output_dir import OutputDir
 from gpfm_scale.contracts.shards import ShardWriter, shard_name
+from gpfm_scale.data.shard_urls import expand_shard_urls
 from gpfm_scale.data.tar_samples import iter_raw_samples, shard_size
 from gpfm_scale.errors import ConfigError, GpfmError, ShardError
 from gpfm_scale.run_lock import OutputLock
@@ -95,8 +96,6 @@ class MixResult:
 
 def input_urls(spec: str | list[str]) -> list[str]:
     """A tiler output dir (its shards/), a shards dir, a glob, brace notation or a list -> shard URLs."""
-    from gpfm_scale.data.shard_stream import expand_shard_urls  # here: Ray workers need not import the loader
-
     if isinstance(spec, str) and "://" not in spec and os.path.isdir(spec):
         spec = os.path.join(spec, "shards", "*.tar") if os.path.isdir(os.path.join(spec, "shards")) \
             else os.path.join(spec, "*.tar")

@@ -1,6 +1,7 @@
 """The CPU (torch) pretraining loader: resampled WebDataset shards -> multi-crop batches, exactly resumable.
 
-Per training rank, `build_loader` returns an infinite iterator of `collate_multicrop` dicts plus
+Per training rank, `build_torch_loader` (chosen by `loader.build_loader`) returns an infinite iterator of
+`collate_multicrop` dicts plus
   step: int, the global step this batch is for;
   stats: {"corrupt", "shard_errors", "samples"}: per-batch deltas (corrupt samples skipped and damaged shards met
     while filling this batch, samples in it), so a trainer sums them into counters whatever worker made the batch.
@@ -39,70 +40,26 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import fsspec
 import numpy as np
-import torch
-from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from gpfm_scale.data.augmentations import MultiCropTransform
+from gpfm_scale.data.batch_keys import STATS, STATS_CORRUPT, STATS_SAMPLES, STATS_SHARD_ERRORS, STEP
 from gpfm_scale.data.collate import collate_multicrop
 from gpfm_scale.data.config import CropConfig, MaskConfig
 from gpfm_scale.data.loader_config import LoaderConfig
+from gpfm_scale.data.seeds import TAG_SHARDS, TAG_SHUFFLE, batch_mask_rng, sample_generator
+from gpfm_scale.data.shard_urls import expand_shard_urls
 from gpfm_scale.data.tar_samples import CorruptSampleError, RawSample, decode_sample, iter_raw_samples, shard_size
 from gpfm_scale.errors import ConfigError, ShardError
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-# Last entropy word of each seed, so the random streams of one (seed, rank, ...) never coincide.
-_TAG_SHARDS, _TAG_SHUFFLE, _TAG_AUGMENT, _TAG_MASK = 1, 2, 3, 4
-
-
-def expand_shard_urls(spec: str | list[str]) -> list[str]:
-    """Shard URLs from a glob, brace notation or a list of either; globs sorted, local paths kept plain."""
-    entries = [spec] if isinstance(spec, str) else list(spec)
-    urls: list[str] = []
-    for entry in entries:
-        for pattern in braceexpand(entry):
-            urls.extend(_glob(pattern) if any(c in pattern for c in "*?[") else [pattern])
-    if not urls:
-        raise ConfigError(f"loader.shards: no shard found for {spec!r}")
-    return urls
-
-
-def _glob(pattern: str) -> list[str]:
-    fs, path = fsspec.core.url_to_fs(pattern)
-    found = sorted(fs.glob(path))
-    return found if "://" not in pattern else [fs.unstrip_protocol(p) for p in found]
-
-
-def resolve_backend(cfg: LoaderConfig) -> str:
-    """"torch" or "dali": `auto` means DALI when CUDA is available and DALI imports."""
-    if cfg.backend != "auto":
-        return cfg.backend
-    from gpfm_scale.data.dali_pipeline import dali_available
-
-    return "dali" if torch.cuda.is_available() and dali_available() else "torch"
-
-
-def derive_seed(*entropy: int) -> int:
-    """A 63-bit seed from a tuple of non-negative ints (numpy SeedSequence: well mixed, order-sensitive)."""
-    return int(np.random.SeedSequence(list(entropy)).generate_state(1, np.uint64)[0] >> np.uint64(1))
-
-
-def sample_generator(seed: int, rank: int, step: int, index: int) -> torch.Generator:
-    """The augmentation random stream of sample `index` of the batch at `step` on `rank`."""
-    return torch.Generator().manual_seed(derive_seed(seed, rank, step, index, _TAG_AUGMENT))
-
-
-def batch_mask_rng(seed: int, rank: int, step: int) -> np.random.Generator:
-    """The iBOT-mask random stream of the batch at `step` on `rank` (both backends use it)."""
-    return np.random.default_rng([seed, rank, step, _TAG_MASK])
 
 
 def first_step_in_epoch(stream: int, epoch: int, num_streams: int, epoch_length: int) -> int:
@@ -119,7 +76,7 @@ class _Counters:
     shard_errors: int = 0
 
     def take(self) -> dict[str, int]:
-        out = {"corrupt": self.corrupt, "shard_errors": self.shard_errors}
+        out = {STATS_CORRUPT: self.corrupt, STATS_SHARD_ERRORS: self.shard_errors}
         self.corrupt = self.shard_errors = 0
         return out
 
@@ -253,8 +210,8 @@ class ShardStream(IterableDataset):
     def _epoch_samples(self, stream: int, epoch: int, counters: _Counters) -> Iterator[dict[str, Any]]:
         cfg = self.cfg
         key = (cfg.seed, self.rank, stream, epoch)
-        raws = _resampled_raw(self.urls, np.random.default_rng([*key, _TAG_SHARDS]), counters, cfg)
-        raws = _shuffled(raws, cfg.shuffle_buffer, np.random.default_rng([*key, _TAG_SHUFFLE]))
+        raws = _resampled_raw(self.urls, np.random.default_rng([*key, TAG_SHARDS]), counters, cfg)
+        raws = _shuffled(raws, cfg.shuffle_buffer, np.random.default_rng([*key, TAG_SHUFFLE]))
         return _decoded(raws, counters, cfg.max_consecutive_corrupt)
 
     def _make_batch(self, samples: list[dict[str, Any]], step: int, stats: dict[str, int]) -> dict[str, Any]:
@@ -265,8 +222,8 @@ class ShardStream(IterableDataset):
             out.update(sample)
             crops.append(out)
         batch = collate_multicrop(crops, self.mask_cfg, self.grid_hw, batch_mask_rng(seed, rank, step))
-        batch["step"] = step
-        batch["stats"] = {**stats, "samples": len(samples)}
+        batch[STEP] = step
+        batch[STATS] = {**stats, STATS_SAMPLES: len(samples)}
         return batch
 
 
@@ -286,39 +243,3 @@ def build_torch_loader(loader_cfg: LoaderConfig, crop_cfg: CropConfig, mask_cfg:
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_identity,
                         prefetch_factor=loader_cfg.prefetch if workers else None)
     return iter(loader)
-
-
-def with_fallback(primary: Iterator[dict[str, Any]], fallback: Callable[[int], Iterator[dict[str, Any]]],
-                  start_step: int) -> Iterator[dict[str, Any]]:
-    """Yield from `primary` until it fails (RuntimeError from DALI, ShardError), then from `fallback(next_step)`."""
-    step = start_step
-    try:
-        for batch in primary:
-            yield batch
-            step = int(batch["step"]) + 1
-    except (RuntimeError, ShardError) as err:
-        logger.error("DALI loader failed before step %d; continuing with the torch loader: %s", step, err)
-        yield from fallback(step)
-
-
-def build_loader(loader_cfg: LoaderConfig, crop_cfg: CropConfig, mask_cfg: MaskConfig, grid_hw: tuple[int, int],
-                 rank: int, world_size: int, start_step: int = 0) -> Iterator[dict[str, Any]]:
-    """This rank's infinite batch iterator, from the backend `loader_cfg.backend` resolves to (see LoaderConfig).
-
-    grid_hw: the student's patch grid (global size / patch size) for the iBOT masks.
-    """
-    if not 0 <= rank < world_size:
-        raise ConfigError(f"rank {rank} outside world of size {world_size}")
-    if start_step < 0:
-        raise ConfigError(f"start_step must be >= 0, got {start_step}")
-    backend = resolve_backend(loader_cfg)
-    if backend == "torch":
-        return build_torch_loader(loader_cfg, crop_cfg, mask_cfg, grid_hw, rank, start_step)
-    from gpfm_scale.data.dali_pipeline import build_dali_loader
-
-    device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
-    dali = build_dali_loader(loader_cfg, crop_cfg, mask_cfg, grid_hw, rank, world_size, device_id, start_step)
-    if loader_cfg.backend == "dali":
-        return dali
-    return with_fallback(dali, lambda step: build_torch_loader(loader_cfg, crop_cfg, mask_cfg, grid_hw, rank, step),
-                         start_step)

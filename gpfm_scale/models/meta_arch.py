@@ -38,6 +38,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from gpfm_scale.data.batch_keys import GLOBAL_CROPS, LOCAL_CROPS, MASK_INDICES, MASKS, MASKS_WEIGHT, N_MASKED_PATCHES
 from gpfm_scale.errors import ConfigError
 from gpfm_scale.models.experts import EXPERTS
 from gpfm_scale.models.heads import build_dino_head, build_expert_head
@@ -83,7 +84,7 @@ class StudentOutput:
 
 def _crops_as(batch: Mapping[str, Any], dtype: torch.dtype) -> Mapping[str, Any]:
     """The float crops in the parameters' dtype (bf16 when DeepSpeed trains in bf16; the loader yields fp32)."""
-    crops = {k: batch[k].to(dtype) for k in ("global_crops", "local_crops")
+    crops = {k: batch[k].to(dtype) for k in (GLOBAL_CROPS, LOCAL_CROPS)
              if isinstance(batch.get(k), Tensor) and batch[k].is_floating_point() and batch[k].dtype != dtype}
     return {**batch, **crops} if crops else batch
 
@@ -195,12 +196,12 @@ class SSLMetaArch(nn.Module):
         """Teacher on the unmasked global crops -> CLS and masked-token targets (updates the softmax centres).
 
         fp32 weights; under bf16 autocast when the student is bf16 (same compute precision as the student)."""
-        crops, dtype = batch["global_crops"], self.student_dtype
+        crops, dtype = batch[GLOBAL_CROPS], self.student_dtype
         # nullcontext for an fp32 student: leaves a caller's own autocast (the benchmark's AMP baseline) in force
         bf16 = torch.autocast(crops.device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
         with bf16:
             out = self.teacher["backbone"](crops)
-            masked = _select_masked(out["patch"], batch["mask_indices"])
+            masked = _select_masked(out["patch"], batch[MASK_INDICES])
             cls_logits, patch_logits = _head_logits(self.teacher, out["cls"], masked)
         cls_logits, patch_logits = cls_logits.float(), patch_logits.float()  # centring and softmax in fp32
         if self.cfg.centering == "softmax":
@@ -210,7 +211,7 @@ class SSLMetaArch(nn.Module):
             self.ibot_loss.update_center(patch_logits)
         else:
             iterations = self.cfg.sinkhorn_iterations
-            n_masked = batch["n_masked_patches"].to(patch_logits.device)
+            n_masked = batch[N_MASKED_PATCHES].to(patch_logits.device)
             cls_probs = self.dino_loss.sinkhorn_knopp_teacher(cls_logits, teacher_temp, iterations)
             patch_probs = self.ibot_loss.sinkhorn_knopp_teacher(patch_logits, teacher_temp, n_masked, iterations)
         return TeacherOutput(out["cls"], cls_probs, patch_probs)
@@ -218,12 +219,12 @@ class SSLMetaArch(nn.Module):
     def student_forward(self, batch: Mapping[str, Any]) -> StudentOutput:
         """Student on the masked global crops and the local crops, through the DINO/iBOT and expert heads."""
         backbone = self.student["backbone"]
-        glob = backbone(batch["global_crops"], batch["masks"])
-        local = batch.get("local_crops")
+        glob = backbone(batch[GLOBAL_CROPS], batch[MASKS])
+        local = batch.get(LOCAL_CROPS)
         local_cls = glob["cls"][:0]
         if local is not None and local.numel():
             local_cls = backbone(local)["cls"]
-        masked = _select_masked(glob["patch"], batch["mask_indices"])
+        masked = _select_masked(glob["patch"], batch[MASK_INDICES])
         n_global = glob["cls"].shape[0]
         cls_logits, masked_logits = _head_logits(self.student, torch.cat([glob["cls"], local_cls]), masked)
         proj, heads = {}, cast(nn.ModuleDict, self.student["expert_heads"])
@@ -245,8 +246,8 @@ class SSLMetaArch(nn.Module):
         Every loss is computed in fp32 whatever the model's dtype (bf16 under DeepSpeed on GPU): softmaxes at
         temperature 0.1 and KoLeo's log nearest-neighbour distances lose too much in bf16."""
         terms = self.dino_loss(student.global_logits.float(), student.local_logits.float(), teacher.cls_probs)
-        masks_weight = batch["masks_weight"].to(student.masked_logits.device)
-        terms["ibot"] = self.ibot_loss(student.masked_logits.float(), teacher.patch_probs, batch["masks"],
+        masks_weight = batch[MASKS_WEIGHT].to(student.masked_logits.device)
+        terms["ibot"] = self.ibot_loss(student.masked_logits.float(), teacher.patch_probs, batch[MASKS],
                                        masks_weight)
         terms["koleo"] = self.koleo_loss(student.global_cls.float(), num_chunks=NUM_GLOBAL_CROPS)
         proj = {name: ExpertTokens(t.cls.float(), None if t.patch is None else t.patch.float())

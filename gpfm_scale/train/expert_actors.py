@@ -34,6 +34,7 @@ import numpy as np
 import ray
 import torch
 
+from gpfm_scale.data.batch_keys import GLOBAL_CROPS_UINT8
 from gpfm_scale.errors import GpfmError
 from gpfm_scale.models.config import ExpertConfig
 from gpfm_scale.models.experts import Expert, build_expert
@@ -294,7 +295,7 @@ class ExpertPrefetcher(Generic[B]):
         batches: Iterable[B],
         client: ExpertClient,
         grid: Grid,
-        crops: str | Callable[[B], torch.Tensor] = "global_crops_uint8",
+        crops: str | Callable[[B], torch.Tensor] = GLOBAL_CROPS_UINT8,
         depth: int = 1,
     ) -> None:
         if depth < 1:

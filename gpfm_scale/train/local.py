@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from gpfm_scale.data.augmentations import MultiCropTransform
+from gpfm_scale.data.batch_keys import GLOBAL_CROPS_UINT8
 from gpfm_scale.data.collate import collate_multicrop
 from gpfm_scale.data.config import CropConfig, MaskConfig
 from gpfm_scale.errors import ConfigError
@@ -114,7 +115,7 @@ def train_local(
     for step in range(steps):
         start = time.perf_counter()
         batch = sample_batch(images, batch_size, transform, mask_cfg, grid, step_seed(seed, 0, step))
-        targets = expert_targets(experts, batch["global_crops_uint8"], grid) if experts else None
+        targets = expert_targets(experts, batch[GLOBAL_CROPS_UINT8], grid) if experts else None
         logs = train_step(trainer, batch, targets, step).logs()
         history.append({"step": float(step), **logs, "step_seconds": time.perf_counter() - start})
         if step % 50 == 0 or step == steps - 1:

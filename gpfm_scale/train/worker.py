@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
+from gpfm_scale.data.batch_keys import STATS, STATS_CORRUPT
 from gpfm_scale.metrics import PRETRAIN, AgentRecorder
 from gpfm_scale.train.fencing import RunFence
 from gpfm_scale.train.pretrain_config import PretrainConfig
@@ -149,7 +150,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import deepspeed
     import ray.train
 
-    from gpfm_scale.data.shard_stream import build_loader
+    from gpfm_scale.data.loader import build_loader
     from gpfm_scale.train.build import build_pretrain_trainer, student_grid
     from gpfm_scale.train.step import to_device, train_step
 
@@ -173,7 +174,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for step in range(start, _last_step(cfg)):
         t0 = time.perf_counter()
         batch, targets, data_wait, expert_wait = next(stream)
-        corrupt += int(batch.get("stats", {}).get("corrupt", 0))
+        corrupt += int(batch.get(STATS, {}).get(STATS_CORRUPT, 0))
         result = train_step(trainer, to_device(batch, device), targets, step)
         report, ckpt = _report_every(cfg, step)
         if not report:

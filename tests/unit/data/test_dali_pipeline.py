@@ -16,12 +16,14 @@ pytest.importorskip("nvidia.dali")
 from gpfm_scale.data import dali_colour  # noqa: E402
 from gpfm_scale.data.augmentations import color_jitter, normalize_uint8  # noqa: E402
 from gpfm_scale.data.config import CropConfig, MaskConfig  # noqa: E402
-from gpfm_scale.data.dali_pipeline import (_augment, _colour, _crop_kinds, _jitter_draws, _rot90,  # noqa: E402
+from gpfm_scale.data.crop_recipe import CropRecipe  # noqa: E402
+from gpfm_scale.data.dali_pipeline import (_augment, _colour, _jitter_draws, _rot90,  # noqa: E402
                                            _solarize, build_dali_loader, build_dali_pipeline, fn, pipeline_def,
                                            types)
 from gpfm_scale.data.synthetic_tiles import make_two_class_tiles  # noqa: E402
+from gpfm_scale.data.loader import with_fallback  # noqa: E402
 from gpfm_scale.data.loader_config import LoaderConfig  # noqa: E402
-from gpfm_scale.data.shard_stream import build_torch_loader, with_fallback  # noqa: E402
+from gpfm_scale.data.shard_stream import build_torch_loader  # noqa: E402
 from gpfm_scale.errors import ConfigError  # noqa: E402
 from tests.unit.data.shard_helpers import batch_keys, make_shards  # noqa: E402
 
@@ -83,7 +85,7 @@ def test_corrupt_jpeg_stops_dali_and_auto_continues_with_torch(tmp_path, caplog)
     with pytest.raises(RuntimeError, match="s0/1_0"):
         next(_dali(cfg))
     torch_cfg = cfg.model_copy(update={"backend": "torch", "open_shards": 1, "random_start": False})
-    with caplog.at_level(logging.ERROR, logger="gpfm_scale.data.shard_stream"):
+    with caplog.at_level(logging.ERROR, logger="gpfm_scale.data.loader"):
         stream = with_fallback(_dali(cfg), lambda step: build_torch_loader(torch_cfg, CROPS, MASKS, GRID, 0, step), 0)
         got = [next(stream) for _ in range(2)]
     ref = build_torch_loader(torch_cfg, CROPS, MASKS, GRID, 0, 0)
@@ -193,7 +195,8 @@ def test_blur_rates_per_crop_kind(preset):
                      crop_ratio=(1.0, 1.0), hflip_p=0.0, jitter_p=0.0, grayscale_p=0.0, solarize_p_global2=0.0,
                      blur_probabilities=preset, blur_sigma=(1.0, 2.0), blur_kernel=5)
     image = np.random.default_rng(1).integers(0, 256, (12, 12, 3), dtype=np.uint8)
-    samples = _run_on(image, lambda x: tuple(_augment(x, k, cfg) for k in _crop_kinds(cfg)), n=64, runs=4)
+    kinds = CropRecipe.from_config(cfg).crops
+    samples = _run_on(image, lambda x: tuple(_augment(x, k, cfg) for k in kinds), n=64, runs=4)
     diffs = np.array([[np.abs(c.astype(int) - image).max() for c in crops] for crops in samples])
     assert ((diffs <= 2) | (diffs > 8)).all()  # unblurred: the image up to resampling; blurred: far from it
     changed = diffs > 8
@@ -214,7 +217,8 @@ def test_rot90_solarize_and_grayscale_mappings_match_torchvision():
     assert np.array_equal(_run_on(image, lambda x: _solarize(x, 128), n=1)[0][0], solarized)
     gray_cfg = CropConfig(jitter_p=0.0, grayscale_p=1.0)
     gray = F.rgb_to_grayscale(chw, num_output_channels=3).permute(1, 2, 0).numpy()
-    assert np.array_equal(_run_on(image, lambda x: _colour(x, gray_cfg), n=1)[0][0], gray)
+    gray_kind = CropRecipe.from_config(gray_cfg).global_crops[0]
+    assert np.array_equal(_run_on(image, lambda x: _colour(x, gray_kind, gray_cfg), n=1)[0][0], gray)
 
 
 def test_remote_urls_are_refused():

@@ -15,15 +15,10 @@ from gpfm_scale.data.augmentations import MultiCropTransform
 from gpfm_scale.data.config import CropConfig, MaskConfig
 from gpfm_scale.data.loader_config import LoaderConfig, LoaderSettings
 from gpfm_scale.data.masking import MaskGenerator, sample_masks
-from gpfm_scale.data.shard_stream import (
-    _shard_cycle,
-    batch_mask_rng,
-    build_loader,
-    expand_shard_urls,
-    first_step_in_epoch,
-    resolve_backend,
-    sample_generator,
-)
+from gpfm_scale.data.loader import build_loader, resolve_backend
+from gpfm_scale.data.seeds import batch_mask_rng, sample_generator
+from gpfm_scale.data.shard_stream import _shard_cycle, first_step_in_epoch
+from gpfm_scale.data.shard_urls import expand_shard_urls
 from gpfm_scale.data.tar_samples import (
     CorruptSampleError,
     RawSample,

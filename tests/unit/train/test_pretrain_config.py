@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from gpfm_scale.cli import main
-from gpfm_scale.data.shard_stream import build_loader
+from gpfm_scale.data.loader import build_loader
 from gpfm_scale.errors import ConfigError
 from gpfm_scale.train.pretrain_config import PretrainConfig
 from gpfm_scale.train.schedules import build_schedules
