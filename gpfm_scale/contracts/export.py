@@ -190,6 +190,9 @@ def read_export_config(directory: str | Path) -> ExportConfig:
         raw = json.loads((directory / CONFIG_FILE).read_text())
     except (ValueError, UnicodeDecodeError) as err:
         raise ConfigError(f"{directory / CONFIG_FILE}: not JSON ({err})") from None
+    if isinstance(raw, dict) and "timm" in raw and "architecture" not in raw:
+        raise ConfigError(f"{directory / CONFIG_FILE}: an export of an older gpfm-scale (a `timm` block, not timm's "
+                          "local-dir layout); export the teacher again with this version")
     try:
         cfg = ExportConfig.model_validate(raw)
     except ValidationError as err:

@@ -96,3 +96,15 @@ def test_a_config_that_is_not_json_or_weights_that_are_not_safetensors_are_refus
     (tmp_path / "export" / "model.safetensors").write_bytes(b"\x00" * 16)
     with pytest.raises(ConfigError, match="safetensors"):
         describe_model(directory, EmbedConfig())
+
+
+def test_an_export_in_the_old_layout_is_refused_with_the_reason(export, tmp_path):
+    """config.json as exports were written before timm's local-dir layout (a `timm` block of create_model args)."""
+    def old_layout(config: dict) -> None:
+        args = config.pop("model_args")
+        config.clear()
+        config.update({"format": "gpfm-scale teacher backbone", "timm": {"model_name": "vit_small_patch16_224",
+                                                                          "pretrained": False, **args}})
+    directory = _tampered(export, tmp_path, old_layout)
+    with pytest.raises(ConfigError, match="older gpfm-scale"):
+        describe_model(directory, EmbedConfig())
