@@ -72,3 +72,26 @@ def test_plain_timm_local_dir_rebuilds_our_loaders_model_and_input_contract_offl
         data = timm.data.resolve_data_config({}, model=loaded)
         assert tuple(data["input_size"]) == (3, 32, 32) and data["crop_pct"] == 1.0
         assert (tuple(data["mean"]), tuple(data["std"])) == ((0.7, 0.6, 0.5), (0.1, 0.2, 0.3))
+
+
+def test_the_recipes_dinov2_arch_loads_from_the_export_not_its_registry_hub_weights(tmp_path, monkeypatch):
+    """`vit_large_patch14_dinov2` (the recipe's arch) has an `hf_hub_id` in timm's registry cfg: the export's own
+    `pretrained_cfg` replaces it, so `local-dir:` loads model.safetensors offline (a hub fetch would fail here)."""
+    from safetensors.torch import save_file
+
+    from gpfm_scale.contracts.export import export_config
+    from gpfm_scale.models.config import BackboneConfig
+    from gpfm_scale.models.vit import build_backbone, timm_create_kwargs
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = BackboneConfig(arch="vit_large_patch14_dinov2", img_size=28, patch_size=14, embed_dim=32, depth=1,
+                         num_heads=2, layerscale_init=1e-5)
+    backbone = build_backbone(cfg).eval()
+    save_file(backbone.export_state_dict(), str(tmp_path / "model.safetensors"))
+    config = export_config(timm_create_kwargs(cfg), 32, (0.5, 0.5, 0.5), (0.2, 0.2, 0.2), step=0)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    plain = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    x = torch.rand(2, 3, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(plain.forward_features(x)[:, 0], backbone(x)["cls"])
+    assert tuple(timm.data.resolve_data_config({}, model=plain)["input_size"]) == (3, 28, 28)
