@@ -2,8 +2,8 @@
 
 `--model` takes three forms:
 - a directory written by `export_teacher` (`model.safetensors` + `config.json`): features = the CLS token after
-  the final norm (`forward_features(x)[:, 0]`, as the export's config states), its `img_size`, `mean` and `std`
-  (the pretraining run's `crops.mean`/`crops.std`);
+  the final norm (`forward_features(x)[:, 0]`, as the export's config states), its `pretrained_cfg.input_size`,
+  `mean` and `std` (the pretraining run's `crops.mean`/`crops.std`), the same ones timm's `resolve_data_config` reads;
   the config is validated first (`contracts/export.py`: allowed keys only, never `pretrained`, grid = the weights');
 - `expert:NAME` or `expert:NAME=/path/weights`: `Expert.forward(uint8)["cls"]` with the expert's own input
   contract (UNI/Phikon/CONCH need a weight file: from the spec or `EmbedConfig.weights`);

@@ -6,9 +6,10 @@ module's state dict (never cast or partitioned by DeepSpeed), so it is saved and
 augmentation, masks and drop-path are pure functions of (seed, rank, step) (`train_step` reseeds torch every step),
 and schedules are pure functions of the step.
 
-The export is `model.safetensors` (the teacher's timm ViT weights) + `config.json` (the `timm.create_model`
-arguments and the input contract), so `timm.create_model(**config["timm"])` + `load_state_dict` rebuilds it, and
-`warm_start.safetensors` (the teacher's mask token and DINO/iBOT heads), which a later phase's `init` reads.
+The export is `model.safetensors` (the teacher's timm ViT weights) + `config.json` in timm's local-dir layout
+(`contracts/export.py`: architecture, model_args, pretrained_cfg with the input contract), so
+`timm.create_model("local-dir:" + directory, pretrained=True)` rebuilds it, and `warm_start.safetensors` (the
+teacher's mask token and DINO/iBOT heads), which a later phase's `init` reads.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpfm_scale.atomic import save_safetensors_atomic, write_bytes_atomic
-from gpfm_scale.contracts.export import CONFIG_FILE, EXPORT_FORMAT, WEIGHTS_FILE
+from gpfm_scale.contracts.export import CONFIG_FILE, WEIGHTS_FILE, export_config
 from gpfm_scale.errors import CheckpointMismatchError
 from gpfm_scale.models.vit import timm_create_kwargs
 from gpfm_scale.train.warm_start import export_warm_start
@@ -64,17 +65,7 @@ def export_teacher(model: Any, backbone_cfg: Any, directory: str | Path, step: i
     directory.mkdir(parents=True, exist_ok=True)
     save_safetensors_atomic(backbone.export_state_dict(), str(directory / WEIGHTS_FILE))
     export_warm_start(model, directory)
-    config = {
-        "format": EXPORT_FORMAT,
-        "timm": timm_create_kwargs(backbone_cfg),
-        "embed_dim": backbone.embed_dim,
-        "patch_size": backbone_cfg.patch_size,
-        "img_size": backbone_cfg.img_size,
-        "mean": list(crops.mean),
-        "std": list(crops.std),
-        "features": "CLS token after the final LayerNorm (forward_features(x)[:, 0])",
-        "step": step,
-    }
+    config = export_config(timm_create_kwargs(backbone_cfg), backbone.embed_dim, crops.mean, crops.std, step)
     write_bytes_atomic(str(directory / CONFIG_FILE), (json.dumps(config, indent=2) + "\n").encode())
     log.info("exported teacher (step %d) to %s", step, directory)
 

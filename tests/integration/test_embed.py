@@ -173,7 +173,8 @@ def test_exported_teacher_on_tiler_shards_counts_a_corrupt_tile(embedded, tmp_pa
     result = run(_cfg(), str(export), str(tiles_dir), str(tmp_path / "out"))
     assert (result.n_done, result.n_corrupt) == (3, 1) and result.n_failed == 1  # + the slide that failed tiling
     plain, config = load_exported(export)
-    mean, std = torch.tensor(config["mean"]).view(1, 3, 1, 1), torch.tensor(config["std"]).view(1, 3, 1, 1)
+    mean = torch.tensor(config["pretrained_cfg"]["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(config["pretrained_cfg"]["std"]).view(1, 3, 1, 1)
     tiles = _tiles_by_slide(root / "out" / "tiles")
     index = pd.read_parquet(tmp_path / "out" / "index.parquet").set_index("slide_id")
     assert index.loc[bad_slide, "n_corrupt"] == 1 and index.loc[bad_slide, "n"] == len(tiles[bad_slide]) - 1

@@ -46,7 +46,7 @@ def test_remote_experts_losses_fall_and_teacher_exports(shards, tmp_path):
     assert all(r["expert_wait_s"] >= 0 and r["images_per_s"] > 0 for r in rows)
     _check_agent_metrics(rows[-1])
     model, config = load_exported(result.export_dir)
-    assert config["step"] == 30 and config["embed_dim"] == 64
+    assert config["step"] == 30 and config["num_features"] == 64
     features = model.forward_features(torch.rand(2, 3, 32, 32))[:, 0]
     assert features.shape == (2, 64) and torch.isfinite(features).all()
 

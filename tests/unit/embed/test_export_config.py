@@ -42,7 +42,7 @@ def test_the_untampered_export_passes(export):
     info = describe_model(str(export), EmbedConfig())
     assert info.contract.size == 32 and info.dim == 64
     model, config = load_exported(export)
-    assert config["img_size"] == 32 and config["timm"]["pretrained"] is False
+    assert config["model_args"]["img_size"] == 32 and config["pretrained_cfg"]["input_size"] == [3, 32, 32]
 
 
 def _set(path: str, value):
@@ -60,16 +60,21 @@ def _drop(key: str):
 
 
 TAMPERED = [
-    (_set("timm.pretrained", True), "timm.pretrained"),  # would make every actor try to download
-    (_set("timm.model_name", "hf-hub:timm/vit_small_patch16_224"), "timm.model_name"),
-    (_set("timm.checkpoint_path", "/tmp/other.pth"), "timm.checkpoint_path"),  # keys outside the schema
-    (_set("timm.pretrained_cfg_overlay", {"hf_hub_id": "x/y"}), "timm.pretrained_cfg_overlay"),
+    (_set("model_args.pretrained", True), "model_args.pretrained"),  # would make every actor try to download
+    (_set("architecture", "hf-hub:timm/vit_small_patch16_224"), "architecture"),
+    (_set("model_args.checkpoint_path", "/tmp/other.pth"), "model_args.checkpoint_path"),  # keys outside the schema
+    (_set("model_args.pretrained_cfg_overlay", {"hf_hub_id": "x/y"}), "model_args.pretrained_cfg_overlay"),
+    (_set("pretrained_cfg.hf_hub_id", "timm/vit_small_patch16_224"), "pretrained_cfg.hf_hub_id"),  # a weight source
+    (_set("pretrained_cfg.url", "https://example.org/w.pth"), "pretrained_cfg.url"),
+    (_set("pretrained_cfg.file", "/tmp/other.pth"), "pretrained_cfg.file"),
     (_set("extra", 1), "extra"),
-    (_set("img_size", 64), "img_size"),  # input contract no longer the model's
-    (lambda c: (_set("img_size", 64)(c), _set("timm.img_size", 64)(c)), "img_size 64 does not match"),  # grid
-    (_set("patch_size", 16), "patch_size"),
-    (_set("std", [0.2, 0.0, 0.2]), "std"),
-    (_drop("mean"), "mean"),
+    (_set("pretrained_cfg.input_size", [3, 64, 64]), "pretrained_cfg.input_size"),  # contract not the model's
+    (lambda c: (_set("pretrained_cfg.input_size", [3, 64, 64])(c), _set("model_args.img_size", 64)(c)),
+     "model_args.img_size 64 does not match"),  # the weights' grid
+    (_set("model_args.patch_size", 16), "patch_size"),
+    (_set("pretrained_cfg.std", [0.2, 0.0, 0.2]), "std"),
+    (_drop("pretrained_cfg"), "pretrained_cfg"),
+    (_set("pretrained_cfg.crop_pct", 0.875), "pretrained_cfg.crop_pct"),  # embed resizes tiles whole
 ]
 
 
@@ -90,4 +95,16 @@ def test_a_config_that_is_not_json_or_weights_that_are_not_safetensors_are_refus
     shutil.copy(export / "config.json", tmp_path / "export" / "config.json")
     (tmp_path / "export" / "model.safetensors").write_bytes(b"\x00" * 16)
     with pytest.raises(ConfigError, match="safetensors"):
+        describe_model(directory, EmbedConfig())
+
+
+def test_an_export_in_the_old_layout_is_refused_with_the_reason(export, tmp_path):
+    """config.json as exports were written before timm's local-dir layout (a `timm` block of create_model args)."""
+    def old_layout(config: dict) -> None:
+        args = config.pop("model_args")
+        config.clear()
+        config.update({"format": "gpfm-scale teacher backbone", "timm": {"model_name": "vit_small_patch16_224",
+                                                                          "pretrained": False, **args}})
+    directory = _tampered(export, tmp_path, old_layout)
+    with pytest.raises(ConfigError, match="older gpfm-scale"):
         describe_model(directory, EmbedConfig())
