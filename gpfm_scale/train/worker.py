@@ -23,6 +23,7 @@ from typing import Any, Iterator
 
 import torch
 
+from gpfm_scale.extras import require
 from gpfm_scale.metrics import PRETRAIN, AgentRecorder
 from gpfm_scale.train.fencing import RunFence
 from gpfm_scale.train.pretrain_config import PretrainConfig
@@ -56,7 +57,7 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def _build(cfg: PretrainConfig, device: torch.device, world: int) -> tuple[Any, Any, Any, Any]:
-    import deepspeed
+    deepspeed = require("deepspeed", "train", "pretraining")
     import ray.train
 
     from gpfm_scale.models.meta_arch import SSLMetaArch
@@ -177,7 +178,7 @@ def _resume(engine: Any) -> int:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. `config`: {"cfg": PretrainConfig as dict, "out": str, "generation": the run's fencing
     token (see fencing.py), "expert_directory": the expert directory actor's name or None}."""
-    import deepspeed
+    deepspeed = require("deepspeed", "train", "pretraining")
     import ray.train
 
     from gpfm_scale.data.shard_stream import build_loader
