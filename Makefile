@@ -2,23 +2,25 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# torch/torchvision pins: this CUDA 13 build runs on CPU too, and PyPI torchvision beside any other torch fails
-# to import (see REFERENCE.md, field notes).
-TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+# Everything: the core and every extra (pyproject.toml pins torch/torchvision). `make lock` rewrites pylock.toml,
+# the resolved versions and hashes of this install; `pip install -r pylock.toml` reproduces it (pip 26.3).
+EXTRAS := all,test
 export DS_ACCELERATOR ?= cpu
 export DS_BUILD_OPS ?= 0
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install lock demo test test-fast bench clean
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(TORCH_PINS)
-	$(BIN)/pip install -q -e '.[test]' $(TORCH_PINS)
+	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
 	touch $@
+
+lock: install
+	$(BIN)/pip lock -q -o pylock.toml '.[$(EXTRAS)]'
 
 demo: install
 	$(BIN)/gpfm-scale demo --out demo-output
