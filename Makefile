@@ -19,8 +19,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
 	touch $@
 
+# The lock is the resolved install: pip lock resolves under the versions .venv holds (no fresh search).
 lock: install
-	$(BIN)/pip lock -q -o pylock.toml '.[$(EXTRAS)]'
+	$(BIN)/pip freeze --exclude-editable > $(VENV)/installed.txt
+	$(BIN)/pip lock -q -c $(VENV)/installed.txt -o pylock.toml '.[$(EXTRAS)]'
 
 demo: install
 	$(BIN)/gpfm-scale demo --out demo-output

@@ -99,3 +99,17 @@ def test_the_all_extra_holds_every_other_extra():
     from gpfm_scale.extras import EXTRAS
 
     assert set(EXTRAS) == extras
+
+
+def test_the_lock_file_satisfies_every_requirement_of_pyproject():
+    """pylock.toml (`make lock`) pins a version of each requirement of the core and every extra, inside its range:
+    a requirement added or tightened in pyproject.toml without regenerating the lock fails here."""
+    lock = tomllib.loads((REPO / "pylock.toml").read_text())
+    locked = {_norm(p["name"]): p.get("version") for p in lock["packages"]}
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    reqs = [Requirement(r) for r in project["dependencies"]]
+    reqs += [Requirement(r) for g, rs in project["optional-dependencies"].items() if g != "all" for r in rs]
+    stale = sorted({f"{r} (locked: {locked.get(_norm(r.name), 'absent')})" for r in reqs
+                    if _norm(r.name) not in locked or not r.specifier.contains(locked[_norm(r.name)], prereleases=True)})
+    assert not stale, "pylock.toml is stale, run `make lock`: " + "; ".join(stale)
+    assert locked["gpfm-scale"] is None  # the project itself, as a directory entry
