@@ -3,7 +3,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Everything: the core and every extra (pyproject.toml pins torch/torchvision). `make lock` rewrites pylock.toml,
-# the resolved versions and hashes of this install; `pip install -r pylock.toml` then `pip install --no-deps -e .` reproduces it.
+# the resolved versions and hashes of this install; `pip install -r pylock.toml` then `pip install --no-deps -e .`
+# reproduces it.
 EXTRAS := all,test
 export DS_ACCELERATOR ?= cpu
 export DS_BUILD_OPS ?= 0
