@@ -121,3 +121,13 @@ def test_slides_without_cucim_go_to_the_next_reader_with_a_warning_naming_the_gp
     assert f"ERROR {real_svs}: no reader could open it: cucim: {hint}" in proc.stdout
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("WARNING")]
     assert warnings == [f"WARNING cucim: {hint}; slides are read by the next reader in the readers list"]
+
+
+def test_require_tells_a_broken_install_from_a_missing_one(tmp_path, monkeypatch):
+    """An extra that is installed but fails to import (a missing shared library) is not called "not installed"."""
+    (tmp_path / "gpfm_broken_extra.py").write_text('raise ImportError("libcuda.so.1: cannot open shared object")\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(MissingExtraError) as err:
+        require("gpfm_broken_extra", "gpu", "the cucim reader")
+    assert str(err.value) == ("the cucim reader needs gpfm_broken_extra, which does not import (libcuda.so.1: cannot "
+                              "open shared object); install the 'gpu' extra: pip install 'gpfm-scale[gpu]'")
