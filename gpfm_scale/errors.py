@@ -39,3 +39,7 @@ class OutputLockedError(GpfmError):
 
 class ResourcesUnavailableError(GpfmError):
     """The cluster did not offer what a stage needs (GPUs, CPU slots) within its `resources_timeout_s`."""
+
+
+class MissingExtraError(GpfmError):
+    """A feature needs an optional dependency that is not installed; the message names the extra to install."""

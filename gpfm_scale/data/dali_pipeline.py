@@ -63,6 +63,7 @@ from gpfm_scale.data.seeds import TAG_PIPELINE, batch_mask_rng, derive_seed
 from gpfm_scale.data.shard_urls import expand_shard_urls
 from gpfm_scale.data.tar_samples import split_member_name
 from gpfm_scale.errors import ConfigError, ShardError
+from gpfm_scale.extras import install_hint
 
 try:
     from nvidia.dali import fn, pipeline_def, types
@@ -185,7 +186,7 @@ def build_dali_pipeline(urls: list[str], loader_cfg: LoaderConfig, crop_cfg: Cro
                         world_size: int, device_id: int | None) -> Any:
     """The (unbuilt) DALI pipeline of one rank; device_id None = CPU only (decode "cpu"), else "mixed"."""
     if not dali_available():
-        raise ConfigError("loader.backend 'dali' needs nvidia-dali (e.g. nvidia-dali-cuda130), not installed")
+        raise ConfigError(f"loader.backend 'dali' needs nvidia-dali, not installed: {install_hint('gpu')}")
     if crop_cfg.hed_jitter > 0.0:
         logger.warning("DALI backend: HED stain jitter (crops.hed_jitter=%s) is not available and is skipped",
                        crop_cfg.hed_jitter)

@@ -20,10 +20,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 from sklearn.decomposition import PCA
 from sklearn.metrics import roc_auc_score, roc_curve
-from sksurv.compare import compare_survival
-from sksurv.nonparametric import kaplan_meier_estimator
 
 from gpfm_scale.atomic import write_bytes_atomic
+from gpfm_scale.extras import require
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +137,8 @@ def plot_kaplan_meier(times: np.ndarray, events: np.ndarray, risk: np.ndarray, p
     """Kaplan-Meier curves of the low- and high-risk halves (split at the median predicted risk) with the
     log-rank p-value. times [N] (any unit), events [N] (1 = event observed, 0 = censored), risk [N]
     (higher = worse). Uses scikit-survival's estimator and log-rank test (lifelines is not a dependency)."""
+    nonparametric = require("sksurv.nonparametric", "survival", "the Kaplan-Meier plot")
+    compare = require("sksurv.compare", "survival", "the Kaplan-Meier plot")
     times = np.asarray(times, float)
     events = np.asarray(events).astype(bool)
     high = split_at_median(risk)
@@ -146,7 +147,7 @@ def plot_kaplan_meier(times: np.ndarray, events: np.ndarray, risk: np.ndarray, p
         if not mask.any():
             log.warning("Kaplan-Meier: the %s group is empty (all risks equal?)", name)
             continue
-        t, s = kaplan_meier_estimator(events[mask], times[mask])
+        t, s = nonparametric.kaplan_meier_estimator(events[mask], times[mask])
         ax.step(np.r_[0, t], np.r_[1, s], where="post", color=color,
                 label=f"{name} (n={int(mask.sum())}, events={int(events[mask].sum())})")
         censored = mask & ~events
@@ -154,7 +155,7 @@ def plot_kaplan_meier(times: np.ndarray, events: np.ndarray, risk: np.ndarray, p
         ax.plot(times[censored], np.where(at >= 0, s[np.maximum(at, 0)], 1.0), "|", color=color, ms=6)
     if high.any() and (~high).any():
         y = np.array(list(zip(events, times, strict=True)), dtype=[("event", bool), ("time", float)])
-        _, p = compare_survival(y, high)
+        _, p = compare.compare_survival(y, high)
         title = f"{title}\nlog-rank p = {p:.3g}"
     ax.set(xlabel="time", ylabel="survival probability", ylim=(0, 1.02), title=title)
     ax.legend(fontsize=8)

@@ -22,8 +22,6 @@ import logging
 
 import numpy as np
 import torch
-from sksurv.exceptions import NoComparablePairException
-from sksurv.metrics import concordance_index_censored
 
 from gpfm_scale.errors import GpfmError
 from gpfm_scale.evaluate.abmil import (
@@ -37,6 +35,7 @@ from gpfm_scale.evaluate.abmil import (
     resolve_device,
 )
 from gpfm_scale.evaluate.slide_config import MilModelConfig, MilTrainConfig, SurvivalConfig
+from gpfm_scale.extras import require
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +96,15 @@ def risk_from_outputs(outputs: torch.Tensor, loss: str) -> np.ndarray:
 
 def concordance_index(times: np.ndarray, events: np.ndarray, risk: np.ndarray) -> float:
     """Harrell's c-index of `risk` (higher = earlier event); NaN when no pair is comparable (e.g. no event)."""
+    sksurv_metrics = require("sksurv.metrics", "survival", "the survival c-index")
+    sksurv_exceptions = require("sksurv.exceptions", "survival", "the survival c-index")
     events = np.asarray(events, dtype=bool)
     if len(events) < 2 or not events.any():
         return float("nan")
     try:
-        return float(concordance_index_censored(events, np.asarray(times, dtype=np.float64),
-                                                np.asarray(risk, dtype=np.float64))[0])
-    except NoComparablePairException:
+        return float(sksurv_metrics.concordance_index_censored(events, np.asarray(times, dtype=np.float64),
+                                                               np.asarray(risk, dtype=np.float64))[0])
+    except sksurv_exceptions.NoComparablePairException:
         return float("nan")
 
 
@@ -132,6 +133,7 @@ def fit_survival(train: tuple[list[np.ndarray], np.ndarray, np.ndarray],
                  val: tuple[list[np.ndarray], np.ndarray, np.ndarray], model_cfg: MilModelConfig,
                  train_cfg: MilTrainConfig, cfg: SurvivalConfig, seed: int) -> tuple[ABMIL, FitLog, np.ndarray | None]:
     """Train a MIL survival model on (bags, times [n], events [n]); returns it, its log and the NLL bin edges."""
+    require("sksurv", "survival", "the survival task")  # before training, not at its c-index
     feats, times, events = train
     if not np.asarray(events, dtype=bool).any():
         raise GpfmError("the training split has no observed event: a survival model cannot be fitted")

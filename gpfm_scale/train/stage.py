@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpfm_scale.errors import ConfigError
+from gpfm_scale.extras import require
 from gpfm_scale.ray_utils import ensure_ray
 from gpfm_scale.resources import wait_for_resources
 from gpfm_scale.run_lock import OutputLock
@@ -119,6 +120,7 @@ def _fit(cfg: PretrainConfig, fence: RunFence) -> Any:
 
 
 def run(cfg: PretrainConfig, out: str, shards: str | None = None, resume: bool = False) -> PretrainResult:
+    require("deepspeed", "train", "pretraining")  # here, not as a traceback from every Ray Train worker
     start = time.perf_counter()
     out = os.path.abspath(out)
     if shards:

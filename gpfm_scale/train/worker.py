@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 
 from gpfm_scale.data.batch_keys import STATS, STATS_CORRUPT
+from gpfm_scale.extras import require
 from gpfm_scale.metrics import PRETRAIN, AgentRecorder
 from gpfm_scale.train.fencing import RunFence
 from gpfm_scale.train.pretrain_config import PretrainConfig
@@ -147,7 +148,7 @@ def _resume(engine: Any) -> int:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. `config`: {"cfg": PretrainConfig as dict, "out": str, "generation": the run's fencing
     token (see fencing.py), "expert_directory": the expert directory actor's name or None}."""
-    import deepspeed
+    deepspeed = require("deepspeed", "train", "pretraining")
     import ray.train
 
     from gpfm_scale.data.loader import build_loader

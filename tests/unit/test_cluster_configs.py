@@ -17,6 +17,7 @@ import json
 import re
 import shlex
 import sys
+import tomllib
 from pathlib import Path
 
 import click
@@ -150,8 +151,10 @@ def test_launcher_file_mounts_and_install_line(name):
 
     assert f"{dist_remote}/gpfm_scale-*.whl" in install
     assert f'"ray[data,train,default]=={ray.__version__}"' in install, "cluster Ray must match the client's"
-    pins = re.search(r"^TORCH_PINS := (.*)$", (REPO / "Makefile").read_text(), re.MULTILINE).group(1).split()
-    assert pins and all(pin in install for pin in pins), f"torch pins of the Makefile {pins} not in {install}"
+    assert "gpfm_scale-*.whl)[all]" in install, "nodes need every extra (DeepSpeed, cuCIM, DALI)"
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    pins = [d for d in deps if d.startswith(("torch==", "torchvision=="))]
+    assert len(pins) == 2 and all(pin in install for pin in pins), f"torch pins of pyproject {pins} not in {install}"
     setup = " ".join(cfg["setup_commands"])
     assert "ln -sfn /mnt/gpfm/weights /weights" in setup
 

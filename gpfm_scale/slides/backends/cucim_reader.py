@@ -1,11 +1,13 @@
 """cuCIM backend: the fastest reader here (~1,100-1,300 224-px reads/s per CPU thread; GPU decode with device="cuda").
 
 cuCIM is imported when a reader is built, not when this module is imported, so the registry lists the backend even
-where the package is missing and `open_slide` reports "cucim is not installed" as that backend's reason.
+where the package is missing and `open_slide` reports that it is not installed (and which extra brings it) as that
+backend's reason; the first time in a process it also warns, as the next reader in `readers` then reads the slides.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -15,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from gpfm_scale.errors import SlideReadError
+from gpfm_scale.extras import missing_extra
 from gpfm_scale.slides.backends._common import (
     BackendReader,
     backend_errors,
@@ -46,6 +49,12 @@ def cucim_mpp(metadata: dict[str, Any]) -> float | None:
     return um_per_unit / resolution
 
 
+@functools.cache
+def _warn_once(reason: str) -> None:
+    """Say once per process that slides go to the next reader in `readers` (the one used is recorded per slide)."""
+    logger.warning("%s; slides are read by the next reader in the readers list", reason)
+
+
 @SLIDE_READERS.register("cucim")
 class CucimReader(BackendReader):
     """cuCIM `CuImage` reader. device: "cpu" or "cuda" (GPU JPEG decode; results are copied back to host).
@@ -64,7 +73,9 @@ class CucimReader(BackendReader):
         try:
             from cucim import CuImage  # type: ignore[attr-defined]
         except ImportError as exc:
-            raise SlideReadError(f"cucim: cucim is not installed ({one_line(exc)})") from exc
+            reason = f"cucim: {missing_extra('cucim', 'gpu', 'the cucim reader', exc)}"
+            _warn_once(reason)
+            raise SlideReadError(reason) from exc
         self._image: Any = None  # cucim is imported lazily, so its type is not named here
         with backend_errors(self.name, self.path, "open"):
             self._image = CuImage(self.path)
@@ -80,7 +91,7 @@ class CucimReader(BackendReader):
         try:
             import cupy  # noqa: F401 - needed to bring GPU results back to host
         except ImportError as exc:
-            raise SlideReadError(f"cucim: device 'cuda' needs cupy ({one_line(exc)})") from exc
+            raise SlideReadError(f"cucim: {missing_extra('cupy', 'gpu', 'device cuda', exc)}") from exc
         try:
             self._to_host(self._image.read_region((0, 0), (1, 1), 0, device="cuda"))
         except Exception as exc:
