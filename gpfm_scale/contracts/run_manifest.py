@@ -30,7 +30,8 @@ MANIFEST_NAME = "manifest.parquet"
 STATUSES = ("pending", "done", "failed")
 COLUMNS = [
     "slide_id", "path", "status", "reason", "n_tiles", "bytes", "mpp", "mpp_source", "magnification", "reader",
-    "zero_decode", "shards", "shard_sha256", "seconds", "attempts", "in_input", "updated_at",
+    "zero_decode", "untiled_tissue_fraction", "shards", "shard_sha256", "seconds", "attempts", "in_input",
+    "updated_at",
 ]
 META_KEY = b"gpfm_journal"
 """Parquet key-value metadata: {"through": last journal seq compacted in, "reserved": [[run, lo, hi], ...]}."""
