@@ -307,7 +307,7 @@ STAGES = {
     "embed": Stage("gpfm_scale.embed_command:EmbedCommandConfig", "gpfm_scale.embed_command:run", _embed_parser,
                    inputs=("model", "input", "out"), required=("--model", "--input", "--out"),
                    summary=_embed_summary, workers=("num_actors", "inference actors (usually one per GPU)"),
-                   set_example="feature_dtype=float32"),
+                   set_example="feature_dtype=float16"),
     "evaluate": Stage("gpfm_scale.evaluate.config:EvaluateConfig", "gpfm_scale.evaluate.stage:run",
                       _evaluate_parser, inputs=("features", "task", "out", "labels", "command"),
                       required=("--features", "--task", "--out"), summary=_evaluate_summary, workers=None,
