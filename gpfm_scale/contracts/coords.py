@@ -14,8 +14,7 @@ CLAM (dataset_modules/dataset_h5.py `Whole_Slide_Bag_FP.__getitem__`) reads `(pa
 - dataset `tissue_fraction` (N,) float32: the tissue share of each tile's area, in [0, 1].
 `DIR/patches/{slide_id}.h5` (`clam_parts`: CLAM's `create_patches_fp.py` layout, `--data_h5_dir DIR`) holds the
 same `coords` with the attributes `CLAM_ATTRS` of wsi_core/WholeSlideImage.py `process_contour` (patch_size =
-the side read at patch_level) plus `custom_downsample`/`target_patch_size` (read side / tile side, tile side) of
-CLAM's extract_features_fp.py resampling options.
+the side read at patch_level) plus `target_patch_size` (the tile side: extract_features_fp.py's resize option).
 The tiling stage writes both (`write_coords`, `write_clam_coords`); `embed` copies the contract file's geometry onto
 its feature files (`read_geometry`).
 """
@@ -35,7 +34,7 @@ CLAM_DIR = "patches"
 GEOMETRY_ATTRS = ("name", "savetodir", "patch_size", "patch_size_level0", "level0_mpp", "level0_magnification",
                   "target_mpp", "target_magnification", "overlap", "level0_width", "level0_height")
 CLAM_ATTRS = ("name", "save_path", "patch_size", "patch_level", "downsample", "downsampled_level_dim", "level_dim",
-              "custom_downsample", "target_patch_size")
+              "target_patch_size")
 
 
 def coords_parts(slide_id: str) -> tuple[str, str]:

@@ -96,7 +96,9 @@ def write_coords_h5(path: str, slide_id: str, grid: TileGrid, tile_px: int, mpp0
 
 def write_clam_h5(path: str, slide_id: str, grid: TileGrid, save_dir: str) -> None:
     """The slide's CLAM-layout file: CLAM reads `patch_size` px at `patch_level`, so both name the read itself (the
-    tile's whole level-0 footprint), and `custom_downsample` > 1 says it is then resized to `target_patch_size`."""
+    tile's whole level-0 footprint); `target_patch_size` is the tile side it is resized to (extract_features_fp.py's
+    option of that name). No `custom_downsample`: TRIDENT's legacy reader (IO.py `read_coords_legacy`) would take
+    it as a further downsample of that footprint and read twice the field of view."""
     ds, (w, h) = grid.read_downsample, grid.read_level_size
     write_clam_coords(path, grid.coords, {
         "name": slide_id,
@@ -106,7 +108,6 @@ def write_clam_h5(path: str, slide_id: str, grid: TileGrid, save_dir: str) -> No
         "downsample": np.array([ds, ds], dtype=np.float64),
         "downsampled_level_dim": np.array([w, h], dtype=np.int64),
         "level_dim": np.array([w, h], dtype=np.int64),
-        "custom_downsample": grid.read_size_px / grid.tile_px,
         "target_patch_size": grid.tile_px,
     })
 

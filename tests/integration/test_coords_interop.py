@@ -32,18 +32,28 @@ def _clam_reads(wsi, h5_path) -> dict[tuple[int, int], np.ndarray]:
 
     dataset_modules/dataset_h5.py `Whole_Slide_Bag_FP.__init__` reads `coords.attrs['patch_level']` and
     `['patch_size']`, and `__getitem__` does `wsi.read_region(coord, patch_level, (patch_size, patch_size))`;
-    datasets/dataset_h5.py (CLAM's earlier `Whole_Slide_Bag_FP`, the custom_downsample/target_patch_size options
-    of extract_features_fp.py) then resizes to `(target_patch_size,) * 2` with PIL's `img.resize`.
+    datasets/dataset_h5.py (CLAM's earlier `Whole_Slide_Bag_FP`, the target_patch_size option of
+    extract_features_fp.py) then resizes to `(target_patch_size,) * 2` with PIL's `img.resize`.
     """
     with h5py.File(h5_path, "r") as f:
         coords, attrs = f["coords"][:], dict(f["coords"].attrs)
     level, size = int(attrs["patch_level"]), int(attrs["patch_size"])
-    target = int(attrs["target_patch_size"]) if attrs["custom_downsample"] > 1 else None
-    out = {}
-    for x, y in coords.tolist():
-        img = Image.fromarray(wsi.read_region((x, y), level, (size, size)))
-        out[(x, y)] = np.asarray(img.resize((target, target)) if target else img)
-    return out
+    target = int(attrs["target_patch_size"])
+    return {(x, y): np.asarray(Image.fromarray(wsi.read_region((x, y), level, (size, size))).resize((target, target)))
+            for x, y in coords.tolist()}
+
+
+def _trident_legacy_reads(wsi, h5_path, tile_px: int) -> dict[tuple[int, int], np.ndarray]:
+    """TRIDENT pointed at the CLAM file, reimplemented: trident/wsi_objects/WSI.py `extract_patch_features` falls back
+    to IO.py `read_coords_legacy` (patch_size, patch_level, `custom_downsample` default 1) and sets
+    `target_magnification = mag / (level_downsamples[patch_level] * custom_downsample)`, so WSIPatcher reads a
+    `patch_size * mag / target_magnification` level-0 footprint. Resized here to our tile side for the comparison."""
+    with h5py.File(h5_path, "r") as f:
+        coords, attrs = f["coords"][:], dict(f["coords"].attrs)
+    ratio = wsi.level_downsamples[int(attrs["patch_level"])] * attrs.get("custom_downsample", 1)
+    src = round(int(attrs["patch_size"]) * ratio)
+    return {(x, y): np.asarray(Image.fromarray(wsi.read_region((x, y), 0, (src, src))).resize((tile_px,) * 2))
+            for x, y in coords.tolist()}
 
 
 def _trident_reads(wsi, h5_path) -> dict[tuple[int, int], np.ndarray]:
@@ -84,7 +94,7 @@ def test_clam_and_trident_reads_give_the_shard_tiles(cohort, tmp_path, target_mp
     with h5py.File(clam_file, "r") as f:
         a = f["coords"].attrs
         assert (a["patch_level"], a["patch_size"], a["target_patch_size"]) == (level, 256, 128)
-        assert a["custom_downsample"] == 2
+        assert "custom_downsample" not in a
         assert a["name"] == sid and a["downsample"].tolist() == [4.0 ** level] * 2
         assert tuple(a["level_dim"]) == tuple(a["downsampled_level_dim"]) == (2048 // 4 ** level, 1536 // 4 ** level)
     with h5py.File(trident_file, "r") as f:
@@ -93,10 +103,12 @@ def test_clam_and_trident_reads_give_the_shard_tiles(cohort, tmp_path, target_mp
         assert a["patch_size_level0"] == 256 * 4 ** level and a["overlap"] == 0
     with open_slide(path) as wsi:
         clam, trident = _clam_reads(wsi, clam_file), _trident_reads(wsi, trident_file)
+        legacy = _trident_legacy_reads(wsi, clam_file, 128)
         half_view = {xy: np.asarray(Image.fromarray(wsi.read_region(xy, level, (128, 128)))) for xy in tiles}
-    assert set(clam) == set(trident) == set(tiles)
+    assert set(clam) == set(trident) == set(legacy) == set(tiles)
     for xy, tile in tiles.items():
         assert _mad(clam[xy], tile) < SAME_TILE_MAD, xy
         assert _mad(trident[xy], tile) < SAME_TILE_MAD, xy
+        assert _mad(legacy[xy], tile) < SAME_TILE_MAD, xy
     # the old attributes (patch_size = tile side at the read level): every tile a different field of view
     assert min(_mad(half_view[xy], tile) for xy, tile in tiles.items()) > 3 * SAME_TILE_MAD
