@@ -152,9 +152,10 @@ def _add_common(p: argparse.ArgumentParser, cmd: str) -> None:
 
 def _tile_parser(sub: Any) -> argparse.ArgumentParser:
     p = _subparser(sub, "tile", help="Cut whole-slide images into WebDataset shards (stage 1).",
-                   description="Tile slides into DIR/shards/*.tar, DIR/coords/*.h5, DIR/thumbnails/*.png and "
-                               "DIR/manifest.parquet. Rerunning the same command resumes: finished slides are "
-                               "skipped, interrupted ones redone, failed ones retried only with --retry-failed.")
+                   description="Tile slides into DIR/shards/*.tar, DIR/coords/*.h5 (TRIDENT layout), "
+                               "DIR/patches/*.h5 (CLAM layout), DIR/thumbnails/*.png and DIR/manifest.parquet. "
+                               "Rerunning the same command resumes: finished slides are skipped, interrupted ones "
+                               "redone, failed ones retried only with --retry-failed.")
     p.add_argument("--slides",
                    help="Slide manifest (CSV/Parquet with slide_id, path[, mpp, clinical columns]; an mpp column "
                         "overrides the slide's own), a folder, or a glob. Local paths or fsspec URLs (s3://, gs://).")
@@ -307,7 +308,7 @@ STAGES = {
     "embed": Stage("gpfm_scale.embed_command:EmbedCommandConfig", "gpfm_scale.embed_command:run", _embed_parser,
                    inputs=("model", "input", "out"), required=("--model", "--input", "--out"),
                    summary=_embed_summary, workers=("num_actors", "inference actors (usually one per GPU)"),
-                   set_example="feature_dtype=float32"),
+                   set_example="feature_dtype=float16"),
     "evaluate": Stage("gpfm_scale.evaluate.config:EvaluateConfig", "gpfm_scale.evaluate.stage:run",
                       _evaluate_parser, inputs=("features", "task", "out", "labels", "command"),
                       required=("--features", "--task", "--out"), summary=_evaluate_summary, workers=None,

@@ -1,18 +1,20 @@
 """The features contract between `embed` and `evaluate` (DESIGN.md "Features").
 
 Layout of an embedding output directory DIR:
-    DIR/features/{slide_id}.h5   one per slide: `features` (N, D) float16 (or float32), `coords` (N, 2) int64 level-0 (x, y)
+    DIR/features/{slide_id}.h5   one per slide: `features` (N, D) float32 (or float16), `coords` (N, 2) int64 level-0 (x, y)
                                  (CLAM/TRIDENT layout: their MIL code reads `features` and `coords` unchanged),
                                  attributes `model`, `dim`, `slide_id`.
-    DIR/features/images.h5       for an image folder: `features` (N, D) float16 (or float32) and `paths` (N,) of the images.
+    DIR/features/images.h5       for an image folder: `features` (N, D) float32 (or float16) and `paths` (N,) of the images
+                                 (HDF5 UTF-8 strings: `f['paths'].asstr()[:]` gives str).
     DIR/parts/{slide_id}/*.npz   scratch: per-batch features written by the inference actors (`sink.py`), joined
                                  into the slide's .h5 and removed; wiped at the start and end of every run.
     DIR/index.parquet            one row per slide (kind "slide") or per image (kind "image"): `slide_id`,
                                  `kind`, `file` (relative to DIR), `row` (the image's row in images.h5, -1 for
                                  slides), `n` (vectors), `label`, `case_id`, `time`, `event` (when known) and
                                  every other column of the input manifest, carried through.
-Features are stored as float16 by default (half the disk of float32; probes and MIL upcast on load), float32 on
-request (`feature_dtype`).
+Features are stored as float32 by default, as CLAM and TRIDENT write them (plain PyTorch MIL code fails on Half:
+`nn.Linear(torch.from_numpy(f["features"][:]))` must work as is); float16 on request (`feature_dtype`) halves the
+disk, and our readers upcast it on load.
 
 Paths: a slide id becomes a file name only through `names.child_path` (one safe component under `features/`), and
 the index's `file` column is read back the same way, so neither a tar key nor an edited index reaches outside DIR.
@@ -88,10 +90,10 @@ def write_image_features(directory: str | Path, features: np.ndarray, paths: lis
 
 
 def _stored(features: np.ndarray) -> np.ndarray:
-    """Features as they go to disk: float32 kept when the run chose it (`EmbedConfig.feature_dtype`), any other
-    dtype as float16, the default."""
+    """Features as they go to disk: float16 kept when the run chose it (`EmbedConfig.feature_dtype`), any other
+    dtype as float32, the default."""
     array = np.asarray(features)
-    return array if array.dtype == np.float32 else array.astype(np.float16)
+    return array if array.dtype == np.float16 else array.astype(np.float32)
 
 
 class ImageFeatureWriter:
@@ -102,7 +104,7 @@ class ImageFeatureWriter:
     """
 
     def __init__(self, directory: str | Path, model: str, dim: int, attrs: dict[str, Any] | None = None,
-                 dtype: str = "float16") -> None:
+                 dtype: str = "float32") -> None:
         self.path = Path(directory) / IMAGES_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_suffix(".h5.partial")

@@ -5,7 +5,8 @@ sees half a file; local files get the mode `open()` would give (0666 minus the u
 mkstemp's 0600. Layout (DESIGN.md contracts):
     DIR/shards/{run}-{NNNNNN}.tar    WebDataset shards (whole slides only)
     DIR/shards/.tmp/                 shards being written; our temporary files there are cleared when a run starts
-    DIR/coords/{slide_id}.h5         CLAM/TRIDENT coordinates
+    DIR/coords/{slide_id}.h5         TRIDENT-layout coordinates (our contract, `contracts.coords`)
+    DIR/patches/{slide_id}.h5        CLAM-layout coordinates (CLAM's `--data_h5_dir DIR`)
     DIR/thumbnails/{slide_id}.png    QC thumbnails (tissue mask and kept tiles drawn)
     DIR/manifest.parquet             the run manifest, compacted
     DIR/journal/{seq}.jsonl          its commit records since (`journal.py`)
@@ -43,7 +44,7 @@ class OutputDir:
         return "/".join([self.root, *parts])
 
     def makedirs(self) -> None:
-        for sub in ("shards/.tmp", "coords", "thumbnails"):
+        for sub in ("shards/.tmp", "coords", "patches", "thumbnails"):
             self.fs.makedirs(self.path(sub), exist_ok=True)
 
     def local_tmp_dir(self) -> str:

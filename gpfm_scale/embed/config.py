@@ -50,11 +50,11 @@ class EmbedConfig(DriverSettings):
         default=512, ge=1, description="Image-folder files per read task.")
     dtype: DType = Field(
         default="auto", description="Inference precision: auto = bfloat16 autocast on GPU, float32 on CPU.")
-    feature_dtype: Literal["float16", "float32"] = Field(
-        default="float16",
-        description="Stored feature precision: float16 halves the disk; float32 keeps features that barely vary "
-                    "across images apart (float16 resolves ~1e-3 of a value: a random-init model with LayerScale "
-                    "1e-5 falls below it).")
+    feature_dtype: Literal["float32", "float16"] = Field(
+        default="float32",
+        description="Stored feature precision: float32 as CLAM/TRIDENT write it (plain PyTorch MIL code fails on "
+                    "Half); float16 halves the disk but resolves only ~1e-3 of a value (a random-init model with "
+                    "LayerScale 1e-5 falls below it).")
     weights: Path | None = Field(
         default=None, description="Local weight file for expert:NAME or timm:NAME (never downloaded).")
     allow_random_init: bool = Field(

@@ -14,13 +14,14 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import cv2
 import numpy as np
 import simplejpeg
 
-from gpfm_scale.contracts.coords import coords_parts, write_coords
+from gpfm_scale.contracts.coords import (CLAM_DIR, COORDS_DIR, clam_parts, coords_parts, write_clam_coords,
+                                         write_coords)
 from gpfm_scale.contracts.output_dir import OutputDir
 from gpfm_scale.contracts.shards import META_EXT, ShardWriter, sample_key
 from gpfm_scale.errors import GpfmError, SlideReadError
@@ -75,27 +76,54 @@ def _raw_tiles(reader: SlideReader, grid: TileGrid, layout: Any, cfg: TilingConf
         yield next(stored) if ok else next(edges)
 
 
-def write_coords_h5(path: str, slide_id: str, grid: TileGrid, tile_px: int, mpp0: float) -> None:
-    """The slide's coordinates file (`contracts.coords`: CLAM/TRIDENT layout), its geometry from the grid."""
+def write_coords_h5(path: str, slide_id: str, grid: TileGrid, tile_px: int, mpp0: float, level0_size: tuple[int, int],
+                    save_dir: str) -> None:
+    """The slide's coordinates file (`contracts.coords`: TRIDENT layout), its geometry from the grid."""
     write_coords(path, grid.coords, grid.tissue_fraction, {
         "name": slide_id,
+        "savetodir": save_dir,
         "patch_size": tile_px,
         "patch_size_level0": int(round(grid.tile_size_level0)),
-        "patch_level": grid.read_level,
         "level0_mpp": mpp0,
         "level0_magnification": magnification_from_mpp(mpp0),
         "target_mpp": grid.target_mpp,
         "target_magnification": grid.magnification,
         "overlap": int(round(grid.tile_size_level0 - grid.stride_level0)),
+        "level0_width": int(level0_size[0]),
+        "level0_height": int(level0_size[1]),
     })
 
 
-def _publish_side_files(out: OutputDir, slide_id: str, grid: TileGrid, cfg: TilingConfig, mpp0: float,
-                        thumb: tuple[np.ndarray, np.ndarray, float] | None) -> None:
+def write_clam_h5(path: str, slide_id: str, grid: TileGrid, save_dir: str) -> None:
+    """The slide's CLAM-layout file: CLAM reads `patch_size` px at `patch_level`, so both name the read itself (the
+    tile's whole level-0 footprint); `target_patch_size` is the tile side it is resized to (extract_features_fp.py's
+    option of that name). No `custom_downsample`: TRIDENT's legacy reader (IO.py `read_coords_legacy`) would take
+    it as a further downsample of that footprint and read twice the field of view."""
+    ds, (w, h) = grid.read_downsample, grid.read_level_size
+    write_clam_coords(path, grid.coords, {
+        "name": slide_id,
+        "save_path": save_dir,
+        "patch_size": grid.read_size_px,
+        "patch_level": grid.read_level,
+        "downsample": np.array([ds, ds], dtype=np.float64),
+        "downsampled_level_dim": np.array([w, h], dtype=np.int64),
+        "level_dim": np.array([w, h], dtype=np.int64),
+        "target_patch_size": grid.tile_px,
+    })
+
+
+def _publish_h5(out: OutputDir, parts: tuple[str, str], write: Callable[[str], None]) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".h5", dir=out.local_tmp_dir())
     os.close(fd)
-    write_coords_h5(tmp, slide_id, grid, cfg.grid.tile_px, mpp0)
-    out.publish(tmp, *coords_parts(slide_id))
+    write(tmp)
+    out.publish(tmp, *parts)
+
+
+def _publish_side_files(out: OutputDir, slide_id: str, grid: TileGrid, cfg: TilingConfig, mpp0: float,
+                        level0_size: tuple[int, int], thumb: tuple[np.ndarray, np.ndarray, float] | None) -> None:
+    _publish_h5(out, coords_parts(slide_id), lambda tmp: write_coords_h5(
+        tmp, slide_id, grid, cfg.grid.tile_px, mpp0, level0_size, out.path(COORDS_DIR)))
+    _publish_h5(out, clam_parts(slide_id), lambda tmp: write_clam_h5(tmp, slide_id, grid, out.path(CLAM_DIR)))
     if thumb is not None:
         image, mask, downsample = thumb
         fd, tmp = tempfile.mkstemp(suffix=".png", dir=out.local_tmp_dir())
@@ -150,7 +178,7 @@ def tile_slide(task: SlideTask, cfg: TilingConfig, writer: ShardWriter, out: Out
             if outcome.n_tiles != len(grid.coords):
                 raise SlideReadError(f"reader returned {outcome.n_tiles} of {len(grid.coords)} tiles")
             thumb = (low, mask, reader.level_downsamples[mask_level]) if cfg.thumbnails else None
-            _publish_side_files(out, task.slide_id, grid, cfg, mpp0, thumb)
+            _publish_side_files(out, task.slide_id, grid, cfg, mpp0, reader.level_dimensions[0], thumb)
         outcome.ok = True
     except Exception as err:  # a bad slide (or a reader bug it triggers) must not stop the run: record why
         writer.rollback_slide()

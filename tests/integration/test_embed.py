@@ -83,7 +83,7 @@ def test_slide_manifest_is_tiled_embedded_and_the_corrupt_slide_reported(embedde
         with h5py.File(out / "tiles" / "coords" / f"{row.slide_id}.h5") as f:
             np.testing.assert_array_equal(coords, f["coords"][:])  # same tiles, same order as the tiler's file
         n = int(tiler.loc[row.slide_id, "n_tiles"])
-        assert features.shape == (n, 48) and features.dtype == np.float16 and row.n == n and n > 0
+        assert features.shape == (n, 48) and features.dtype == np.float32 and row.n == n and n > 0
         expected = _forward(lambda x: expert(x)["cls"], [tiles[row.slide_id][tuple(c)] for c in coords])
         np.testing.assert_allclose(features.astype(np.float32), expected, **FP16)
     assert result.n_embedded == int(tiler["n_tiles"].sum())
@@ -109,7 +109,7 @@ def test_rerun_skips_finished_slides_and_redoes_a_lost_one(embedded):
 def test_workers_write_the_features_the_driver_gets_summaries_and_a_torn_file_is_redone(embedded):
     root, result = embedded
     out = root / "out"
-    # per slide and batch a summary row, not 48 float16 values (96 bytes) per tile, reached the driver
+    # per slide and batch a summary row, not 48 feature values (96 bytes even as float16) per tile, reached the driver
     assert 0 < result.driver_bytes < 96 * result.n_embedded / 4, result.driver_bytes
     assert not (out / "parts").exists()  # scratch is gone once the slides are published
     before = {p.name: p.read_bytes() for p in (out / "features").glob("*.h5")}
@@ -129,18 +129,29 @@ def test_workers_write_the_features_the_driver_gets_summaries_and_a_torn_file_is
     assert not (out / "parts").exists() and not list((out / "features").glob("*.partial"))
 
 
-def test_slides_embedded_in_float32_keep_full_precision(embedded, tmp_path):
+def test_slide_features_read_by_plain_pytorch_mil_code(embedded):
+    """Issue 13.2: float32 by default, as CLAM/TRIDENT write them: a MIL layer takes them without a cast."""
     root, _ = embedded
-    result = run(_cfg(feature_dtype="float32"), "expert:tiny_a", str(root / "out" / "tiles"), str(tmp_path))
+    mil = torch.nn.Sequential(torch.nn.Linear(48, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    for path in sorted((root / "out" / "features").glob("*.h5")):
+        with h5py.File(path, "r") as f:
+            bag = torch.from_numpy(f["features"][:])
+        assert bag.dtype == torch.float32
+        assert torch.isfinite(mil(bag).mean()).item()  # float16 here raised "mat1 and mat2 must have the same dtype"
+
+
+def test_slides_embedded_in_float16_on_request_halve_the_disk(embedded, tmp_path):
+    root, _ = embedded
+    result = run(_cfg(feature_dtype="float16"), "expert:tiny_a", str(root / "out" / "tiles"), str(tmp_path))
     assert (result.n_done, result.n_failed) == (3, 1)
     for sid in ("s00", "s01", "s02"):
         with h5py.File(tmp_path / "features" / f"{sid}.h5") as f, \
-                h5py.File(root / "out" / "features" / f"{sid}.h5") as half:
-            full = f["features"][:]
-            assert full.dtype == np.float32 and full.shape == half["features"].shape
-            np.testing.assert_array_equal(f["coords"][:], half["coords"][:])
-            np.testing.assert_allclose(full, half["features"][:].astype(np.float32), **FP16)
-            assert (full != full.astype(np.float16).astype(np.float32)).any()  # not rounded to float16
+                h5py.File(root / "out" / "features" / f"{sid}.h5") as default:
+            half, full = f["features"][:], default["features"][:]
+            assert half.dtype == np.float16 and full.dtype == np.float32 and full.shape == half.shape
+            np.testing.assert_array_equal(f["coords"][:], default["coords"][:])
+            np.testing.assert_allclose(full, half.astype(np.float32), **FP16)
+            assert (full != full.astype(np.float16).astype(np.float32)).any()  # the default is not rounded
 
 
 def _corrupt_first_png(shard: Path) -> str:
@@ -198,7 +209,8 @@ def test_hgsc_image_folder(shared_data, tmp_path):
     assert index["label"].tolist() == [p.split("/")[0] for p in index["image"]]
     assert (index["label"] == labels.loc[index["image"], "class"].to_numpy()).all()
     with h5py.File(tmp_path / "features" / "images.h5") as f:
-        features, paths = f["features"][:], [p.decode() for p in f["paths"][:]]
+        features, paths = f["features"][:], f["paths"].asstr()[:].tolist()
+    assert features.dtype == np.float32 and all(isinstance(p, str) for p in paths)
     assert features.shape == (1552, 48) and sorted(paths) == sorted(index["image"])
     assert [paths[r] for r in index["row"]] == index["image"].tolist()
     # embedding uses the expert's native contract: it resizes 64 -> 32 px itself, in float (ours rounds to uint8)
@@ -212,16 +224,17 @@ def test_hgsc_image_folder(shared_data, tmp_path):
     cosine = (got * direct).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(direct, axis=1)
     assert cosine.min() > 0.999
     assert run(_cfg(), "expert:tiny_a", str(folder), str(tmp_path)).n_embedded == 0  # complete: nothing redone
-    with pytest.raises(ConfigError, match="float16 features"):
-        run(_cfg(feature_dtype="float32"), "expert:tiny_a", str(folder), str(tmp_path))
-    run(_cfg(feature_dtype="float32"), "expert:tiny_a", str(folder), str(tmp_path / "fp32"))
-    with h5py.File(tmp_path / "fp32" / "features" / "images.h5") as f:
-        full = f["features"][:]
-    assert full.dtype == np.float32 and full.shape == features.shape
-    rows32 = pd.read_parquet(tmp_path / "fp32" / "index.parquet").set_index("image").loc[index["image"], "row"]
-    full = full[rows32.to_numpy()]  # rows are in arrival order, which differs between runs
-    np.testing.assert_allclose(full, features[index["row"].to_numpy()].astype(np.float32), **FP16)  # the same...
-    assert (full != full.astype(np.float16).astype(np.float32)).any()  # ...not rounded to float16
+    with pytest.raises(ConfigError, match="float32 features"):
+        run(_cfg(feature_dtype="float16"), "expert:tiny_a", str(folder), str(tmp_path))
+    run(_cfg(feature_dtype="float16"), "expert:tiny_a", str(folder), str(tmp_path / "fp16"))
+    with h5py.File(tmp_path / "fp16" / "features" / "images.h5") as f:
+        half = f["features"][:]
+    assert half.dtype == np.float16 and half.shape == features.shape
+    rows16 = pd.read_parquet(tmp_path / "fp16" / "index.parquet").set_index("image").loc[index["image"], "row"]
+    half = half[rows16.to_numpy()]  # rows are in arrival order, which differs between runs
+    full = features[index["row"].to_numpy()]
+    np.testing.assert_allclose(full, half.astype(np.float32), **FP16)  # the same...
+    assert (full != full.astype(np.float16).astype(np.float32)).any()  # ...the default not rounded to float16
 
 
 def test_timm_without_weights_refuses_before_any_work(tmp_path):

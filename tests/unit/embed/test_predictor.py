@@ -20,7 +20,7 @@ def test_predictor_embeds_good_rows_and_passes_other_columns_through():
     images = np.random.default_rng(0).integers(0, 256, (3, 3, 32, 32), dtype=np.uint8)
     out = predictor({"image": images, "ok": np.array([True, False, True]), "slide_id": np.array(["a", "a", "b"])})
     assert set(out) == {"ok", "slide_id", "features"} and out["slide_id"].tolist() == ["a", "a", "b"]
-    assert out["features"].dtype == np.float16 and out["features"].shape == (3, 48)
+    assert out["features"].dtype == np.float32 and out["features"].shape == (3, 48)  # the default (issue 13.2)
     expected = build_expert(ExpertConfig(name="tiny_a"))(torch.from_numpy(images[[0, 2]]))["cls"].numpy()
     np.testing.assert_allclose(out["features"][[0, 2]].astype(np.float32), expected, rtol=2e-3, atol=2e-3)
     assert not out["features"][1].any()
