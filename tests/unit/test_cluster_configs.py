@@ -22,7 +22,6 @@ from pathlib import Path
 
 import click
 import pytest
-import tomllib
 import yaml
 
 from gpfm_scale.metrics.definitions import CATALOGUE, DEFAULT_PORT, DRIVER_REGISTRY, MetricSpec
