@@ -28,6 +28,7 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
+from gpfm_scale import storage
 from gpfm_scale.atomic import current_umask
 from gpfm_scale.config import dump_config
 from gpfm_scale.metrics import TILING, serve_metrics
@@ -221,6 +222,7 @@ def _refuse_invalid(manifest: RunManifest, todo: list[str], invalid: dict[str, s
 def run(cfg: TilingConfig, slides: str, out_url: str) -> TilingResult:
     """Tile every slide of `slides` (manifest, folder or glob) into `out_url`, resuming what is already there."""
     start = time.perf_counter()
+    out_url = storage.resolve_out(out_url)
     table = load_slide_table(slides)
     with OutputLock(out_url, "tile"):
         return _run_locked(cfg, table, out_url, start)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from gpfm_scale import storage
 from gpfm_scale.atomic import save_safetensors_atomic, write_bytes_atomic
 from gpfm_scale.errors import CheckpointMismatchError
 from gpfm_scale.models.vit import timm_create_kwargs
@@ -53,12 +54,17 @@ def load_training_state(engine: Any, directory: str | Path) -> int:
 
 def export_teacher(model: Any, backbone_cfg: Any, directory: str | Path, step: int, is_writer: bool) -> None:
     """Write the fp32 teacher backbone as safetensors + config.json on the writer rank (whole on every rank: no
-    gather, whatever the ZeRO stage)."""
+    gather, whatever the ZeRO stage). `directory`: local, or a bucket URL (written locally, each file uploaded
+    whole, config.json last: `storage.staged_dir`)."""
     if not is_writer:
         return
+    with storage.staged_dir(str(directory), last=("config.json",)) as local:
+        _write_export(model, backbone_cfg, Path(local), step)
+    log.info("exported teacher (step %d) to %s", step, directory)
+
+
+def _write_export(model: Any, backbone_cfg: Any, directory: Path, step: int) -> None:
     backbone = model.teacher["backbone"]
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     save_safetensors_atomic(backbone.export_state_dict(), str(directory / "model.safetensors"))
     export_warm_start(model, directory)
     config = {
@@ -73,7 +79,6 @@ def export_teacher(model: Any, backbone_cfg: Any, directory: str | Path, step: i
         "step": step,
     }
     write_bytes_atomic(str(directory / "config.json"), (json.dumps(config, indent=2) + "\n").encode())
-    log.info("exported teacher (step %d) to %s", step, directory)
 
 
 def load_exported(directory: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:

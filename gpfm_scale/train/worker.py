@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import Any, Iterator
 
 import torch
 
+from gpfm_scale import storage
 from gpfm_scale.metrics import PRETRAIN, AgentRecorder
 from gpfm_scale.train.fencing import RunFence
 from gpfm_scale.train.pretrain_config import PretrainConfig
@@ -119,8 +119,7 @@ def _metrics(step: int, terms: dict[str, Any], sched: Any, times: StepTimes, ima
 def _append_metrics(fence: RunFence, row: dict[str, float]) -> None:
     """One metrics.jsonl row (rank 0), unless a newer run owns --out (SupersededRunError, nothing written)."""
     fence.check(f"the metrics row of step {row['step']}")
-    with open(os.path.join(fence.out, METRICS_NAME), "a") as f:
-        f.write(json.dumps(row) + "\n")
+    storage.append_bytes(storage.join(fence.out, METRICS_NAME), (json.dumps(row) + "\n").encode())
 
 
 def _publish(recorder: AgentRecorder, metrics: dict[str, float], rank: int, new_corrupt: int,
@@ -194,7 +193,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     fence = RunFence(config["out"], config["generation"]) if config.get("out") else None
     if fence and rank == 0:  # rows past the checkpoint are computed again from here: one row per step
         fence.check("metrics.jsonl")
-        truncate_metrics(os.path.join(fence.out, METRICS_NAME), start)
+        truncate_metrics(storage.join(fence.out, METRICS_NAME), start)
     recorder, published_corrupt = AgentRecorder(), 0
     side = cfg.objective.model.backbone.grid_size
     grid = (side, side)
@@ -232,5 +231,5 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         from gpfm_scale.train.checkpoint import export_teacher
 
         fence.check("the exported teacher")
-        export_teacher(model, cfg.objective.model.backbone, os.path.join(fence.out, "export"),
+        export_teacher(model, cfg.objective.model.backbone, storage.join(fence.out, "export"),
                        cfg.run.total_iters, is_writer=rank == 0)
