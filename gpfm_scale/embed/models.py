@@ -97,7 +97,8 @@ def _describe_export(spec: str) -> ModelInfo:
     where = spec.rstrip("/") if storage.is_url(spec) else str(directory.resolve())
     label = posixpath.basename(posixpath.dirname(where)) if posixpath.basename(where) == "export" else \
         posixpath.basename(where)
-    return ModelInfo("export", spec if storage.is_url(spec) else str(directory), directory / WEIGHTS_FILE, f"teacher:{label}@step{config.step}",
+    target = spec if storage.is_url(spec) else str(directory)  # workers mirror a bucket export themselves
+    return ModelInfo("export", target, directory / WEIGHTS_FILE, f"teacher:{label}@step{config.step}",
                      _sha256(directory / WEIGHTS_FILE), config.embed_dim, contract)
 
 

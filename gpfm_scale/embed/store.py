@@ -203,8 +203,8 @@ def load_image_features(directory: str | Path) -> tuple[np.ndarray, pd.DataFrame
     feats = feats[rows["row"].to_numpy()].astype(np.float32)
     bad = ~np.isfinite(feats).all(axis=1)
     if bad.any():
-        raise GpfmError(f"{storage.join(str(directory), IMAGES_FILE)}: {int(bad.sum())} of {len(feats)} feature rows are not "
-                        f"finite (NaN/inf), e.g. {rows.loc[bad, 'slide_id'].head(3).tolist()}: re-embed them")
+        raise GpfmError(f"{storage.join(str(directory), IMAGES_FILE)}: {int(bad.sum())} of {len(feats)} feature rows "
+                        f"are not finite (NaN/inf), e.g. {rows.loc[bad, 'slide_id'].head(3).tolist()}: re-embed them")
     return feats, rows
 
 

@@ -69,7 +69,8 @@ def _model_names(features_dirs: list[str]) -> list[str]:
     """The model name of each directory; repeated names get the directory name appended to stay distinct."""
     names = [model_name(d) for d in features_dirs]
     counts = Counter(names)
-    return [f"{n} ({Path(d.rstrip('/')).name})" if counts[n] > 1 else n for n, d in zip(names, features_dirs, strict=True)]
+    return [f"{n} ({Path(d.rstrip('/')).name})" if counts[n] > 1 else n
+            for n, d in zip(names, features_dirs, strict=True)]
 
 
 def _patch_data(directory: str, labels: pd.DataFrame | None, cfg: EvaluateConfig) -> PatchData:
