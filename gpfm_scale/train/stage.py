@@ -67,8 +67,12 @@ def _remote_shards(spec: str) -> list[str]:
     fs, path = storage.url_to_fs(spec)
     if fs.isdir(posixpath.join(path, "shards")):
         path = posixpath.join(path, "shards")
-    found = fs.glob(path) if any(ch in path for ch in "*?[") else \
-        [p for p in fs.ls(path, detail=False) if p.endswith(".tar")] if fs.isdir(path) else [path] * fs.isfile(path)
+    if any(ch in path for ch in "*?["):
+        found = fs.glob(path)
+    elif fs.isdir(path):
+        found = [p for p in fs.ls(path, detail=False) if p.endswith(".tar")]
+    else:
+        found = [path] if fs.isfile(path) else []
     if not found:
         raise ConfigError(f"no shards found at {spec}")
     return sorted(fs.unstrip_protocol(p) for p in found)

@@ -23,6 +23,7 @@ from gpfm_scale.errors import ConfigError
 from gpfm_scale.train import worker
 from gpfm_scale.train.fencing import RunFence, SupersededRunError
 from gpfm_scale.train.resume import check_out, truncate_metrics, write_run_config
+from gpfm_scale.train.stage import resolve_shards
 from tests.integration.pretrain_helpers import tiny_config
 
 JOB_ENV = {storage.JOB_CONFIG_ENV: json.dumps({"runtime_env": {}, "metadata": {"job_submission_id": "raysubmit_x"}})}
@@ -113,3 +114,14 @@ def test_feature_parts_and_slide_files_are_written_to_a_bucket_and_read_back(out
     writer.summarise({**batch, "slide_id": np.array(["b", "b", "b"])})
     clear_scratch(out)
     assert not storage.exists(storage.join(out, "parts"))
+
+
+def test_pretraining_finds_the_shards_of_a_tiling_output_on_a_bucket(out):
+    for name in ("run-000001.tar", "run-000000.tar"):
+        storage.write_bytes(storage.join(out, "shards", name), b"")
+    storage.write_bytes(storage.join(out, "manifest.parquet"), b"")
+    expected = [storage.join(out, "shards", n) for n in ("run-000000.tar", "run-000001.tar")]
+    assert resolve_shards(out) == expected
+    assert resolve_shards(storage.join(out, "shards", "*.tar")) == expected
+    with pytest.raises(ConfigError, match="no shards found"):
+        resolve_shards(storage.join(out, "nothing"))
