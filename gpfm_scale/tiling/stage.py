@@ -267,7 +267,7 @@ def _run_locked(cfg: TilingConfig, table: pd.DataFrame, out_url: str, start: flo
     done = [sid for sid, r in rows.items() if r["status"] == "done"]
     no_tiles = [(sid, rows[sid]["reason"]) for sid in done if not rows[sid]["n_tiles"]]
     return TilingResult(
-        out=out.url, manifest=out.path(MANIFEST_NAME), n_slides=len(rows), n_done=len(done),
+        out=out.url, manifest=storage.join(out.url, MANIFEST_NAME), n_slides=len(rows), n_done=len(done),
         n_failed=len(failed), n_tiles=driver.tiles, n_bytes=driver.bytes, seconds=time.perf_counter() - start,
         worker_restarts=driver.restarts, failed=failed, no_tiles=no_tiles, absent=absent)
 
