@@ -161,5 +161,7 @@ def _run(cfg: EvaluateConfig, features_dirs: list[str], tasks: list[str], out: s
             return storage.join(out, *os.path.relpath(path, local).split(os.sep))
 
         json_path, md_path, figures = final(written[0]), final(written[1]), [final(f) for f in written[2]]
+    if storage.is_url(out):
+        log.info("report uploaded to %s", md_path)
     return EvaluateResult(out, json_path, md_path, tuple(names), tuple(tasks), tuple(figures),
                           None if summary is None else summary.average_rank.to_dict())
