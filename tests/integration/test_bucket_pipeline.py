@@ -27,6 +27,8 @@ from gpfm_scale.train.stage import run as run_pretraining
 from tests.integration.tiling_helpers import make_cohort
 
 SPLITS = ["train", "train", "val", "test", "test"]  # labels alternate a/b: train and test hold both classes
+# (make_cohort's seeds 0-4 all show tissue at its default size; seeds 5 and 6 do not)
+
 
 def _upload_cohort(local_manifest: Path, bucket: str) -> str:
     """The cohort's slides and a manifest naming their s3:// URLs, in the bucket; returns the manifest's URL."""
