@@ -127,7 +127,7 @@ def listdir(url: str) -> list[str]:
     fs, path = url_to_fs(url)
     if not fs.isdir(path):
         return []
-    return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False, refresh=True))
+    return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
 
 
 def read_bytes(url: str) -> bytes:
