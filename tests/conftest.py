@@ -142,3 +142,63 @@ def _ray_resources_released(request):
         time.sleep(0.5)
     held = {k: total[k] - ray.available_resources().get(k, 0) for k in ("CPU", "test_gpu") if k in total}
     pytest.fail(f"{request.node.nodeid} left Ray resources held: {held}")
+
+
+@dataclass
+class Bucket:
+    """An S3 bucket on a moto server of this test session: `url` (s3://NAME), `env` (credentials and endpoint,
+    what a cluster's nodes or a job's runtime_env would set)."""
+
+    url: str
+    env: dict[str, str]
+    endpoint: str
+
+
+@pytest.fixture(scope="session")
+def s3_bucket():
+    """A real S3 API (moto's server mode, on a free loopback port) with one empty bucket, and this process's
+    environment pointing botocore / s3fs / pyarrow at it for the session."""
+    import logging
+
+    pytest.importorskip("s3fs")
+    server_mod = pytest.importorskip("moto.server")
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": endpoint}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3fs.S3FileSystem().mkdir("gpfm-test")
+    try:
+        yield Bucket("s3://gpfm-test", env, endpoint)
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="module")
+def ray_with_bucket(ray_session, s3_bucket):
+    """The session's Ray, reconnected with the bucket's settings in the job's runtime_env (env_vars), as a user
+    passes them to a cluster: workers started before the moto server do not see this driver's later environment.
+    The head keeps running; the plain connection is restored afterwards."""
+    if not _HEAD:
+        pytest.skip("Ray was started outside this test session: cannot reconnect with a runtime_env")
+    ray_session.shutdown()
+    ray_session.init(address=_HEAD[0].gcs_address, log_to_driver=False,
+                     runtime_env={"env_vars": dict(s3_bucket.env)})
+    try:
+        yield ray_session
+    finally:
+        ray_session.shutdown()
+        ray_session.init(address=_HEAD[0].gcs_address, log_to_driver=False)

@@ -27,6 +27,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from gpfm_scale import storage
+
 COORDS_DIR = "coords"
 COORDS_DATASET = "coords"
 TISSUE_DATASET = "tissue_fraction"
@@ -70,5 +72,5 @@ def write_clam_coords(path: str | Path, coords: np.ndarray, geometry: dict[str, 
 
 def read_geometry(path: str | Path) -> dict[str, Any]:
     """The geometry attributes of a coords file (those set, whatever their names: newer writers may add some)."""
-    with h5py.File(path, "r") as f:
+    with storage.open_h5(str(path)) as f:
         return {k: v for k, v in f[COORDS_DATASET].attrs.items() if v is not None}

@@ -20,11 +20,16 @@ Paths: a slide id becomes a file name only through `names.child_path` (one safe 
 the index's `file` column is read back the same way, so neither a tar key nor an edited index reaches outside DIR.
 Readers refuse non-finite features (GpfmError naming the files): every metric computed on them would be NaN.
 Files appear whole (written under a temporary name, then renamed) with the umask's mode (`gpfm_scale.atomic`).
+DIR may be a bucket URL (s3://, gs://): each file is then written locally and uploaded whole in one object upload
+(`gpfm_scale.storage`), and readers open the objects through fsspec.
 """
 
 from __future__ import annotations
 
 import io
+import os
+import posixpath
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +39,9 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from gpfm_scale.atomic import replace_into_place, write_bytes_atomic
+from gpfm_scale import storage
 from gpfm_scale.errors import GpfmError, UnsafeNameError
-from gpfm_scale.names import checked_component, child_path
+from gpfm_scale.names import checked_component
 
 INDEX = "index.parquet"
 IMAGES_FILE = "features/images.h5"
@@ -62,31 +67,53 @@ def write_slide_features(directory: str | Path, slide_id: str, features: np.ndar
     if len(features) != len(coords):
         raise GpfmError(f"{slide_id}: {len(features)} feature vectors for {len(coords)} coordinates")
     rel = f"features/{checked_component(slide_id, 'slide id')}.h5"
-    Path(directory, "features").mkdir(parents=True, exist_ok=True)
-    path = Path(child_path(str(directory), "features", f"{slide_id}.h5"))
-    tmp = path.with_suffix(".h5.partial")
-    with h5py.File(tmp, "w") as f:
-        f.create_dataset("features", data=_stored(features))
-        ds = f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64).reshape(-1, 2))
-        ds.attrs.update(coords_attrs or {})
-        f.attrs.update({"model": model, "dim": int(features.shape[1]) if features.ndim == 2 else 0,
-                        "slide_id": slide_id})
-        f.attrs.update(attrs or {})
-    replace_into_place(str(tmp), str(path))
+    dest = storage.child(str(directory), "features", f"{slide_id}.h5")
+    tmp = _partial(dest)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("features", data=_stored(features))
+            ds = f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64).reshape(-1, 2))
+            ds.attrs.update(coords_attrs or {})
+            f.attrs.update({"model": model, "dim": int(features.shape[1]) if features.ndim == 2 else 0,
+                            "slide_id": slide_id})
+            f.attrs.update(attrs or {})
+        storage.upload_file(tmp, dest)
+    except BaseException:
+        _drop_remote_partial(dest, tmp)
+        raise
     return rel
+
+
+def _partial(dest: str) -> str:
+    """Where `dest` is written before it is published: `NAME.h5.partial` beside it (a local rename), or a local
+    temporary file for a bucket (uploaded whole)."""
+    if storage.is_url(dest):
+        fd, tmp = tempfile.mkstemp(prefix="gpfm-", suffix=".h5.partial")
+        os.close(fd)
+        return tmp
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    return dest.removesuffix(".h5") + ".h5.partial"
+
+
+def _drop_remote_partial(dest: str, tmp: str) -> None:
+    """A failed write's local temporary file for a bucket (a local one is scratch that the next run wipes)."""
+    if storage.is_url(dest) and os.path.exists(tmp):
+        os.remove(tmp)
 
 
 def write_image_features(directory: str | Path, features: np.ndarray, paths: list[str], model: str) -> str:
-    rel = IMAGES_FILE
-    path = Path(directory) / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".h5.partial")
-    with h5py.File(tmp, "w") as f:
-        f.create_dataset("features", data=_stored(features))
-        f.create_dataset("paths", data=np.asarray(paths, dtype=object), dtype=h5py.string_dtype())
-        f.attrs.update({"model": model, "dim": int(features.shape[1])})
-    replace_into_place(str(tmp), str(path))
-    return rel
+    dest = storage.join(str(directory), IMAGES_FILE)
+    tmp = _partial(dest)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("features", data=_stored(features))
+            f.create_dataset("paths", data=np.asarray(paths, dtype=object), dtype=h5py.string_dtype())
+            f.attrs.update({"model": model, "dim": int(features.shape[1])})
+        storage.upload_file(tmp, dest)
+    except BaseException:
+        _drop_remote_partial(dest, tmp)
+        raise
+    return IMAGES_FILE
 
 
 def _stored(features: np.ndarray) -> np.ndarray:
@@ -105,9 +132,8 @@ class ImageFeatureWriter:
 
     def __init__(self, directory: str | Path, model: str, dim: int, attrs: dict[str, Any] | None = None,
                  dtype: str = "float32") -> None:
-        self.path = Path(directory) / IMAGES_FILE
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_suffix(".h5.partial")
+        self.path = storage.join(str(directory), IMAGES_FILE)
+        self.tmp = _partial(self.path)
         self.file = h5py.File(self.tmp, "w")
         self.features = self.file.create_dataset("features", shape=(0, dim), maxshape=(None, dim),
                                                  dtype=np.dtype(dtype), chunks=(256, dim))
@@ -127,42 +153,45 @@ class ImageFeatureWriter:
     def abort(self) -> None:
         """Drop the partial file (the run failed): nothing half-written is left for a reader."""
         self.file.close()
-        self.tmp.unlink(missing_ok=True)
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
 
     def close(self, attrs: dict[str, Any] | None = None) -> str:
         """Add final attributes (counts known only at the end), then rename into place; returns the file."""
         self.file.attrs.update(attrs or {})
         self.file.close()
-        replace_into_place(str(self.tmp), str(self.path))
+        storage.upload_file(self.tmp, self.path)
         return IMAGES_FILE
 
 
-def write_parquet(path: str | Path, table: pd.DataFrame) -> Path:
-    """Atomic parquet write (index and failure tables: small enough to build in memory)."""
+def write_parquet(path: str | Path, table: pd.DataFrame) -> str:
+    """Atomic parquet write (index and failure tables: small enough to build in memory); local or a bucket."""
     buffer = io.BytesIO()
     table.to_parquet(buffer, index=False)
-    write_bytes_atomic(str(path), buffer.getvalue())
-    return Path(path)
+    storage.write_bytes(str(path), buffer.getvalue())
+    return str(path)
 
 
-def write_index(directory: str | Path, rows: list[dict[str, Any]]) -> Path:
-    return write_parquet(Path(directory) / INDEX, pd.DataFrame(rows))
+def write_index(directory: str | Path, rows: list[dict[str, Any]]) -> str:
+    return write_parquet(storage.join(str(directory), INDEX), pd.DataFrame(rows))
 
 
 def read_index(directory: str | Path) -> pd.DataFrame:
-    path = Path(directory) / INDEX
-    if not path.is_file():
-        raise GpfmError(f"{directory} has no {INDEX}: not an embedding output (run gpfm-scale embed first)")
-    return pd.read_parquet(path)
+    try:
+        raw = storage.read_bytes(storage.join(str(directory), INDEX))
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise GpfmError(f"{directory} has no {INDEX}: not an embedding output (run gpfm-scale embed first)") from None
+    return pd.read_parquet(io.BytesIO(raw))
 
 
 def model_name(directory: str | Path) -> str:
     """The model an embedding directory was made with (from its first feature file), else the folder name."""
     index = read_index(directory)
+    fallback = posixpath.basename(str(directory).rstrip("/"))
     if len(index):
-        with h5py.File(feature_file(directory, index["file"].iloc[0])) as f:
-            return str(f.attrs.get("model", Path(directory).name))
-    return Path(directory).name
+        with storage.open_h5(feature_file(directory, index["file"].iloc[0])) as f:
+            return str(f.attrs.get("model", fallback))
+    return fallback
 
 
 def load_image_features(directory: str | Path) -> tuple[np.ndarray, pd.DataFrame]:
@@ -171,29 +200,29 @@ def load_image_features(directory: str | Path) -> tuple[np.ndarray, pd.DataFrame
     rows = index[index["kind"] == "image"].reset_index(drop=True)
     if rows.empty:
         raise GpfmError(f"{directory}: no image features (patch tasks need an image-folder embedding)")
-    with h5py.File(Path(directory) / IMAGES_FILE) as f:
+    with storage.open_h5(storage.join(str(directory), IMAGES_FILE)) as f:
         feats = f["features"][:]
     feats = feats[rows["row"].to_numpy()].astype(np.float32)
     bad = ~np.isfinite(feats).all(axis=1)
     if bad.any():
-        raise GpfmError(f"{Path(directory) / IMAGES_FILE}: {int(bad.sum())} of {len(feats)} feature rows are not "
-                        f"finite (NaN/inf), e.g. {rows.loc[bad, 'slide_id'].head(3).tolist()}: re-embed them")
+        raise GpfmError(f"{storage.join(str(directory), IMAGES_FILE)}: {int(bad.sum())} of {len(feats)} feature rows "
+                        f"are not finite (NaN/inf), e.g. {rows.loc[bad, 'slide_id'].head(3).tolist()}: re-embed them")
     return feats, rows
 
 
-def feature_file(directory: str | Path, rel: str) -> Path:
+def feature_file(directory: str | Path, rel: str) -> str:
     """DIR/features/NAME for an index `file` cell; UnsafeNameError for any other form (an edited index)."""
     parts = str(rel).split("/")
     if len(parts) != 2 or parts[0] != "features":
         raise UnsafeNameError(f"{directory}/{INDEX}: file {rel!r} is not features/NAME")
-    return Path(child_path(str(directory), *parts))
+    return storage.child(str(directory), *parts)
 
 
 def iter_slide_bags(directory: str | Path) -> Iterator[Bag]:
     """Every slide's bag of tile features, in index order (unchecked: see `check_finite_bags`)."""
     index = read_index(directory)
     for row in index[index["kind"] == "slide"].to_dict("records"):
-        with h5py.File(feature_file(directory, row["file"])) as f:
+        with storage.open_h5(feature_file(directory, row["file"])) as f:
             yield Bag(row["slide_id"], f["features"][:].astype(np.float32), f["coords"][:], row)
 
 

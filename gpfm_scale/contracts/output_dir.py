@@ -61,10 +61,8 @@ class OutputDir:
         dest = self.path(*parts)
         if self.is_local:
             atomic.replace_into_place(local_path, dest)
-        else:
-            tmp = dest + ".partial"
-            self.fs.put_file(local_path, tmp)
-            self.fs.mv(tmp, dest)
+        else:  # an object appears whole when its upload completes: no temporary name, no server-side copy
+            self.fs.put_file(local_path, dest)
             os.remove(local_path)
         return dest
 
@@ -73,9 +71,7 @@ class OutputDir:
         if self.is_local:
             atomic.write_bytes_atomic(dest, data)
         else:
-            with self.fs.open(dest + ".partial", "wb") as f:
-                f.write(data)
-            self.fs.mv(dest + ".partial", dest)
+            self.fs.pipe_file(dest, data)
 
     def exists(self, *parts: str) -> bool:
         return self.fs.exists(self.path(*parts))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from gpfm_scale import storage
 from gpfm_scale.contracts.model_input import InputContract
 from gpfm_scale.embed.config import EmbedConfig
 from gpfm_scale.errors import ConfigError
@@ -74,17 +76,20 @@ def _weights_path(given: str | None, cfg: EmbedConfig, spec: str) -> Path | None
 def _describe_export(spec: str) -> ModelInfo:
     from gpfm_scale.contracts.export import WEIGHTS_FILE, read_export_config
 
-    directory = Path(spec)
-    if not directory.is_dir():
+    if not storage.isdir(spec):
         raise ConfigError(f"--model {spec}: not an exported teacher (no such directory); expected expert:NAME, "
                           "timm:NAME or a directory written by `gpfm-scale pretrain` (OUT/export)")
+    directory = Path(storage.local_mirror(spec))
     try:
         config = read_export_config(directory)
     except ConfigError as err:
         raise ConfigError(f"--model {spec}: {err}") from None
     contract = config.input_contract
-    label = directory.resolve().parent.name if directory.resolve().name == "export" else directory.resolve().name
-    return ModelInfo("export", str(directory), directory / WEIGHTS_FILE, f"teacher:{label}@step{config.step}",
+    where = spec.rstrip("/") if storage.is_url(spec) else str(directory.resolve())
+    label = posixpath.basename(posixpath.dirname(where)) if posixpath.basename(where) == "export" else \
+        posixpath.basename(where)
+    target = spec if storage.is_url(spec) else str(directory)  # workers mirror a bucket export themselves
+    return ModelInfo("export", target, directory / WEIGHTS_FILE, f"teacher:{label}@step{config.step}",
                      _sha256(directory / WEIGHTS_FILE), config.embed_dim, contract)
 
 
@@ -175,7 +180,7 @@ def build_embedder(info: ModelInfo, cfg: EmbedConfig) -> Embedder:
     if info.kind == "export":
         from gpfm_scale.contracts.export import load_exported
 
-        model, _ = load_exported(info.target)
+        model, _ = load_exported(storage.local_mirror(info.target))
         return Embedder(model, lambda x: model.forward_features(x)[:, 0], info.contract, normalise=True)
     if info.kind == "expert":
         from gpfm_scale.models.experts import build_expert

@@ -14,7 +14,8 @@ fingerprint) and holds every tile of the tiler manifest (rows + recorded undecod
 only ever published whole, and parts or half-written files of a killed run are wiped first. Slides that
 failed embedding are retried on every run; slides that failed tiling follow `tiling.retry_failed`. Failures go to
 `OUT/failed.parquet` (slide_id, stage, reason), never into the index, which lists only slides with features.
-Writing into an `OUT` embedded with another model is refused.
+Writing into an `OUT` embedded with another model is refused. `OUT` may be a bucket URL (s3://, gs://): every
+file is then uploaded whole (`gpfm_scale.storage`); a relative `OUT` inside a submitted Ray job is refused.
 
 One run per `OUT`: the run holds `OUT/.gpfm.lock` (`run_lock.OutputLock`) from before it reads or writes anything
 there to its end; a second run exits 2 naming the holder. A bad item fails alone, with its reason in
@@ -24,21 +25,20 @@ an undecodable or unconvertible image, non-finite features (see `collect.py`).
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from gpfm_scale.atomic import write_bytes_atomic
+from gpfm_scale import storage
 from gpfm_scale.config import dump_config
 from gpfm_scale.contracts import features as store
 from gpfm_scale.contracts.coords import coords_parts, read_geometry
@@ -92,13 +92,13 @@ def run(cfg: EmbedConfig, model_spec: str, input_path: str, out: str,
     `tile_slides(slides, tiles_dir)` tiles a slide input into `tiles_dir` (under `out`, inside this run's lock);
     without it a slide input is refused (this stage does not import the tiling stage)."""
     start = time.perf_counter()
+    out_dir = storage.resolve_out(out)
     info = describe_model(model_spec, cfg)
-    out_dir = Path(out)
     kind = detect_kind(input_path, cfg.input_kind)
     if kind == "slides" and tile_slides is None:
         raise ConfigError(f"--input {input_path} holds slides: they must be tiled first (`gpfm-scale embed` does it, "
                           "or run `gpfm-scale tile` and embed its output)")
-    with OutputLock(out, "embed"):
+    with OutputLock(out_dir, "embed"):
         _claim_output(out_dir, info, cfg)
         log.info("embedding %s (%s) with %s (dim %d, %d px)", input_path, kind, info.name, info.dim,
                  info.contract.size)
@@ -107,9 +107,8 @@ def run(cfg: EmbedConfig, model_spec: str, input_path: str, out: str,
         if kind == "images":
             return _run_images(cfg, info, input_path, out_dir, start)
         if kind == "slides":
-            assert tile_slides is not None
-            tile_slides(input_path, str(out_dir / "tiles"))
-            input_path = str(out_dir / "tiles")
+            tile_slides(input_path, storage.join(out_dir, "tiles"))
+            input_path = storage.join(out_dir, "tiles")
         return _run_tiles(cfg, info, load_tile_source(input_path), out_dir, start)
 
 
@@ -122,13 +121,12 @@ def _serve_metrics(cfg: EmbedConfig) -> None:
                           "choose another --metrics-port (0 picks a free one)") from None
 
 
-def _claim_output(out_dir: Path, info: ModelInfo, cfg: EmbedConfig) -> None:
+def _claim_output(out_dir: str, info: ModelInfo, cfg: EmbedConfig) -> None:
     """Refuse an output holding features of another model or precision; record this run's model and config."""
-    run_file = out_dir / RUN_FILE
-    features = out_dir / "features"
-    if run_file.is_file() and features.is_dir() and any(features.iterdir()):
+    run_file = storage.join(out_dir, RUN_FILE)
+    if storage.isfile(run_file) and storage.listdir(storage.join(out_dir, "features")):
         try:
-            old = json.loads(run_file.read_text())
+            old = json.loads(storage.read_bytes(run_file))
         except ValueError as err:
             raise ConfigError(f"{run_file} is not valid JSON ({err}); restore it or use a new --out") from None
         if old.get("fingerprint") != info.fingerprint:
@@ -139,8 +137,8 @@ def _claim_output(out_dir: Path, info: ModelInfo, cfg: EmbedConfig) -> None:
                               f"{cfg.feature_dtype} ones: use a new --out (or the same feature_dtype)")
     record = {"model": info.name, "fingerprint": info.fingerprint, "dim": info.dim, "input_size": info.contract.size,
            "feature_dtype": cfg.feature_dtype}
-    write_bytes_atomic(str(run_file), (json.dumps(record, indent=2) + "\n").encode())
-    write_bytes_atomic(str(out_dir / "config.yaml"), dump_config(cfg).encode())
+    storage.write_bytes(run_file, (json.dumps(record, indent=2) + "\n").encode())
+    storage.write_bytes(storage.join(out_dir, "config.yaml"), dump_config(cfg).encode())
 
 
 @dataclass(frozen=True)
@@ -207,12 +205,12 @@ def root_cause(err: BaseException) -> str:
 
 # ----------------------------------------------------------------------------------------------------- slides
 
-def complete_features(path: Path, fingerprint: str, expected: int | None) -> tuple[int, int] | None:
+def complete_features(path: str, fingerprint: str, expected: int | None) -> tuple[int, int] | None:
     """(n, n_corrupt) when `path` is a finished feature file of this model covering `expected` tiles, else None."""
-    if not path.is_file():
+    if not storage.isfile(path):
         return None
     try:
-        with h5py.File(path, "r") as f:
+        with storage.open_h5(path) as f:
             n, attrs = len(f["features"]), dict(f.attrs)
     except (OSError, KeyError):
         log.warning("%s is unreadable; embedding its slide again", path)
@@ -232,11 +230,12 @@ class _SlidePlan:
     order: list[str]
 
 
-def _plan_slides(source: TileSource, info: ModelInfo, out_dir: Path) -> _SlidePlan:
-    feats = out_dir / "features"
+def _plan_slides(source: TileSource, info: ModelInfo, out_dir: str) -> _SlidePlan:
+    feats = storage.join(out_dir, "features")
     if source.manifest is None:
-        done = {p.stem: r for p in sorted(feats.glob("*.h5")) if p.stem != "images"
-                and (r := complete_features(p, info.fingerprint, None)) is not None}
+        stems = [n.removesuffix(".h5") for n in storage.listdir(feats) if n.endswith(".h5")]
+        done = {stem: r for stem in stems if stem != "images"
+                and (r := complete_features(storage.join(feats, f"{stem}.h5"), info.fingerprint, None)) is not None}
         return _SlidePlan({s: [] for s in source.shards}, None, done, [], [])
     plan = _SlidePlan({}, {}, {}, [], [])
     for row in source.manifest.to_dict("records"):
@@ -252,7 +251,7 @@ def _plan_slides(source: TileSource, info: ModelInfo, out_dir: Path) -> _SlidePl
             plan.failed.append({"slide_id": sid, "stage": "tiling", "reason": reason})
         elif n_tiles == 0:
             plan.failed.append({"slide_id": sid, "stage": "tiling", "reason": "no tiles (no tissue found)"})
-        elif (r := complete_features(feats / f"{sid}.h5", info.fingerprint, n_tiles)) is not None:
+        elif (r := complete_features(storage.join(feats, f"{sid}.h5"), info.fingerprint, n_tiles)) is not None:
             plan.done[sid] = r
         else:
             plan.expected[sid] = n_tiles
@@ -273,14 +272,14 @@ def _unsafe_names(slide_id: str, shards: list[str]) -> str:
 
 
 def _coords_attrs(source: TileSource, sid: str) -> dict[str, Any]:
-    """The tiler's CLAM/TRIDENT geometry attributes for the slide (local tiling outputs), else none."""
-    path = Path(source.root or "", *coords_parts(sid))
-    if source.root is None or "://" in source.root or not path.is_file():
+    """The tiler's CLAM/TRIDENT geometry attributes for the slide (local or bucket tiling outputs), else none."""
+    if source.root is None:
         return {}
-    return read_geometry(path)
+    path = storage.join(source.root, *coords_parts(sid))
+    return read_geometry(path) if storage.isfile(path) else {}
 
 
-def _run_tiles(cfg: EmbedConfig, info: ModelInfo, source: TileSource, out_dir: Path, start: float) -> EmbedResult:
+def _run_tiles(cfg: EmbedConfig, info: ModelInfo, source: TileSource, out_dir: str, start: float) -> EmbedResult:
     sink.clear_scratch(out_dir)
     plan = _plan_slides(source, info, out_dir)
     skipped = set(plan.done)
@@ -306,11 +305,11 @@ def _run_tiles(cfg: EmbedConfig, info: ModelInfo, source: TileSource, out_dir: P
         record(publisher.finished())
         return int(np.sum(block["n_ok"])), int(np.sum(block["n_corrupt"])), f"slides {len(verdicts)}"
 
-    stream, publisher = _Stream(), sink.Publisher(str(out_dir), info.name)
+    stream, publisher = _Stream(), sink.Publisher(out_dir, info.name)
     try:
         if tasks:
             total = sum(plan.expected.values()) if plan.expected is not None else None
-            stream = _stream(tasks, info, cfg, total, feed, start, parts_out=str(out_dir))
+            stream = _stream(tasks, info, cfg, total, feed, start, parts_out=out_dir)
         verdicts.extend(collector.sweep(list(plan.expected or {})))
     finally:  # what finished is recorded even when the pipeline fails: a rerun resumes from it
         record(publisher.drain())
@@ -327,14 +326,14 @@ def _slide_attrs(info: ModelInfo, v: SlideVerdict) -> dict[str, Any]:
             "input_size": info.contract.size}
 
 
-def _result(out_dir: Path, kind: str, info: ModelInfo, stream: _Stream, start: float, **counts: Any) -> EmbedResult:
-    return EmbedResult(out=str(out_dir), index=str(out_dir / store.INDEX), kind=kind, model=info.name,
+def _result(out_dir: str, kind: str, info: ModelInfo, stream: _Stream, start: float, **counts: Any) -> EmbedResult:
+    return EmbedResult(out=out_dir, index=storage.join(out_dir, store.INDEX), kind=kind, model=info.name,
                        n_failed=len(counts["failed"]), n_embedded=stream.embedded, n_corrupt=stream.corrupt,
                        seconds=time.perf_counter() - start, startup_seconds=stream.startup_seconds,
                        driver_bytes=stream.driver_bytes, **counts)
 
 
-def _write_slide_outputs(out_dir: Path, source: TileSource, plan: _SlidePlan,
+def _write_slide_outputs(out_dir: str, source: TileSource, plan: _SlidePlan,
                          verdicts: list[SlideVerdict]) -> list[dict[str, str]]:
     """index.parquet (done slides, manifest order, clinical columns carried) and failed.parquet; returns the
     failure rows."""
@@ -351,16 +350,16 @@ def _write_slide_outputs(out_dir: Path, source: TileSource, plan: _SlidePlan,
     store.write_index(out_dir, rows)
     failed = plan.failed + [{"slide_id": v.slide_id, "stage": "embedding", "reason": v.reason}
                             for v in verdicts if not v.ok]
-    store.write_parquet(out_dir / FAILED, pd.DataFrame(failed, columns=["slide_id", "stage", "reason"]))
+    store.write_parquet(storage.join(out_dir, FAILED), pd.DataFrame(failed, columns=["slide_id", "stage", "reason"]))
     return failed
 
 
 # ----------------------------------------------------------------------------------------------------- images
 
-def _run_images(cfg: EmbedConfig, info: ModelInfo, root: str, out_dir: Path, start: float) -> EmbedResult:
+def _run_images(cfg: EmbedConfig, info: ModelInfo, root: str, out_dir: str, start: float) -> EmbedResult:
     table = list_image_folder(root)
     files = table["file"].tolist()
-    existing = _complete_images(out_dir / store.IMAGES_FILE, info, files)
+    existing = _complete_images(storage.join(out_dir, store.IMAGES_FILE), info, files)
     stream = _Stream()
     if existing is not None:
         rows, errors = existing, _previous_failures(out_dir)
@@ -393,17 +392,17 @@ def _run_images(cfg: EmbedConfig, info: ModelInfo, root: str, out_dir: Path, sta
     index = index[index["row"] >= 0]
     store.write_index(out_dir, index.to_dict("records"))
     failed = [{"slide_id": sid, "stage": "embedding", "reason": r} for sid, r in errors.items()]
-    store.write_parquet(out_dir / FAILED, pd.DataFrame(failed, columns=["slide_id", "stage", "reason"]))
+    store.write_parquet(storage.join(out_dir, FAILED), pd.DataFrame(failed, columns=["slide_id", "stage", "reason"]))
     return _result(out_dir, "image", info, stream, start, n_items=len(files), n_done=len(index),
                    n_skipped=len(files) if existing is not None else 0,
                    failed=[(f["slide_id"], f["reason"]) for f in failed])
 
 
-def _complete_images(path: Path, info: ModelInfo, files: list[str]) -> np.ndarray | None:
+def _complete_images(path: str, info: ModelInfo, files: list[str]) -> np.ndarray | None:
     """Row of each listed image in a finished images.h5 of this model over exactly these files, else None."""
-    if not path.is_file():
+    if not storage.isfile(path):
         return None
-    with h5py.File(path, "r") as f:
+    with storage.open_h5(path) as f:
         attrs = dict(f.attrs)
         stored = {p.decode() if isinstance(p, bytes) else str(p): i for i, p in enumerate(f["paths"][:])}
     if attrs.get("model_fingerprint") != info.fingerprint or int(attrs.get("n_expected", -1)) != len(files) or \
@@ -412,8 +411,9 @@ def _complete_images(path: Path, info: ModelInfo, files: list[str]) -> np.ndarra
     return np.asarray([stored.get(f, -1) for f in files], np.int64)
 
 
-def _previous_failures(out_dir: Path) -> dict[str, str]:
-    path = out_dir / FAILED
-    if not path.is_file():
+def _previous_failures(out_dir: str) -> dict[str, str]:
+    path = storage.join(out_dir, FAILED)
+    if not storage.isfile(path):
         return {}
-    return {str(sid): str(r) for sid, r in pd.read_parquet(path)[["slide_id", "reason"]].itertuples(index=False)}
+    table = pd.read_parquet(io.BytesIO(storage.read_bytes(path)))
+    return {str(sid): str(r) for sid, r in table[["slide_id", "reason"]].itertuples(index=False)}

@@ -13,6 +13,7 @@ split whatever order its embedding job wrote them in: model comparisons stay pai
 
 from __future__ import annotations
 
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -21,6 +22,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
+from gpfm_scale import storage
 from gpfm_scale.errors import ConfigError, GpfmError
 from gpfm_scale.evaluate.config import SplitConfig
 
@@ -53,10 +55,11 @@ def read_label_table(path: str | Path) -> pd.DataFrame:
 
     A `class` column is read as `label` when there is no `label` column (the hgsc-nuclei labels.csv layout).
     """
-    path = Path(path)
-    if not path.is_file():
+    path = str(path)
+    if not storage.isfile(path):
         raise ConfigError(f"--labels file not found: {path}")
-    table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    raw = io.BytesIO(storage.read_bytes(path))  # local or a bucket URL
+    table = pd.read_parquet(raw) if path.endswith(".parquet") else pd.read_csv(raw)
     key = next((c for c in LABEL_KEYS if c in table.columns), None)
     if key is None:
         raise ConfigError(f"{path}: needs one of the key columns {', '.join(LABEL_KEYS)}; has {list(table.columns)}")

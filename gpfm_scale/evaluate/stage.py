@@ -6,12 +6,16 @@ model when some task asked for it (`_INPUTS`). With two or more models the tasks
 results.json are written under `out`, which the run holds (`run_lock.OutputLock`) from before it reads anything to
 its end. Non-finite features (NaN/inf) are refused when read (GpfmError naming the files, exit 2): every metric
 computed on them would be NaN or a crash.
+
+Embedding directories and `out` may be bucket URLs (s3://, gs://): features are read through fsspec, and the report
+is written locally and uploaded file by file, report.md last (`gpfm_scale.storage`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -19,11 +23,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from gpfm_scale import storage
 from gpfm_scale.contracts.features import Bag, check_finite_bags, iter_slide_bags, load_image_features, model_name
 from gpfm_scale.errors import ConfigError, GpfmError
 from gpfm_scale.evaluate.config import EvaluateConfig
 from gpfm_scale.evaluate.ranking import RankSummary, scores_table, summarize_ranks
-from gpfm_scale.evaluate.report import ReportInputs, write_report
+from gpfm_scale.evaluate.report import REPORT_FILE, ReportInputs, write_report
 from gpfm_scale.evaluate.results import Results, TaskResult, as_task_result
 from gpfm_scale.evaluate.splits import PatchData, apply_label_table, prepare_patch_data, read_label_table
 from gpfm_scale.evaluate.tasks import EVAL_TASKS, EvalTask
@@ -58,7 +63,8 @@ def _model_names(features_dirs: list[str]) -> list[str]:
     """The model name of each directory; repeated names get the directory name appended to stay distinct."""
     names = [model_name(d) for d in features_dirs]
     counts = Counter(names)
-    return [f"{n} ({Path(d).name})" if counts[n] > 1 else n for n, d in zip(names, features_dirs, strict=True)]
+    return [f"{n} ({Path(d.rstrip('/')).name})" if counts[n] > 1 else n
+            for n, d in zip(names, features_dirs, strict=True)]
 
 
 def _patch_data(directory: str, labels: pd.DataFrame | None, cfg: EvaluateConfig) -> PatchData:
@@ -116,7 +122,8 @@ def run(cfg: EvaluateConfig, features_dirs: list[str], tasks: list[str], out: st
     tasks = _check_tasks(tasks)
     if not features_dirs:
         raise ConfigError("no --features directory given")
-    with OutputLock(str(out), "evaluate"):
+    out = storage.resolve_out(out)
+    with OutputLock(out, "evaluate"):
         return _run(cfg, features_dirs, tasks, out, labels, command)
 
 
@@ -135,6 +142,14 @@ def _run(cfg: EvaluateConfig, features_dirs: list[str], tasks: list[str], out: s
     summary = _rank(results, cfg)
     inputs = ReportInputs(results, dict(zip(names, map(str, features_dirs), strict=True)), embeddings, summary, cfg,
                           command)
-    json_path, md_path, figures = write_report(inputs, out)
-    return EvaluateResult(str(out), str(json_path), str(md_path), tuple(names), tuple(tasks),
-                          tuple(map(str, figures)), None if summary is None else summary.average_rank.to_dict())
+    with storage.staged_dir(out, last=(REPORT_FILE,)) as local:
+        written = write_report(inputs, local)
+
+        def final(path: Path) -> str:  # where a file written under `local` is once published
+            return storage.join(out, *os.path.relpath(path, local).split(os.sep))
+
+        json_path, md_path, figures = final(written[0]), final(written[1]), [final(f) for f in written[2]]
+    if storage.is_url(out):
+        log.info("report uploaded to %s", md_path)
+    return EvaluateResult(out, json_path, md_path, tuple(names), tuple(tasks), tuple(figures),
+                          None if summary is None else summary.average_rank.to_dict())

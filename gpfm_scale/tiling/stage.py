@@ -28,6 +28,7 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
+from gpfm_scale import storage
 from gpfm_scale.atomic import current_umask
 from gpfm_scale.config import dump_config
 from gpfm_scale.contracts.output_dir import OutputDir
@@ -222,6 +223,7 @@ def _refuse_invalid(manifest: RunManifest, todo: list[str], invalid: dict[str, s
 def run(cfg: TilingConfig, slides: str, out_url: str) -> TilingResult:
     """Tile every slide of `slides` (manifest, folder or glob) into `out_url`, resuming what is already there."""
     start = time.perf_counter()
+    out_url = storage.resolve_out(out_url)
     table = load_slide_table(slides)
     with OutputLock(out_url, "tile"):
         return _run_locked(cfg, table, out_url, start)
@@ -266,7 +268,7 @@ def _run_locked(cfg: TilingConfig, table: pd.DataFrame, out_url: str, start: flo
     done = [sid for sid, r in rows.items() if r["status"] == "done"]
     no_tiles = [(sid, rows[sid]["reason"]) for sid in done if not rows[sid]["n_tiles"]]
     return TilingResult(
-        out=out.url, manifest=out.path(MANIFEST_NAME), n_slides=len(rows), n_done=len(done),
+        out=out.url, manifest=storage.join(out.url, MANIFEST_NAME), n_slides=len(rows), n_done=len(done),
         n_failed=len(failed), n_tiles=driver.tiles, n_bytes=driver.bytes, seconds=time.perf_counter() - start,
         worker_restarts=driver.restarts, failed=failed, no_tiles=no_tiles, absent=absent)
 

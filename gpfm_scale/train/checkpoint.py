@@ -19,6 +19,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gpfm_scale import storage
 from gpfm_scale.atomic import save_safetensors_atomic, write_bytes_atomic
 from gpfm_scale.contracts.export import CONFIG_FILE, WEIGHTS_FILE, export_config
 from gpfm_scale.errors import CheckpointMismatchError
@@ -57,15 +58,19 @@ def export_teacher(model: Any, backbone_cfg: Any, directory: str | Path, step: i
                    crops: CropConfig) -> None:
     """Write the fp32 teacher backbone as safetensors + config.json on the writer rank (whole on every rank: no
     gather, whatever the ZeRO stage). The input contract's mean/std are the run's `crops.mean`/`crops.std`: what
-    the teacher was trained on, so what `embed` must normalise with."""
+    the teacher was trained on, so what `embed` must normalise with. `directory`: local, or a bucket URL (written
+    locally, each file uploaded whole, config.json last: `storage.staged_dir`)."""
     if not is_writer:
         return
+    with storage.staged_dir(str(directory), last=(CONFIG_FILE,)) as local:
+        _write_export(model, backbone_cfg, Path(local), step, crops)
+    log.info("exported teacher (step %d) to %s", step, directory)
+
+
+def _write_export(model: Any, backbone_cfg: Any, directory: Path, step: int, crops: CropConfig) -> None:
     backbone = model.teacher["backbone"]
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     save_safetensors_atomic(backbone.export_state_dict(), str(directory / WEIGHTS_FILE))
     export_warm_start(model, directory)
     config = export_config(timm_create_kwargs(backbone_cfg), backbone.embed_dim, crops.mean, crops.std, step)
     write_bytes_atomic(str(directory / CONFIG_FILE), (json.dumps(config, indent=2) + "\n").encode())
-    log.info("exported teacher (step %d) to %s", step, directory)
 

@@ -5,17 +5,17 @@ driver is killed, its workers can live on for a while (mid-step, mid-save) and w
 metrics row into a directory that a new run (which took the lock) now owns. So the driver, holding the lock,
 writes a fresh generation id to `DIR/.generation` and hands it to its workers; before each write into DIR (a
 checkpoint, a metrics row, the export) a worker reads the file again and stops if it names another generation.
+On a bucket the file is one object, replaced whole by the new run's upload (`storage.write_bytes`).
 This narrows the window to one file read before each write; it does not make the write itself atomic with it.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import uuid
 from dataclasses import dataclass
 
-from gpfm_scale.atomic import write_bytes_atomic
+from gpfm_scale import storage
 from gpfm_scale.errors import GpfmError
 
 log = logging.getLogger(__name__)
@@ -36,20 +36,19 @@ class RunFence:
 
     @property
     def path(self) -> str:
-        return os.path.join(self.out, GENERATION_NAME)
+        return storage.join(self.out, GENERATION_NAME)
 
     @classmethod
     def start(cls, out: str) -> RunFence:
         """A new generation for `out`: only the driver that holds the OutputLock of `out` calls this."""
         fence = cls(out, uuid.uuid4().hex)
-        write_bytes_atomic(fence.path, fence.generation.encode())
+        storage.write_bytes(fence.path, fence.generation.encode())
         return fence
 
     def current(self) -> str | None:
         """The generation `out` belongs to now (None: no run has claimed it)."""
         try:
-            with open(self.path, encoding="ascii") as f:
-                return f.read().strip()
+            return storage.read_bytes(self.path).decode("ascii").strip()
         except FileNotFoundError:
             return None
 

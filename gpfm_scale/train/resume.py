@@ -16,10 +16,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 from typing import Any, Iterator
 
-from gpfm_scale.atomic import write_bytes_atomic
+from gpfm_scale import storage
 from gpfm_scale.config import build_config, dump_config, read_yaml
 from gpfm_scale.errors import ConfigError
 from gpfm_scale.train.pretrain_config import PretrainConfig
@@ -62,7 +61,7 @@ def trajectory_changes(saved: PretrainConfig, new: PretrainConfig) -> list[str]:
 def read_run_config(path: str) -> PretrainConfig:
     """The config a run in --out was started with; ConfigError when it is unreadable or another stage's."""
     try:
-        data = read_yaml(path)
+        data = _read_yaml(path)
     except ConfigError as err:  # YAML's report spans lines: its first two say what and where
         what, *where = str(err).splitlines()
         raise ConfigError(f"cannot read the run's config: {what}{f' ({where[0].strip()})' if where else ''}") from None
@@ -95,20 +94,36 @@ def _drop_moved_copies(data: dict[str, Any], path: str) -> dict[str, Any]:
     return data
 
 
+def _read_yaml(path: str) -> Any:
+    """`config.read_yaml` of a local file; a bucket's object is copied to a local file first."""
+    if not storage.is_url(path):
+        return read_yaml(path)
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".yaml") as tmp:
+        tmp.write(storage.read_bytes(path))
+        tmp.flush()
+        try:
+            return read_yaml(tmp.name)
+        except ConfigError as err:  # name the object, not the copy
+            raise ConfigError(str(err).replace(tmp.name, path)) from None
+
+
 def check_out(out: str, cfg: PretrainConfig, resume: bool) -> None:
-    """Refuse what would overwrite a run in `out` or resume it on another trajectory; one ConfigError each."""
-    saved_path = os.path.join(out, CONFIG_NAME)
-    run_dir = os.path.join(out, "checkpoints", cfg.run.name)
-    saved = read_run_config(saved_path) if os.path.exists(saved_path) else None
+    """Refuse what would overwrite a run in `out` or resume it on another trajectory; one ConfigError each.
+    `out`: a local path or a bucket URL (a run's checkpoints exist there when any object is under the prefix)."""
+    saved_path = storage.join(out, CONFIG_NAME)
+    run_dir = storage.join(out, "checkpoints", cfg.run.name)
+    saved = read_run_config(saved_path) if storage.exists(saved_path) else None
     if not resume:
-        if os.path.isdir(run_dir):
+        if storage.isdir(run_dir):
             raise ConfigError(f"{run_dir} exists: pass --resume to continue it, or use a new --out")
-        if saved is not None and os.path.isdir(os.path.join(out, "checkpoints", saved.run.name)):
+        if saved is not None and storage.isdir(storage.join(out, "checkpoints", saved.run.name)):
             raise ConfigError(f"{out} holds the run {saved.run.name!r}: pass --resume with its config to continue "
                               "it, or use a new --out")
         return
     if saved is None:
-        if os.path.isdir(run_dir):
+        if storage.isdir(run_dir):
             raise ConfigError(f"cannot resume {run_dir}: {saved_path} is missing, so the settings it was started "
                               "with are unknown")
         log.warning("--resume given but %s has no run yet: starting from step 0", out)
@@ -118,23 +133,23 @@ def check_out(out: str, cfg: PretrainConfig, resume: bool) -> None:
         raise ConfigError(f"--resume keeps the run's trajectory, but these differ from {saved_path}: "
                           f"{'; '.join(changes)}. Resume with the saved values or start a new --out "
                           f"(may change on resume: {', '.join(sorted(NON_TRAJECTORY_KEYS))})")
-    if not os.path.isdir(run_dir):
+    if not storage.isdir(run_dir):
         log.warning("--resume given but %s has no checkpoint yet: starting from step 0", run_dir)
 
 
 def write_run_config(out: str, cfg: PretrainConfig) -> None:
     """config.yaml: the resolved config of the latest start (a resume differs only in NON_TRAJECTORY_KEYS)."""
-    write_bytes_atomic(os.path.join(out, CONFIG_NAME), dump_config(cfg).encode())
+    storage.write_bytes(storage.join(out, CONFIG_NAME), dump_config(cfg).encode())
 
 
 def truncate_metrics(path: str, step: int) -> int:
     """Keep the rows of steps <= `step` (the checkpoint a run continues from; 0: none); returns rows dropped.
 
     A torn last line (a run killed mid-write) is dropped too. Rewritten whole, never edited in place."""
-    if not os.path.exists(path):
+    try:
+        lines = storage.read_bytes(path).splitlines()
+    except FileNotFoundError:
         return 0
-    with open(path, "rb") as f:
-        lines = f.read().splitlines()
     kept = []
     for line in lines:
         try:
@@ -145,6 +160,6 @@ def truncate_metrics(path: str, step: int) -> int:
             kept.append(line + b"\n")
     dropped = len(lines) - len(kept)
     if dropped:
-        write_bytes_atomic(path, b"".join(kept))
+        storage.write_bytes(path, b"".join(kept))
         log.info("%s: dropped %d rows past step %d (the resumed run writes them again)", path, dropped, step)
     return dropped

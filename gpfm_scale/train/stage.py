@@ -8,6 +8,10 @@ lost worker restarts the group from it (`FailureConfig`). The exported teacher l
 One run at a time owns DIR: the driver takes its `OutputLock` before reading anything there and holds it to the
 end, checks that DIR holds no other run and that a resume keeps the trajectory (`resume.check_out`), and then
 starts a new fencing generation (`fencing.RunFence`) that its workers check before each write into DIR.
+
+DIR may be a bucket URL (s3://, gs://): Ray Train then writes checkpoints through a pyarrow filesystem wrapping
+the same fsspec filesystem (`storage.ray_storage`), and config.yaml, metrics.jsonl, the fencing token and the
+export are uploaded whole (`gpfm_scale.storage`). A relative DIR inside a submitted Ray job is refused.
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import posixpath
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from gpfm_scale import storage
 from gpfm_scale.errors import ConfigError
 from gpfm_scale.extras import require
 from gpfm_scale.ray_utils import ensure_ray
@@ -45,14 +51,32 @@ class PretrainResult:
 
 def resolve_shards(spec: str) -> list[str]:
     """A tiler output dir, a shards dir, a glob or a comma-separated list -> the shard URLs (local ones checked)."""
-    if "," in spec or "://" in spec:
+    if "," in spec:
         return [s for s in spec.split(",") if s]
+    if storage.is_url(spec):
+        return _remote_shards(spec)
     if os.path.isdir(os.path.join(spec, "shards")):
         spec = os.path.join(spec, "shards")
     found = sorted(glob.glob(os.path.join(spec, "*.tar") if os.path.isdir(spec) else spec))
     if not found:
         raise ConfigError(f"no shards found at {spec}")
     return [os.path.abspath(s) for s in found]
+
+
+def _remote_shards(spec: str) -> list[str]:
+    """`resolve_shards` on a bucket: a tiler output, a folder of .tar objects or a glob -> their URLs."""
+    fs, path = storage.url_to_fs(spec)
+    if fs.isdir(posixpath.join(path, "shards")):
+        path = posixpath.join(path, "shards")
+    if any(ch in path for ch in "*?["):
+        found = fs.glob(path)
+    elif fs.isdir(path):
+        found = [p for p in fs.ls(path, detail=False) if p.endswith(".tar")]
+    else:
+        found = [path] if fs.isfile(path) else []
+    if not found:
+        raise ConfigError(f"no shards found at {spec}")
+    return sorted(fs.unstrip_protocol(p) for p in found)
 
 
 def _use_gpu(cfg: PretrainConfig) -> bool:
@@ -92,13 +116,14 @@ def _trainer(cfg: PretrainConfig, fence: RunFence, experts: str | None, use_gpu:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    storage_path, storage_filesystem = storage.ray_storage(storage.join(fence.out, "checkpoints"))
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "out": fence.out, "generation": fence.generation,
                            "expert_directory": experts},
         scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
-        run_config=RunConfig(name=cfg.run.name, storage_path=os.path.join(fence.out, "checkpoints"),
+        run_config=RunConfig(name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_filesystem,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=cfg.run.max_failures)),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -122,7 +147,7 @@ def _fit(cfg: PretrainConfig, fence: RunFence) -> Any:
 def run(cfg: PretrainConfig, out: str, shards: str | None = None, resume: bool = False) -> PretrainResult:
     require("deepspeed", "train", "pretraining")  # here, not as a traceback from every Ray Train worker
     start = time.perf_counter()
-    out = os.path.abspath(out)
+    out = storage.resolve_out(out)
     if shards:
         cfg = cfg.model_copy(update={"loader": cfg.loader.model_copy(update={"shards": resolve_shards(shards)})})
     if not cfg.loader.shards:
@@ -137,6 +162,6 @@ def run(cfg: PretrainConfig, out: str, shards: str | None = None, resume: bool =
     if result.error is not None:
         raise result.error
     checkpoint = result.checkpoint.path if result.checkpoint else None
-    return PretrainResult(out=out, export_dir=os.path.join(out, "export"), checkpoint=checkpoint,
+    return PretrainResult(out=out, export_dir=storage.join(out, "export"), checkpoint=checkpoint,
                           steps=int(result.metrics.get("step", 0)) if result.metrics else 0,
                           seconds=time.perf_counter() - start, metrics=dict(result.metrics or {}))

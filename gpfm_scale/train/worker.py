@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
+from gpfm_scale import storage
 from gpfm_scale.data.batch_keys import STATS, STATS_CORRUPT
 from gpfm_scale.extras import require
 from gpfm_scale.metrics import PRETRAIN, AgentRecorder
@@ -90,8 +90,7 @@ def _metrics(result: StepResult, times: StepTimes, images: int, world: int, corr
 def _append_metrics(fence: RunFence, row: dict[str, float]) -> None:
     """One metrics.jsonl row (rank 0), unless a newer run owns --out (SupersededRunError, nothing written)."""
     fence.check(f"the metrics row of step {row['step']}")
-    with open(os.path.join(fence.out, METRICS_NAME), "a") as f:
-        f.write(json.dumps(row) + "\n")
+    storage.append_bytes(storage.join(fence.out, METRICS_NAME), (json.dumps(row) + "\n").encode())
 
 
 def _publish(recorder: AgentRecorder, metrics: dict[str, float], rank: int, new_corrupt: int,
@@ -166,7 +165,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     fence = RunFence(config["out"], config["generation"]) if config.get("out") else None
     if fence and rank == 0:  # rows past the checkpoint are computed again from here: one row per step
         fence.check("metrics.jsonl")
-        truncate_metrics(os.path.join(fence.out, METRICS_NAME), start)
+        truncate_metrics(storage.join(fence.out, METRICS_NAME), start)
     recorder, published_corrupt = AgentRecorder(), 0
     grid = student_grid(cfg.objective, cfg.crops)
     loader = build_loader(cfg.loader_config(), cfg.crops, cfg.masks, grid, rank, world, start_step=start)
@@ -193,5 +192,5 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         from gpfm_scale.train.checkpoint import export_teacher
 
         fence.check("the exported teacher")
-        export_teacher(trainer.model, cfg.objective.model.backbone, os.path.join(fence.out, "export"),
+        export_teacher(trainer.model, cfg.objective.model.backbone, storage.join(fence.out, "export"),
                        cfg.run.total_iters, is_writer=rank == 0, crops=cfg.crops)

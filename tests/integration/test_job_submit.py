@@ -90,3 +90,19 @@ def test_pretrain_job_with_the_tiny_config(ray_dashboard, tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert (out / "export" / "model.safetensors").is_file()
+
+
+def test_a_job_with_a_relative_out_fails_in_one_line_and_writes_nothing(ray_dashboard, tmp_path):
+    """Inside a submitted job a relative --out resolves in the job's temporary working directory, deleted with the
+    job (issue 12.5): the stage refuses it before writing anything."""
+    cohort = make_cohort(tmp_path / "slides", 1)
+    cmd = _submit_cmd(ray_dashboard, "gpfm-scale", "tile", "--slides", str(cohort), "--out", "tiles-rel")
+    for _ in range(60):  # the head's job agent registers some seconds after the dashboard answers (`_run_job`)
+        proc = subprocess.run(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=600)
+        if "No available agent" not in proc.stdout:
+            break
+        time.sleep(2)
+    assert proc.returncode != 0 and "failed" in proc.stdout, proc.stdout[-4000:]
+    assert "gpfm-scale tile: error: --out 'tiles-rel' is relative, and this runs inside Ray job raysubmit_" \
+        in proc.stdout, proc.stdout[-4000:]
