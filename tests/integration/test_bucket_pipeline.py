@@ -79,7 +79,7 @@ def test_tile_pretrain_embed_evaluate_with_everything_on_s3(ray_with_bucket, s3_
     assert len(bags) == len(SPLITS) and all(b.features.shape[1] == 64 for b in bags)
     assert sorted(b.row["split"] for b in bags) == sorted(SPLITS)  # the manifest's columns reached the index
 
-    ecfg = build_config(EvaluateConfig, {"bootstrap": 0, "slide": {"num_bootstrap": 0, "train": {
+    ecfg = build_config(EvaluateConfig, {"bootstrap": 0, "slide": {"train": {
         "max_epochs": 2, "min_epochs": 0, "device": "cpu"}, "model": {"hidden_dim": 16, "attention_dim": 8}}}, "test")
     evaluated = run_evaluate(ecfg, [embed_out], ["abmil"], storage.join(root, "eval"))
     assert evaluated.results_json == storage.join(root, "eval", "results.json")

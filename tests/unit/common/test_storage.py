@@ -17,7 +17,7 @@ import pytest
 from gpfm_scale import storage
 from gpfm_scale.cli import main
 from gpfm_scale.config import dump_config
-from gpfm_scale.embed import store
+from gpfm_scale.contracts import features as store
 from gpfm_scale.embed.sink import PartWriter, clear_scratch, publish_slide
 from gpfm_scale.errors import ConfigError
 from gpfm_scale.train import worker
