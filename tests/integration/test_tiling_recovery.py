@@ -26,7 +26,7 @@ from tests.integration.tiling_helpers import make_cohort, tile_set
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
-# Small shards (one slide each): every slide with tiles is its own commit (5 of the 8 have tissue).
+# Small shards: a shard is sealed at the first slide boundary (a commit per shard; 5 of the 8 slides have tissue).
 SETTINGS = {"grid": {"tile_px": 128, "max_tiles_per_slide": 60, "min_tissue_fraction": 0.1}, "workers": 2,
             "shard_max_bytes": 1}
 
@@ -44,11 +44,11 @@ def reference(cohort, tmp_path_factory):
     return tile_set(out)
 
 
-def _committed(out: Path) -> int:
-    """Slides done in a committed shard, in the durable state (manifest.parquet + journal: the parquet alone lags
-    until compaction). Slides without tissue are done too but in no shard: they are not commits."""
+def _committed(out: Path) -> set[str]:
+    """The committed shards in the durable state (manifest.parquet + journal: the parquet alone lags until
+    compaction); each commit is one shard, of one slide or more."""
     state = read_state(str(out))
-    return 0 if state is None else int(((state["status"] == "done") & (state["n_tiles"] > 0)).sum())
+    return set() if state is None else {s for shards in state.loc[state["status"] == "done", "shards"] for s in shards}
 
 
 def test_driver_killed_at_its_second_commit_then_rerun(cohort, reference, tmp_path, ray_session):
@@ -56,25 +56,25 @@ def test_driver_killed_at_its_second_commit_then_rerun(cohort, reference, tmp_pa
     killed = subprocess.run([sys.executable, "-m", "tests.integration.tiling_kill_driver", str(cohort), str(tmp_path),
                              "2", json.dumps(SETTINGS)], env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert _committed(tmp_path) == 2  # both commits are durable, and no commit after them happened
+    assert len(_committed(tmp_path)) == 2  # both commits are durable, and no commit after them happened
     cmd = [sys.executable, "-m", "gpfm_scale.cli", "tile", "--slides", str(cohort), "--out", str(tmp_path),
            "--workers", "2", "--tile-px", "128", "--max-tiles", "60", "--min-tissue", "0.1",
            "--set", "shard_max_bytes=1", "--log-level", "WARNING"]
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert _committed(tmp_path) == 5
+    assert _committed(tmp_path) == {p.name for p in (tmp_path / "shards").glob("*.tar")}
     assert tile_set(tmp_path) == reference
 
 
 def _dies_after_publishing(marker: Path) -> type[TileWorker]:
-    """The real tiling actor, except that the first of its processes to publish its 2nd shard SIGKILLs itself
-    before returning it: that shard is on disk under a reserved name but never committed (`marker`, created
-    exclusively, makes it one death in the whole run, restarts included)."""
+    """The real tiling actor, except that the first of its processes to publish a shard SIGKILLs itself before
+    returning it: that shard is on disk under a reserved name but never committed, and the slides it holds are
+    lost with the process. `marker`, created exclusively, makes it one death in the whole run, restarts included."""
 
     class DiesAfterPublishing(TileWorker):
         def process(self, task: SlideTask, shard_name: str):
             outcome, sealed = super().process(task, shard_name)
-            if sealed is not None and len(self.published) == 2:
+            if sealed is not None:
                 try:
                     os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
                 except FileExistsError:
