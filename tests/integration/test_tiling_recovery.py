@@ -88,7 +88,12 @@ def _dies_after_publishing(marker: Path) -> type[TileWorker]:
 def test_actor_killed_after_publishing_is_recovered(cohort, reference, tmp_path, monkeypatch):
     marker = tmp_path / "died"
     monkeypatch.setattr(stage, "TileWorker", _dies_after_publishing(marker))
-    result = stage.run(build_config(TilingConfig, SETTINGS), str(cohort), str(tmp_path / "out"))
+    commits: list[str] = []
+    result = stage.run(build_config(TilingConfig, SETTINGS), str(cohort), str(tmp_path / "out"),
+                       on_commit=lambda sealed: commits.append(sealed.name))
     assert marker.exists() and result.worker_restarts == 1
     assert result.ok and result.n_done == 8
     assert tile_set(tmp_path / "out") == reference  # the uncommitted shard was swept: no tile twice, none lost
+    # the hook saw each commit once, and only commits: the published-but-uncommitted shard is not among them
+    assert sorted(commits) == sorted(_committed(tmp_path / "out"))
+    assert set(commits) == {p.name for p in (tmp_path / "out" / "shards").glob("*.tar")}
