@@ -3,7 +3,7 @@
 Both sides read the same WebDataset shards (224-px JPEG tiles, one synthetic slide per shard, with a tiler-style
 `manifest.parquet`), decode them with the same function (`tar_samples.decode_sample`: simplejpeg, strict), resize to
 the model's input with the same `resize_uint8`, run the same `Embedder` with the same number of torch threads, and
-write one feature file per slide with `embed.store.write_slide_features`. What differs is the machinery:
+write one feature file per slide with `contracts.features.write_slide_features`. What differs is the machinery:
 - ours: `gpfm_scale.embed.stage.run` (Ray Data: `workers` read/decode tasks -> one inference actor -> driver);
 - baseline: `torch.utils.data.DataLoader(IterableDataset over shards, num_workers=workers)` -> forward in the main
   process -> per-slide features in memory -> files at the end.
@@ -51,6 +51,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from gpfm_scale.config import build_config
+from gpfm_scale.contracts.features import write_slide_features
+from gpfm_scale.contracts.shards import ShardWriter
 from gpfm_scale.data.synthetic_tiles import make_two_class_tiles
 from gpfm_scale.data.tar_samples import CorruptSampleError, decode_sample, iter_raw_samples
 from gpfm_scale.embed.config import EmbedConfig
@@ -58,8 +60,6 @@ from gpfm_scale.embed.decode import resize_uint8
 from gpfm_scale.embed.models import build_embedder, describe_model
 from gpfm_scale.embed.predictor import autocast_dtype
 from gpfm_scale.embed.stage import run as run_stage
-from gpfm_scale.embed.store import write_slide_features
-from gpfm_scale.tiling.shards import ShardWriter
 
 log = logging.getLogger("bench_embed")
 

@@ -42,7 +42,7 @@ from gpfm_scale.embed.config import EmbedConfig
 from gpfm_scale.embed.models import describe_model
 from gpfm_scale.embed.predictor import build_pipeline, plan_resources
 from gpfm_scale.embed.stage import run as run_stage
-from gpfm_scale.embed.store import write_slide_features
+from gpfm_scale.contracts.features import write_slide_features
 
 log = logging.getLogger("bench_embed_sink")
 MODEL = "timm:vit_small_patch16_224"

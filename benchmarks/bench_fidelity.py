@@ -56,7 +56,7 @@ from gpfm_scale.evaluate.patch_tasks import knn, linear_probe
 from gpfm_scale.evaluate.splits import PatchData, assign_splits
 from gpfm_scale.models.config import BackboneConfig, ExpertConfig, HeadConfig, ModelConfig, Preprocessing
 from gpfm_scale.models.experts import EXPERTS, Expert, ExpertSpec, build_expert
-from gpfm_scale.models.experts.base import IMAGENET_MEAN, IMAGENET_STD
+from gpfm_scale.contracts.model_input import IMAGENET_MEAN, IMAGENET_STD
 from gpfm_scale.models.meta_arch import SSLMetaArch
 from gpfm_scale.models.objective_config import ObjectiveConfig
 from gpfm_scale.models.vit import create_vit

@@ -40,11 +40,11 @@ import numpy as np
 import simplejpeg
 import torch
 
+from gpfm_scale.contracts.shards import ShardWriter
 from gpfm_scale.data.config import CropConfig, MaskConfig
 from gpfm_scale.data.loader_config import LoaderConfig
 from gpfm_scale.data.mixing import MixConfig, run
 from gpfm_scale.data.shard_stream import build_loader
-from gpfm_scale.tiling.shards import ShardWriter
 
 log = logging.getLogger("bench_mixing")
 # Composition does not depend on the augmentations: crops only, so the loaders' time goes to reading and decoding.

@@ -1,9 +1,10 @@
 """Objective benchmark: where one training step of the GPFM objective spends its time, and how fast it runs.
 
-One step = expert targets on the uint8 global crops -> teacher forward (no grad) -> student forward (masked
-globals + locals, DINO/iBOT and expert heads) -> losses (+ health signals) -> backward, then the optimiser step and
-the EMA teacher update. `forward_backward` is the teacher + student + losses + backward part; the experts run
-before it (in-process here; remote actors in the distributed job).
+One step = expert targets on the uint8 global crops -> the trainers' `train_step` (train/step.py): teacher forward
+(no grad) -> student forward (masked globals + locals, DINO/iBOT and expert heads) -> losses (+ health signals) ->
+backward, then per-module clipping to the preset's `OptimConfig.clip_grad` with the optimiser step ("optimizer")
+and the EMA teacher update. `forward_backward` is the teacher + student + losses + health + backward part; the
+experts run before it (in-process here; remote actors in the distributed job).
 
 Presets:
 - `tiny` (default on CPU): the integration test's model (ViT dim 64, depth 2, patch 8; 32-px globals, 2 x 16-px
@@ -36,9 +37,9 @@ import statistics
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import numpy as np
@@ -54,17 +55,17 @@ from gpfm_scale.models.experts import EXPERTS, Expert
 from gpfm_scale.models.meta_arch import SSLMetaArch
 from gpfm_scale.models.objective_config import ObjectiveConfig
 from gpfm_scale.models.vit import Backbone
+from gpfm_scale.train.build import build_local_trainer, build_model, student_grid
 from gpfm_scale.train.config import OptimConfig, ScheduleConfig
-from gpfm_scale.train.engine import clip_grad_norms
-from gpfm_scale.train.local import build_optimizer, expert_targets, student_grid
-from gpfm_scale.train.param_groups import apply_schedule
-from gpfm_scale.train.schedules import build_schedules
+from gpfm_scale.train.local import expert_targets
+from gpfm_scale.train.step import LocalEngine, StepResult, Timer, train_step
 
 log = logging.getLogger("bench_objective")
 
 PARTS = ("experts", "teacher", "student", "losses", "health", "backward", "optimizer", "ema")
 FORWARD_BACKWARD = ("teacher", "student", "losses", "health", "backward")
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, SXM parts (NVIDIA datasheets)
+TOTAL_ITERS, STEP = 500_000, 100_000  # every step runs with the recipe's schedule values at step 100k (mid-run)
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class Preset:
     crop: CropConfig
     batch: int
     tile_px: int
+    optim: OptimConfig = field(default_factory=OptimConfig)  # clipping, param groups: the recipe's by default
 
 
 def tiny_preset(batch: int) -> Preset:
@@ -114,54 +116,60 @@ def make_batch(preset: Preset, device: torch.device, seed: int = 0) -> tuple[dic
     return moved, data_s
 
 
-class Step:
-    """Everything one training step needs, with each part callable alone (for the timer and the profiler)."""
+class PartsEngine(LocalEngine):
+    """`LocalEngine` whose forward runs `SSLMetaArch.forward`'s parts one by one, each under `timer` (teacher,
+    student, losses, health), so that the benchmark reports where the forward's time goes."""
 
-    def __init__(self, preset: Preset, device: torch.device, grad_checkpointing: bool) -> None:
+    def __init__(self, engine: LocalEngine) -> None:
+        super().__init__(engine.module, engine.optimizer, engine.autocast)
+        self.timer: Timer = lambda _name: nullcontext()
+
+    def __call__(self, batch: dict[str, Any], expert_targets: Any, *, teacher_temp: float) -> dict[str, Any]:
+        model, part = cast(SSLMetaArch, self.module), self.timer
+        with self.autocast_context():
+            with part("teacher"):
+                teacher = model.teacher_forward(batch, teacher_temp)
+            with part("student"):
+                student = model.student_forward(batch)
+            with part("losses"):
+                terms: dict[str, Any] = dict(model.compute_losses(student, teacher, batch, expert_targets))
+            with part("health"):
+                terms.update(model.health_signals(student, teacher, expert_targets))
+        return terms
+
+
+class Step:
+    """Everything one training step needs: the trainers' `train_step` on a `PartsEngine`, with the experts (and
+    each part of the forward) callable alone (for the timer and the profiler)."""
+
+    def __init__(self, preset: Preset, device: torch.device, grad_checkpointing: bool, seed: int = 0) -> None:
         cuda = device.type == "cuda"
         self.device, self.preset = device, preset
-        self.model = SSLMetaArch(preset.objective).to(device).train()
+        self.model = build_model(preset.objective, seed, device=device)
         if grad_checkpointing:
             cast(Backbone, self.model.student["backbone"]).set_grad_checkpointing(True)
         self.experts = build_random_experts(
             preset.objective.model.experts, device, torch.bfloat16 if cuda else torch.float32
         )
-        self.optimizer = build_optimizer(self.model, OptimConfig())
-        self.values = build_schedules(ScheduleConfig(), preset.batch, total_iters=500_000).at(100_000)
-        apply_schedule(self.optimizer, self.values)
+        trainer = build_local_trainer(self.model, preset.optim, ScheduleConfig(), seed=seed, total_batch=preset.batch,
+                                      total_iters=TOTAL_ITERS, autocast=torch.bfloat16 if cuda else None)
+        self.engine = PartsEngine(cast(LocalEngine, trainer.engine))
+        self.trainer = replace(trainer, engine=self.engine)
+        self.values = self.trainer.schedules.at(STEP)
         self.batch, self.data_s = make_batch(preset, device)
         self.grid = student_grid(preset.objective, preset.crop)
-        self.autocast: Callable[[], AbstractContextManager[Any]] = (
-            (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else nullcontext
-        )
 
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def run(self, timer: Callable[[str], AbstractContextManager[Any]] | None = None) -> None:
-        """One full step; `timer(part)` wraps each part when given."""
+    def run(self, timer: Timer | None = None) -> StepResult:
+        """One full step; `timer(part)` wraps each part when given ("forward" wraps the four forward parts)."""
         part = timer or (lambda _name: nullcontext())
-        model, batch = self.model, self.batch
-        self.optimizer.zero_grad(set_to_none=True)
+        self.engine.timer = part
         with part("experts"):
-            targets = expert_targets(self.experts, batch["global_crops_uint8"], self.grid) if self.experts else None
-        with self.autocast():
-            with part("teacher"):
-                teacher = model.teacher_forward(batch, self.values.teacher_temp)
-            with part("student"):
-                student = model.student_forward(batch)
-            with part("losses"):
-                terms = model.compute_losses(student, teacher, batch, targets)
-            with part("health"):
-                model.health_signals(student, teacher, targets)
-        with part("backward"):
-            terms["total"].backward()
-        with part("optimizer"):
-            clip_grad_norms(model.clipped_modules(), 3.0, partitioned=False)
-            self.optimizer.step()
-        with part("ema"):
-            model.update_teacher(self.values.momentum)
+            targets = expert_targets(self.experts, self.batch["global_crops_uint8"], self.grid) if self.experts else None
+        return train_step(self.trainer, self.batch, targets, STEP, timer)
 
 
 def time_parts(step: Step, repeats: int) -> dict[str, float]:
@@ -195,12 +203,13 @@ def time_steps(step: Step, repeats: int) -> float:
 
 def count_flops(step: Step) -> dict[str, int]:
     """FLOPs of experts, forward (teacher + student + losses) and backward, from FlopCounterMode."""
-    step.optimizer.zero_grad(set_to_none=True)
+    optimizer = step.engine.optimizer
+    optimizer.zero_grad(set_to_none=True)
     model, batch, out = step.model, step.batch, {}
     with FlopCounterMode(display=False) as counter:
         targets = expert_targets(step.experts, batch["global_crops_uint8"], step.grid) if step.experts else None
     out["experts"] = counter.get_total_flops()
-    with FlopCounterMode(display=False) as counter, step.autocast():
+    with FlopCounterMode(display=False) as counter, step.engine.autocast_context():
         terms = model.compute_losses(
             model.student_forward(batch), model.teacher_forward(batch, step.values.teacher_temp), batch, targets
         )
@@ -208,7 +217,7 @@ def count_flops(step: Step) -> dict[str, int]:
     with FlopCounterMode(display=False) as counter:
         terms["total"].backward()
     out["backward"] = counter.get_total_flops()
-    step.optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=True)
     return out
 
 
@@ -313,7 +322,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     device = torch.device(args.device)
     preset_name = args.preset or ("vitl" if device.type == "cuda" else "tiny")
     preset = (vitl_preset if preset_name == "vitl" else tiny_preset)(args.batch)

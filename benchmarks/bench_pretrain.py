@@ -1,11 +1,11 @@
 """Pretraining benchmark: the Ray Train + DeepSpeed job vs a plain single-process PyTorch loop, and the expert wait.
 
 Both sides train the same objective on the same batches, and are timed at the same points:
-- baseline: a plain loop in this process: `SSLMetaArch` initialised from the run seed, forward + `total.backward()`
-  + per-module clipping (`clip_grad_norms`) + torch AdamW over the same parameter groups with the scheduled
-  lr / wd + EMA teacher update,
-  with the worker's per-step drop-path seeds; fed by the same loader (`build_loader`, rank 0: the batches the job's
-  rank 0 gets) through the same `ExpertPrefetcher` with in-process experts. It computes the job's losses (checked:
+- baseline: a plain loop in this process over the worker's own `train_step`, built by the same
+  `build_pretrain_trainer` without DeepSpeed (`LocalEngine`: the same model init, torch AdamW over the same
+  parameter groups, schedules, per-module clipping, per-step seeds and EMA; bf16 as autocast over fp32 weights);
+  fed by the same loader (`build_loader`, rank 0: the batches the job's rank 0 gets) through the same
+  `ExpertPrefetcher` with in-process experts. It computes the job's losses (checked:
   `loss diff`), so what differs is Ray Train (the worker process and its bookkeeping) and DeepSpeed (engine wrapper,
   ZeRO-2 gradient buckets and flat partitions, clipping on its gradient shares and its optimizer step).
 - job: `gpfm_scale.train.stage.run` (the `gpfm-scale pretrain` entry) with 1 worker (as many training processes
@@ -46,7 +46,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +54,8 @@ import simplejpeg
 import torch
 
 from gpfm_scale.config import apply_overrides, build_config, read_yaml
+from gpfm_scale.contracts.shards import ShardWriter
 from gpfm_scale.data.synthetic_tiles import make_two_class_tiles
-from gpfm_scale.tiling.shards import ShardWriter
 from gpfm_scale.train.pretrain_config import PretrainConfig
 
 log = logging.getLogger("bench_pretrain")
@@ -111,62 +110,30 @@ def run_overrides(iters: int, workers: int, cpus: float, name: str) -> dict[str,
             "run.checkpoint_every": iters, "run.log_every": 1, "run.max_failures": 0, "run.name": name}
 
 
-def student_grid(cfg: PretrainConfig) -> tuple[int, int]:
-    side = cfg.objective.model.backbone.grid_size
-    return side, side
-
-
-def _amp(device: torch.device, precision: str) -> Any:
-    """The plain-PyTorch way to train in bf16 on a GPU: autocast over fp32 parameters."""
-    if device.type == "cuda" and precision == "bf16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def baseline_run(cfg: PretrainConfig, device: torch.device, precision: str = "fp32") -> dict[str, Any]:
+def baseline_run(cfg: PretrainConfig, device: torch.device) -> dict[str, Any]:
     """The plain single-process loop (see the module docstring); rows like the job's metrics.jsonl."""
     from gpfm_scale.data.shard_stream import build_loader
-    from gpfm_scale.models.meta_arch import SSLMetaArch
-    from gpfm_scale.train.engine import clip_grad_norms
+    from gpfm_scale.train.build import build_pretrain_trainer, student_grid
     from gpfm_scale.train.expert_actors import ExpertPrefetcher
     from gpfm_scale.train.expert_placement import build_expert_client
-    from gpfm_scale.train.param_groups import apply_schedule, build_param_groups
-    from gpfm_scale.train.schedules import build_schedules
-    from gpfm_scale.train.worker import step_seed
+    from gpfm_scale.train.step import to_device, train_step
 
     start = time.perf_counter()
-    torch.manual_seed(cfg.run.seed)  # as the worker: model init from the run seed
-    model = SSLMetaArch(cfg.objective).to(device).train()
-    optimizer = torch.optim.AdamW(build_param_groups(model.student, cfg.optim), betas=tuple(cfg.optim.betas),
-                                  eps=cfg.optim.eps)
-    schedules = build_schedules(cfg.schedule, total_batch=cfg.loader.batch_size, total_iters=cfg.run.total_iters)
-    grid = student_grid(cfg)
+    trainer = build_pretrain_trainer(cfg, device, use_deepspeed=False)  # bf16: autocast over fp32 weights
+    grid = student_grid(cfg.objective, cfg.crops)
     placement = cfg.expert_placement.model_copy(update={"mode": "in_process"})
     client = build_expert_client(cfg.objective.model.experts, placement, None, device)
-    loader = build_loader(cfg.loader, cfg.crops, cfg.masks, grid, 0, 1)
+    loader = build_loader(cfg.loader_config(), cfg.crops, cfg.masks, grid, 0, 1)
     stream = iter(ExpertPrefetcher(loader, client, grid, depth=placement.prefetch_depth))
-    clipped = model.clipped_modules()
     rows, ends = [], []
     for step in range(cfg.run.total_iters):
         t0 = time.perf_counter()
         item = next(stream)
-        torch.manual_seed(step_seed(cfg.run.seed, 0, step))
-        sched = schedules.at(step)
-        apply_schedule(optimizer, sched)
-        batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                 for k, v in item.batch.items()}
-        with _amp(device, precision):
-            terms = model(batch, item.targets, teacher_temp=sched.teacher_temp)
-        terms["total"].backward()
-        clip_grad_norms(clipped, cfg.optim.clip_grad, partitioned=False)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        model.update_teacher(sched.momentum)
+        result = train_step(trainer, to_device(item.batch, device), item.targets, step)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         step_s = time.perf_counter() - t0
-        losses = {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in terms.items()}
-        rows.append({**losses, "step": step + 1, "step_s": step_s, "data_wait_s": item.stats["data_wait_s"],
+        rows.append({**result.logs(), "step": step + 1, "step_s": step_s, "data_wait_s": item.stats["data_wait_s"],
                      "expert_wait_s": item.stats["wait_s"]})
         ends.append((time.perf_counter(), step + 1))
     return {"kind": "baseline", "experts": "in_process", "workers": 1, "rows": rows, "arrivals": ends,
@@ -442,7 +409,7 @@ def gpu_section(args: argparse.Namespace, work: Path, save: Callable[[list], Non
         for precision in precisions:
             tags = {"precision": precision, "warmup": args.gpu_warmup, "batch": args.gpu_batch}
             cfg = gpu_config(args, shards, experts, "in_process", precision)
-            runs.append(tagged(baseline_run(cfg, torch.device("cuda"), precision), **tags))
+            runs.append(tagged(baseline_run(cfg, torch.device("cuda")), **tags))
             torch.cuda.empty_cache()
             save(runs)
             for mode, share in (("in_process", None), ("remote", args.gpu_expert_share)):

@@ -42,6 +42,8 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from gpfm_scale.contracts.output_dir import OutputDir
+from gpfm_scale.contracts.shards import ShardWriter
 from gpfm_scale.slides.config import GridConfig
 from gpfm_scale.slides.grid import TileGrid, plan_grid
 from gpfm_scale.slides.mpp import resolve_mpp
@@ -49,8 +51,6 @@ from gpfm_scale.slides.open import open_slide
 from gpfm_scale.slides.synthetic import write_synthetic_slide
 from gpfm_scale.slides.tissue import choose_mask_level, mask_from_level, mask_width
 from gpfm_scale.tiling.config import TilingConfig
-from gpfm_scale.tiling.outputs import OutputDir
-from gpfm_scale.tiling.shards import ShardWriter
 from gpfm_scale.tiling.slide_job import SlideTask, tile_slide
 
 log = logging.getLogger("bench_tiling")

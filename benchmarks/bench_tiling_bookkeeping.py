@@ -29,12 +29,13 @@ from typing import Any
 
 import pandas as pd
 
+from gpfm_scale.contracts.output_dir import OutputDir
+from gpfm_scale.contracts.run_manifest import read_state
+from gpfm_scale.contracts.shards import SealedShard
 from gpfm_scale.tiling import journal
 from gpfm_scale.tiling.config import TilingConfig
-from gpfm_scale.tiling.manifest import RunManifest, SlideOutcome, read_state
-from gpfm_scale.tiling.outputs import OutputDir
+from gpfm_scale.tiling.manifest import RunManifest, SlideOutcome
 from gpfm_scale.tiling.resume import sweep_orphans
-from gpfm_scale.tiling.shards import SealedShard
 from gpfm_scale.tiling.slide_job import SlideTask
 from gpfm_scale.tiling.stage import _Driver
 

@@ -8,7 +8,7 @@ applies dotted `key=value` overrides, and wraps pydantic's report in a one-line-
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, ClassVar, Mapping, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -19,9 +19,13 @@ M = TypeVar("M", bound="StrictModel")
 
 
 class StrictModel(BaseModel):
-    """Base of every config: unknown keys are errors, values are validated on assignment too."""
+    """Base of every config: unknown keys are errors, values are validated on assignment too.
+
+    `moved_keys` (on a root config): dotted keys it no longer has -> the key that now owns the value, so that an
+    old YAML file or `--set` gets "'loader.seed' was removed: set 'run.seed'" instead of a bare unknown key."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    moved_keys: ClassVar[Mapping[str, str]] = {}
 
 
 class DriverSettings(StrictModel):
@@ -38,11 +42,13 @@ class DriverSettings(StrictModel):
         "autoscaling cluster starts nodes on demand, GPU ones in 5-15 min), then fail (exit 2); see resources.py.")
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
+def _format_errors(err: ValidationError, source: str, moved: Mapping[str, str]) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "extra_forbidden" and key in moved:
+            lines.append(f"{source}: {key!r} was removed: set {moved[key]!r} (the one owner of that value)")
+        elif e["type"] == "extra_forbidden":
             lines.append(f"{source}: unknown key {key!r}")
         elif not e["loc"]:  # a check across keys of the whole config: its message names them, the input is all
             lines.append(f"{source}: {e['msg'].removeprefix('Value error, ')}")
@@ -56,7 +62,7 @@ def build_config(model: type[M], data: Mapping[str, Any] | None, source: str = "
     try:
         return model.model_validate(dict(data or {}))
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
+        raise ConfigError(_format_errors(err, source, model.moved_keys)) from None
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

@@ -1,7 +1,8 @@
-"""The exported teacher's `config.json`, checked before anything of it reaches timm.
+"""The exported teacher (`model.safetensors` + `config.json`), its config checked before anything reaches timm.
 
 `gpfm-scale pretrain` writes `OUT/export/` = `model.safetensors` + `config.json` (train/checkpoint.py,
-`export_teacher`). The file is a plain JSON anyone can edit, and its `timm` block is passed to
+`export_teacher`, with the run's `crops.mean`/`crops.std` as the input contract); `embed` and users rebuild it with
+`load_exported` (plain timm). The file is a plain JSON anyone can edit, and its `timm` block is passed to
 `timm.create_model(**...)` in every inference actor: unchecked, `"pretrained": true` makes each actor try to
 download weights, a hub id (`hf-hub:...`) fetches a config from the network, and an `img_size` other than the
 weights' grid silently changes the input size every tile is resized to (timm resamples the position embedding).
@@ -15,13 +16,18 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from gpfm_scale.config import StrictModel
+from gpfm_scale.contracts.model_input import InputContract
 from gpfm_scale.errors import ConfigError
 
+if TYPE_CHECKING:
+    import torch
+
+EXPORT_FORMAT = "gpfm-scale teacher backbone"  # the "format" of an export's config.json
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 _SHAPED = ("pos_embed", "patch_embed.proj.weight", "cls_token", "reg_token")
@@ -56,7 +62,7 @@ class TimmArgs(StrictModel):
 class ExportConfig(StrictModel):
     """`config.json` of an export: how to rebuild the backbone and what input it takes."""
 
-    format: Literal["gpfm-scale teacher backbone"]
+    format: Literal[EXPORT_FORMAT]
     timm: TimmArgs
     embed_dim: int = Field(gt=0)
     patch_size: int = Field(gt=0)
@@ -79,6 +85,10 @@ class ExportConfig(StrictModel):
         if not all(math.isfinite(v) and v > 0 for v in self.std) or not all(map(math.isfinite, self.mean)):
             raise ValueError(f"mean {self.mean} / std {self.std} must be finite, std > 0")
         return self
+
+    @property
+    def input_contract(self) -> InputContract:
+        return InputContract(self.img_size, self.mean, self.std)
 
     def create_kwargs(self) -> dict[str, Any]:
         """`timm.create_model` arguments, `pretrained=False` spelled out whatever the file said."""
@@ -136,3 +146,17 @@ def read_export_config(directory: str | Path) -> ExportConfig:
                           f"{f' (and {err.error_count() - 1} more)' if err.error_count() > 1 else ''}") from None
     _check_weights(cfg, directory / WEIGHTS_FILE)
     return cfg
+
+
+def load_exported(directory: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild an exported teacher with plain timm (what users and `embed` do), its config.json validated first
+    (a tampered file must not make timm download or change the input size)."""
+    import timm
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    checked = read_export_config(directory)
+    config = checked.model_dump(mode="json", exclude_none=True)
+    model = timm.create_model(**checked.create_kwargs())
+    model.load_state_dict(load_file(str(directory / WEIGHTS_FILE), device=device), strict=True)
+    return model.eval().to(device), config

@@ -16,9 +16,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from gpfm_scale.config import StrictModel
+from gpfm_scale.contracts.model_input import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 # Blur odds (global crop 1, global crop 2, local crops) by preset name; see the module docstring.
 BLUR_PRESETS: dict[str, tuple[float, float, float]] = {"effective": (0.0, 0.9, 0.5), "nominal": (1.0, 0.1, 0.5)}
 

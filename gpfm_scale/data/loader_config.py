@@ -2,6 +2,11 @@
 
 Batch sizes are per training rank; an "epoch" here is the recipe's unit of schedule (1,250 iterations), not a
 pass over the data: every (rank, loader worker) resamples shards with replacement, so there is no natural epoch.
+
+Two models, each value owned once: `LoaderSettings` is the `loader:` section a user writes; `LoaderConfig` is what
+the loaders read, those settings plus the two values the run owns and hands down (`bind`): its seed and the
+length of an epoch (in pretraining `run.seed` and `schedule.iters_per_epoch`, so the data epochs and the
+schedule's epochs are the same iterations and one seed covers model, data order and augmentation).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from pydantic import Field, field_validator
 from gpfm_scale.config import StrictModel
 
 
-class LoaderConfig(StrictModel):
+class LoaderSettings(StrictModel):
     """Where the shards are and how each training rank turns them into multi-crop batches."""
 
     shards: str | list[str] = Field(
@@ -50,12 +55,6 @@ class LoaderConfig(StrictModel):
         "only part of a shard per data epoch; False (always from the first sample) then never reaches the "
         "tails of large shards. False suits tests and shards smaller than a worker's epoch.",
     )
-    epoch_length: int = Field(
-        default=1250, ge=1,
-        description="Iterations per data epoch: shard draws and shuffling are re-seeded at each epoch start, "
-        "which bounds the work to resume mid-epoch (torch backend).",
-    )
-    seed: int = Field(default=0, ge=0, description="Seeds shard draws, shuffling, augmentation and masks.")
     decode_threads: int = Field(default=4, ge=1, description="dali backend: CPU threads of the DALI pipeline.")
     prefetch: int = Field(
         default=2, ge=1,
@@ -74,3 +73,16 @@ class LoaderConfig(StrictModel):
         if any(not e.strip() for e in entries):
             raise ValueError("shard URLs must be non-empty strings")
         return value
+
+    def bind(self, seed: int, epoch_length: int) -> LoaderConfig:
+        """These settings with the values the run owns handed down: the config the loaders read."""
+        return LoaderConfig(**{**dict(self), "seed": seed, "epoch_length": epoch_length})
+
+
+class LoaderConfig(LoaderSettings):
+    """`LoaderSettings` + the run's seed and epoch length (never written by hand in a run's config: see `bind`)."""
+
+    epoch_length: int = Field(
+        ge=1, description="Iterations per data epoch: shard draws and shuffling are re-seeded at each epoch start, "
+        "which bounds the work to resume mid-epoch (torch backend).")
+    seed: int = Field(ge=0, description="Seeds shard draws, shuffling, augmentation and masks.")

@@ -45,11 +45,11 @@ from pydantic import Field
 
 from gpfm_scale.atomic import write_bytes_atomic
 from gpfm_scale.config import StrictModel
+from gpfm_scale.contracts.output_dir import OutputDir
+from gpfm_scale.contracts.shards import ShardWriter, shard_name
 from gpfm_scale.data.tar_samples import iter_raw_samples, shard_size
 from gpfm_scale.errors import ConfigError, GpfmError, ShardError
 from gpfm_scale.run_lock import OutputLock
-from gpfm_scale.tiling.outputs import OutputDir
-from gpfm_scale.tiling.shards import ShardWriter
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def _write_bucket(table: Any, seed: int, run_name: str, out_url: str) -> dict[st
         writer.abort()
         raise
     assert sealed is not None
-    name = f"{run_name}-{bucket:06d}.tar"
+    name = shard_name(run_name, bucket)
     out.publish(sealed.tmp_path, "shards", name)
     info = {"name": name, "samples": sealed.num_samples, "bytes": sealed.num_bytes, "sha256": sealed.sha256,
             "duplicates": [f"duplicate key {keys[i]} (input shard {sources[i]}) dropped" for i in duplicates]}

@@ -34,11 +34,11 @@ import simplejpeg
 import torch
 from torchvision.io import ImageReadMode, decode_png
 
+from gpfm_scale.contracts.shards import IMAGE_EXTS, META_EXT
 from gpfm_scale.errors import GpfmError, ShardError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png")
 _BLOCK = tarfile.BLOCKSIZE
 _FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")
@@ -243,10 +243,10 @@ def decode_sample(raw: RawSample) -> dict[str, Any]:
     ext = next((e for e in IMAGE_EXTS if e in raw.files), None)
     if ext is None:
         raise CorruptSampleError(f"{where}: no image member (has {sorted(raw.files)})")
-    if "json" not in raw.files:
+    if META_EXT not in raw.files:
         raise CorruptSampleError(f"{where}: no json member")
     try:
-        meta = json.loads(raw.files["json"])
+        meta = json.loads(raw.files[META_EXT])
     except (ValueError, UnicodeDecodeError) as err:
         raise CorruptSampleError(f"{where}: invalid json: {err}") from None
     if not isinstance(meta, dict):

@@ -56,8 +56,9 @@ def write_demo_slides(folder: Path, cfg: DemoConfig) -> Path:
     for i in range(cfg.n_synthetic_slides):
         path = folder / f"synthetic-{i}.svs"
         if not path.exists():
-            write_synthetic_slide(path, cfg.slide_width, cfg.slide_height, mpp=cfg.slide_mpp, tile=cfg.tile_px,
-                                  levels=3, seed=synthetic_seed(cfg, i), classes=tuple(cfg.tissue_classes))
+            write_synthetic_slide(path, cfg.slide_width, cfg.slide_height, mpp=cfg.slide_mpp,
+                                  tile=cfg.tiling.grid.tile_px, levels=3, seed=synthetic_seed(cfg, i),
+                                  classes=tuple(cfg.tissue_classes))
         rows.append({"slide_id": path.stem, "path": str(path), "case_id": f"case-{i}"})
     data = find_data_dir(cfg)
     real = data / REAL_SLIDE if data else None

@@ -15,14 +15,15 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file
 
-from gpfm_scale.embed.store import load_image_features
+from gpfm_scale.contracts.export import WEIGHTS_FILE
+from gpfm_scale.contracts.features import load_image_features
 
 FLOAT16_RESOLUTION = 2.0**-10
 """Relative spacing of float16 values (10-bit mantissa): smaller relative differences do not survive storage."""
 
 
 def _weights(export_dir: Path) -> dict[str, np.ndarray]:
-    return {k: v.astype(np.float64) for k, v in load_file(str(export_dir / "model.safetensors")).items()}
+    return {k: v.astype(np.float64) for k, v in load_file(str(export_dir / WEIGHTS_FILE)).items()}
 
 
 def weight_change(trained: Path, init: Path) -> float:

@@ -8,70 +8,15 @@ the pretraining losses, and a plain statement of what the numbers can and cannot
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from gpfm_scale.demo import report_text
-from gpfm_scale.demo.config import DemoConfig
 from gpfm_scale.demo.diagnostics import feature_spread, weight_change
-from gpfm_scale.demo.stages import PretrainOutcome
-from gpfm_scale.embed.stage import EmbedResult
-from gpfm_scale.evaluate.metrics import Metric
-from gpfm_scale.evaluate.ranking import RankSummary, scores_table, summarize_ranks
-from gpfm_scale.evaluate.results import read_results_json
-from gpfm_scale.evaluate.stage import EvaluateResult
-from gpfm_scale.tiling.stage import TilingResult
+from gpfm_scale.demo.run_record import Comparison, DemoRun, compare
 
 REPORT = "report.md"
-Table = dict[str, dict[str, dict[str, Metric]]]  # model -> "dataset / task" -> metric name -> Metric
-
-
-@dataclass(frozen=True)
-class DemoRun:
-    """Everything the report is made of, keyed as `run_demo` made it (models: trained / random-init / tiny-expert)."""
-
-    cfg: DemoConfig
-    out: Path
-    tiling: TilingResult
-    pretrain: PretrainOutcome
-    random_init: Path
-    datasets: dict[str, Path]
-    embeds: dict[tuple[str, str], EmbedResult]
-    evals: dict[str, EvaluateResult]
-    times: dict[str, float]
-    seconds: float
-
-    def rel(self, path: str | Path) -> str:
-        """`path` relative to OUT, as the report links it."""
-        return Path(path).resolve().relative_to(self.out).as_posix()
-
-    def model_names(self) -> dict[str, str]:
-        """key -> the name `embed` gave the model (the column name of every evaluation table)."""
-        return {key: res.model for (_, key), res in self.embeds.items()}
-
-
-@dataclass(frozen=True)
-class Comparison:
-    """The evaluation of every dataset merged: metrics per model and entry, each entry's rank metric, the ranks."""
-
-    table: Table
-    rank_metric: dict[str, str]
-    summary: RankSummary
-
-
-def compare(run: DemoRun) -> Comparison:
-    """Merge each dataset's results.json into one table of "dataset / task" entries and rank the models on it."""
-    merged: Table = {}
-    rank_metric: dict[str, str] = {}
-    for ds, result in run.evals.items():
-        metrics, doc = read_results_json(result.results_json)
-        for model, tasks in metrics.items():
-            for task, values in tasks.items():
-                merged.setdefault(model, {})[f"{ds} / {task}"] = values
-                rank_metric[f"{ds} / {task}"] = doc["config"]["rank_metric"][task]
-    return Comparison(merged, rank_metric, summarize_ranks(scores_table(merged, rank_metric)))
 
 
 def _header(run: DemoRun) -> list[str]:
@@ -110,12 +55,13 @@ def _comparison(run: DemoRun, cmp: Comparison, change: float) -> list[str]:
 
 
 def _tiling(run: DemoRun) -> list[str]:
-    t = run.tiling
+    t, grid = run.tiling, run.cfg.tiling.grid
+    resolution = f"{grid.target_mpp} µm/px" if grid.target_mpp else "the slides' level 0"
     manifest = pd.read_parquet(t.manifest)
     lines = ["## 1. Tiling", "",
              (f"{t.n_done}/{t.n_slides} slides done, {int(manifest['n_tiles'].fillna(0).sum())} tiles in the shards "
              f"([tiles/manifest.parquet](tiles/manifest.parquet)); this run wrote {t.n_tiles} of them "
-             f"({t.n_bytes / 1e6:.1f} MB) in {t.seconds:.1f} s. Tiles are {run.cfg.tile_px} px at 0.5 µm/px; "
+             f"({t.n_bytes / 1e6:.1f} MB) in {t.seconds:.1f} s. Tiles are {grid.tile_px} px at {resolution}; "
              "zero-decode: the slide's own JPEG tiles were copied into the shards without decoding."), "",
              "| slide | status | tiles | reader | µm/px | zero-decode | thumbnail |", "|---|---|---|---|---|---|---|"]
     for r in manifest.to_dict("records"):

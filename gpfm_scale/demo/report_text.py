@@ -6,15 +6,14 @@ from __future__ import annotations
 import json
 import shlex
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 
 from gpfm_scale.demo import stages
 from gpfm_scale.demo.diagnostics import FLOAT16_RESOLUTION, feature_spread, layerscale_gain
-
-if TYPE_CHECKING:
-    from gpfm_scale.demo.report import Comparison, DemoRun
+from gpfm_scale.demo.run_record import Comparison, DemoRun
+from gpfm_scale.tiling.config import TilingSettings
 
 MODEL_ROLES = {
     "trained": "the EMA teacher of the demo's pretraining run, exported after its last step",
@@ -32,15 +31,28 @@ def feature_dim(features_dir: Path) -> int:
     return int(json.loads((features_dir / "embed.json").read_text())["dim"])
 
 
+def _dotted(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        out.update(_dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return out
+
+
+def tiling_sets(tiling: TilingSettings) -> list[str]:
+    """`--set KEY=VALUE` for each of the demo's tiling settings that is not the tiler's default."""
+    default, ours = _dotted(TilingSettings().model_dump(mode="json")), _dotted(tiling.model_dump(mode="json"))
+    return [arg for key, value in ours.items() if value != default[key]
+            for arg in ("--set", f"{key}={json.dumps(value)}")]
+
+
 def stage_commands(run: DemoRun) -> dict[str, list[str]]:
     """The CLI commands that redo each stage from OUT (the demo calls the same functions)."""
     cfg = run.cfg
     sets = [a for k, v in stages.pretrain_overrides(cfg).items() if k not in ("run.num_workers", "run.total_iters")
             for a in ("--set", f"{k}={v}")]
     return {
-        "tiling": [shlex.join(["gpfm-scale", "tile", "--slides", "slides/manifest.csv", "--out", "tiles", "--tile-px",
-                               str(cfg.tile_px), "--target-mpp", str(stages.TARGET_MPP), "--max-tiles",
-                               str(cfg.max_tiles_per_slide)])],
+        "tiling": [shlex.join(["gpfm-scale", "tile", "--slides", "slides/manifest.csv", "--out", "tiles",
+                               *tiling_sets(cfg.tiling)])],
         "pretraining": [shlex.join(["gpfm-scale", "pretrain", "--config", str(stages.TINY_YAML), "--shards",
                                     "tiles", "--out", "pretrain", "--workers", str(cfg.pretrain_workers), "--steps",
                                     str(cfg.pretrain_steps), *sets])],

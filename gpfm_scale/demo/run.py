@@ -24,7 +24,8 @@ from pathlib import Path
 from gpfm_scale.demo import stages
 from gpfm_scale.demo.config import DemoConfig
 from gpfm_scale.demo.data import HGSC, find_data_dir, write_demo_slides, write_hgsc_subset, write_synthetic_patches
-from gpfm_scale.demo.report import DemoRun, write_demo_report
+from gpfm_scale.demo.report import write_demo_report
+from gpfm_scale.demo.run_record import DemoRun
 from gpfm_scale.errors import ConfigError
 from gpfm_scale.ray_utils import ensure_ray
 

@@ -7,7 +7,7 @@ checkpoint, and `embed` skips feature files that are complete for the same weigh
 (seconds); it is deterministic for a given seed.
 
 The random-init baseline: `SSLMetaArch` built with the pretraining run's seed is exactly what the Ray Train worker
-builds at step 0 (`train/worker.py::_build` seeds torch the same way before building it), so exporting its teacher
+builds at step 0 (both build it with `train/build.py::build_model` from that seed), so exporting its teacher
 with `export_teacher` gives the trained model's own initialisation, in the same export format; `embed` reads both
 the same way. The comparison then isolates what the pretraining steps changed.
 """
@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from gpfm_scale.config import build_config, load_config
+from gpfm_scale.contracts.export import CONFIG_FILE, WEIGHTS_FILE
 from gpfm_scale.demo.config import DemoConfig
 from gpfm_scale.embed.config import EmbedConfig
 from gpfm_scale.embed.stage import EmbedResult
@@ -39,7 +40,6 @@ log = logging.getLogger(__name__)
 
 TINY_YAML = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 RUN_NAME = "demo"
-TARGET_MPP = 0.5
 EXPERT = "expert:tiny_a"
 
 
@@ -55,9 +55,8 @@ class PretrainOutcome:
 
 
 def tiling_config(cfg: DemoConfig) -> TilingConfig:
-    """Tiles at 0.5 µm/px (20x): the synthetic slides' own tiles are copied (zero-decode), the real slide's decoded."""
-    return build_config(TilingConfig, {"grid": {"tile_px": cfg.tile_px, "target_mpp": TARGET_MPP,
-                                                "max_tiles_per_slide": cfg.max_tiles_per_slide}}, "demo")
+    """The demo's tiling settings (`DemoConfig.tiling`) on the demo's local Ray instance."""
+    return TilingConfig(**cfg.tiling.model_dump())
 
 
 def tile(cfg: DemoConfig, manifest: Path, out: Path) -> TilingResult:
@@ -71,7 +70,7 @@ def pretrain_overrides(cfg: DemoConfig) -> dict[str, object]:
     return {"run.num_workers": cfg.pretrain_workers, "run.cpus_per_worker": 1, "run.total_iters": cfg.pretrain_steps,
             "run.checkpoint_every": cfg.pretrain_steps, "run.log_every": max(1, cfg.pretrain_steps // 5),
             "run.name": RUN_NAME,
-            "run.seed": cfg.seed, "loader.seed": cfg.seed}
+            "run.seed": cfg.seed}
 
 
 def pretrain_config(cfg: DemoConfig) -> PretrainConfig:
@@ -80,8 +79,8 @@ def pretrain_config(cfg: DemoConfig) -> PretrainConfig:
 
 def exported_step(export_dir: Path) -> int | None:
     """The step recorded in an export's config.json, or None when there is no finished export."""
-    path = export_dir / "config.json"
-    if not (path.is_file() and (export_dir / "model.safetensors").is_file()):
+    path = export_dir / CONFIG_FILE
+    if not (path.is_file() and (export_dir / WEIGHTS_FILE).is_file()):
         return None
     return int(json.loads(path.read_text()).get("step", -1))
 
@@ -102,16 +101,15 @@ def pretrain(cfg: DemoConfig, tiles: Path, out: Path) -> PretrainOutcome:
 
 def export_random_init(cfg: DemoConfig, directory: Path) -> Path:
     """The pretraining run's step-0 teacher (same seed, same architecture), exported like a trained one."""
-    from gpfm_scale.models.meta_arch import SSLMetaArch
+    from gpfm_scale.train.build import build_model
     from gpfm_scale.train.checkpoint import export_teacher
 
     if exported_step(directory) == 0:
         return directory
     pcfg = pretrain_config(cfg)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(pcfg.run.seed)
-        model = SSLMetaArch(pcfg.objective)
-    export_teacher(model, pcfg.objective.model.backbone, directory, step=0, is_writer=True)
+        model = build_model(pcfg.objective, pcfg.run.seed)
+    export_teacher(model, pcfg.objective.model.backbone, directory, step=0, is_writer=True, crops=pcfg.crops)
     return directory
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gpfm_scale.embed.store import ImageFeatureWriter
+from gpfm_scale.contracts.features import ImageFeatureWriter
 from gpfm_scale.errors import UnsafeNameError
 from gpfm_scale.names import checked_component
 

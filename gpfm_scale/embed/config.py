@@ -15,13 +15,15 @@ from typing import Any, Literal
 from pydantic import Field
 
 from gpfm_scale.config import DriverSettings
-from gpfm_scale.tiling.config import TilingConfig
 
 InputKind = Literal["auto", "tiles", "slides", "images"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 class EmbedConfig(DriverSettings):
+    """The driver settings (Ray address, metrics endpoint, resource wait) are the run's, once: the tiling of a
+    slide manifest runs under them too (`gpfm_scale.embed_command`)."""
+
     batch_size: int = Field(default=256, ge=1, description="Images per forward pass of an inference actor.")
     num_actors: int | None = Field(
         default=None, ge=1,
@@ -62,8 +64,6 @@ class EmbedConfig(DriverSettings):
     input_kind: InputKind = Field(
         default="auto", description="What --input is: tiles (tiler output or shards), slides (a slide manifest or "
                                     "folder, tiled first into OUT/tiles), images (class folders); auto detects.")
-    tiling: TilingConfig = Field(
-        default_factory=TilingConfig, description="Tiling settings used when the input is a slide manifest.")
     max_corrupt_fraction: float = Field(
         default=0.05, ge=0, le=1,
         description="A slide with more undecodable tiles than this fraction fails; below it the good tiles are "

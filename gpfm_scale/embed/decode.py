@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from gpfm_scale.contracts.shards import parse_sample_key
 from gpfm_scale.data.tar_samples import (CorruptSampleError, RawSample, decode_image_bytes, decode_sample,
                                          iter_raw_samples)
 from gpfm_scale.errors import ShardError, UnsafeNameError
@@ -103,16 +104,6 @@ class _TileBatch:
         return out
 
 
-def _key_parts(key: str) -> tuple[str, tuple[int, int] | None]:
-    """`{slide_id}/{x}_{y}` -> (slide_id, (x, y)); coordinates None when the key does not follow the contract."""
-    slide_id, _, tail = key.rpartition("/")
-    x, _, y = tail.partition("_")
-    try:
-        return slide_id, (int(x), int(y))
-    except ValueError:
-        return slide_id, None
-
-
 def _decode_tile(raw: RawSample, size: int) -> tuple[tuple[int, int], torch.Tensor]:
     sample = decode_sample(raw)
     meta = sample["json"]
@@ -136,7 +127,7 @@ def iter_shard_batches(shard: str, size: int, rows: int, include: Iterable[str] 
     batch, errors, current = _TileBatch(size), {}, None
     try:
         for raw in iter_raw_samples(shard):
-            slide_id, key_xy = _key_parts(raw.key)
+            slide_id, key_xy = parse_sample_key(raw.key)
             current = slide_id
             if (wanted is not None and slide_id not in wanted) or slide_id in skipped:
                 continue

@@ -23,12 +23,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from gpfm_scale.contracts.run_manifest import MANIFEST_NAME, extra_columns, read_state
 from gpfm_scale.embed.config import InputKind
 from gpfm_scale.errors import ConfigError, UnsafeNameError
 from gpfm_scale.names import checked_component
-from gpfm_scale.tiling.inputs import SLIDE_SUFFIXES
-from gpfm_scale.tiling.manifest import COLUMNS as TILER_COLUMNS
-from gpfm_scale.tiling.manifest import MANIFEST_NAME, read_state
+from gpfm_scale.slides.reader import SLIDE_SUFFIXES
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 AMBIGUOUS_SUFFIXES = (".tif", ".tiff")
@@ -131,7 +130,7 @@ def load_tile_source(path: str) -> TileSource:
         parent = posixpath.dirname(folder)
         if posixpath.basename(folder) == "shards" and _isfile(posixpath.join(parent, MANIFEST_NAME)):
             manifest = _read_manifest(posixpath.join(parent, MANIFEST_NAME))
-            return TileSource(shards, manifest, _extra(manifest), parent)
+            return TileSource(shards, manifest, extra_columns(manifest), parent)
         return TileSource(shards, None, [], None)
     if not _isfile(posixpath.join(root, MANIFEST_NAME)):
         raise ConfigError(f"--input {path}: a tiling output needs {MANIFEST_NAME} (is the tiling run finished?)")
@@ -139,7 +138,7 @@ def load_tile_source(path: str) -> TileSource:
     # a name that is not one safe component fails its slide in the stage (`_unsafe_names`), never becomes a path
     shards = sorted({posixpath.join(root, "shards", s) for lst in manifest["shards"] for s in shard_names(lst)
                      if _is_component(s)})
-    return TileSource(shards, manifest, _extra(manifest), root)
+    return TileSource(shards, manifest, extra_columns(manifest), root)
 
 
 def _is_component(name: str) -> bool:
@@ -153,11 +152,6 @@ def _is_component(name: str) -> bool:
 def shard_names(value: object) -> list[str]:
     """A manifest `shards` cell (list, numpy array or None) as a list of names."""
     return [] if value is None else [str(v) for v in value]
-
-
-def _extra(manifest: pd.DataFrame) -> list[str]:
-    """The input manifest's own columns (labels, clinical data) the tiler carried through."""
-    return [c for c in manifest.columns if c not in TILER_COLUMNS]
 
 
 def list_image_folder(root: str) -> pd.DataFrame:

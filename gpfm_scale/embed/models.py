@@ -2,8 +2,9 @@
 
 `--model` takes three forms:
 - a directory written by `export_teacher` (`model.safetensors` + `config.json`): features = the CLS token after
-  the final norm (`forward_features(x)[:, 0]`, as the export's config states), ImageNet mean/std, its `img_size`;
-  the config is validated first (`export.py`: allowed keys only, never `pretrained`, grid = the weights');
+  the final norm (`forward_features(x)[:, 0]`, as the export's config states), its `img_size`, `mean` and `std`
+  (the pretraining run's `crops.mean`/`crops.std`);
+  the config is validated first (`contracts/export.py`: allowed keys only, never `pretrained`, grid = the weights');
 - `expert:NAME` or `expert:NAME=/path/weights`: `Expert.forward(uint8)["cls"]` with the expert's own input
   contract (UNI/Phikon/CONCH need a weight file: from the spec or `EmbedConfig.weights`);
 - `timm:NAME`: `timm.create_model(NAME, pretrained=False, num_classes=0)` (pooled pre-logits features), input
@@ -28,24 +29,14 @@ from typing import Literal
 import torch
 from torch import nn
 
+from gpfm_scale.contracts.model_input import InputContract
 from gpfm_scale.embed.config import EmbedConfig
 from gpfm_scale.errors import ConfigError
 from gpfm_scale.models.config import ExpertConfig
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 SpecKind = Literal["export", "expert", "timm"]
-
-
-@dataclass(frozen=True)
-class InputContract:
-    """What the model wants: square `size` px RGB, normalised with `mean`/`std` after scaling to [0, 1]."""
-
-    size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
 
 
 @dataclass(frozen=True)
@@ -91,7 +82,7 @@ def _describe_export(spec: str) -> ModelInfo:
         config = read_export_config(directory)
     except ConfigError as err:
         raise ConfigError(f"--model {spec}: {err}") from None
-    contract = InputContract(config.img_size, config.mean, config.std)
+    contract = config.input_contract
     label = directory.resolve().parent.name if directory.resolve().name == "export" else directory.resolve().name
     return ModelInfo("export", str(directory), directory / WEIGHTS_FILE, f"teacher:{label}@step{config.step}",
                      _sha256(directory / WEIGHTS_FILE), config.embed_dim, contract)
@@ -108,10 +99,9 @@ def _describe_expert(spec: str, name: str, given: str | None, cfg: EmbedConfig) 
     if weights is None and cls.spec.needs_weights:
         raise ConfigError(f"--model {spec}: expert {name!r} needs a local weight file (expert:{name}=/path or "
                           f"config `weights`). {cls.spec.weights_note}")
-    size, mean, std = cls.spec.input_contract("native")
     fingerprint = _sha256(weights) if weights else f"{name}-builtin"
     return ModelInfo("expert", name, weights, f"expert:{name}", fingerprint, cls.spec.embed_dim,
-                     InputContract(size, tuple(mean), tuple(std)))
+                     cls.spec.native_contract)
 
 
 def _describe_timm(spec: str, name: str, cfg: EmbedConfig) -> ModelInfo:
@@ -183,7 +173,7 @@ def _load_timm_weights(model: nn.Module, weights: Path, name: str) -> None:
 def build_embedder(info: ModelInfo, cfg: EmbedConfig) -> Embedder:
     """Build the network described by `info` on CPU (the caller moves it): what each inference actor runs."""
     if info.kind == "export":
-        from gpfm_scale.train.checkpoint import load_exported
+        from gpfm_scale.contracts.export import load_exported
 
         model, _ = load_exported(info.target)
         return Embedder(model, lambda x: model.forward_features(x)[:, 0], info.contract, normalise=True)

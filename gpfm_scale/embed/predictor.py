@@ -154,9 +154,11 @@ def build_pipeline(tasks: list[dict[str, Any]], info: ModelInfo, cfg: EmbedConfi
     ds = ds.map_batches(read_task, batch_size=1, compute=read_compute, num_cpus=plan.cpus_per_read_task,
                         memory=cfg.read_task_memory_bytes,
                         fn_kwargs={"size": info.contract.size, "rows": cfg.decode_batch})
+    # the embedding settings alone: a command's config may extend EmbedConfig (`embed_command`: + tiling)
+    cfg_json = cfg.model_dump_json(include=set(EmbedConfig.model_fields))
     return ds.map_batches(
         Predictor, batch_size=cfg.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=plan.num_actors),
         num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None,
-        fn_constructor_kwargs={"info": info, "cfg_json": cfg.model_dump_json(), "device": plan.device,
+        fn_constructor_kwargs={"info": info, "cfg_json": cfg_json, "device": plan.device,
                                "threads": plan.torch_threads, "parts_out": parts_out})

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from gpfm_scale.atomic import current_umask
-from gpfm_scale.embed import store
+from gpfm_scale.contracts import features as store
 from gpfm_scale.embed.collect import SlideVerdict
 from gpfm_scale.errors import GpfmError, UnsafeNameError
 from gpfm_scale.names import child_path

@@ -1,12 +1,13 @@
-"""`run(cfg, model_spec, input_path, out) -> EmbedResult`: embed a cohort with any model through Ray Data.
+"""`run(cfg, model_spec, input_path, out, tile_slides) -> EmbedResult`: embed a cohort with any model through Ray Data.
 
-Inputs: the tiler's output (or bare shards), a slide manifest (tiled first into `OUT/tiles/` by the tiling stage:
-its resume, failure records, coordinates and thumbnails come for free, and the tiles serve every later model),
-or an image folder. Reading, decoding and resizing run as Ray Data tasks, the model in an actor pool
-(`predictor.build_pipeline`). For slides the actors write the features (`sink.py`: per-batch parts, published per
-slide as `features/{slide_id}.h5` by a Ray task) and the driver receives only per-slide summaries (`collect.py`),
-a few bytes per tile instead of the feature; it writes the index, failure table and run record (layout:
-`store.py`). Image folders' features come back to the driver, which writes the one `images.h5`.
+Inputs: the tiler's output (or bare shards), a slide manifest (tiled first into `OUT/tiles/` by `tile_slides`, the
+tiling stage as `gpfm_scale/embed_command.py` hands it in: its resume, failure records, coordinates and thumbnails
+come for free, and the tiles serve every later model), or an image folder. Reading, decoding and resizing run as
+Ray Data tasks, the model in an actor pool (`predictor.build_pipeline`). For slides the actors write the features
+(`sink.py`: per-batch parts, published per slide as `features/{slide_id}.h5` by a Ray task) and the driver receives
+only per-slide summaries (`collect.py`), a few bytes per tile instead of the feature; it writes the index, failure
+table and run record (layout: `contracts/features.py`). Image folders' features come back to the driver, which
+writes the one `images.h5`.
 
 Resume: a slide is skipped when `features/{slide_id}.h5` exists, was made with the same model (weights
 fingerprint) and holds every tile of the tiler manifest (rows + recorded undecodable tiles = n_tiles); a file is
@@ -39,7 +40,9 @@ from tqdm import tqdm
 
 from gpfm_scale.atomic import write_bytes_atomic
 from gpfm_scale.config import dump_config
-from gpfm_scale.embed import sink, store
+from gpfm_scale.contracts import features as store
+from gpfm_scale.contracts.coords import coords_parts, read_geometry
+from gpfm_scale.embed import sink
 from gpfm_scale.embed.collect import ImageCollector, SlideCollector, SlideVerdict
 from gpfm_scale.embed.config import EmbedConfig
 from gpfm_scale.embed.inputs import TileSource, detect_kind, list_image_folder, load_tile_source, shard_names
@@ -82,12 +85,19 @@ class EmbedResult:
         return self.n_failed == 0
 
 
-def run(cfg: EmbedConfig, model_spec: str, input_path: str, out: str) -> EmbedResult:
-    """Embed `input_path` (shards, slide manifest or image folder) with `model_spec` into `out`, resuming."""
+def run(cfg: EmbedConfig, model_spec: str, input_path: str, out: str,
+        tile_slides: Callable[[str, str], None] | None = None) -> EmbedResult:
+    """Embed `input_path` (shards, slide manifest or image folder) with `model_spec` into `out`, resuming.
+
+    `tile_slides(slides, tiles_dir)` tiles a slide input into `tiles_dir` (under `out`, inside this run's lock);
+    without it a slide input is refused (this stage does not import the tiling stage)."""
     start = time.perf_counter()
     info = describe_model(model_spec, cfg)
     out_dir = Path(out)
     kind = detect_kind(input_path, cfg.input_kind)
+    if kind == "slides" and tile_slides is None:
+        raise ConfigError(f"--input {input_path} holds slides: they must be tiled first (`gpfm-scale embed` does it, "
+                          "or run `gpfm-scale tile` and embed its output)")
     with OutputLock(out, "embed"):
         _claim_output(out_dir, info, cfg)
         log.info("embedding %s (%s) with %s (dim %d, %d px)", input_path, kind, info.name, info.dim,
@@ -97,11 +107,8 @@ def run(cfg: EmbedConfig, model_spec: str, input_path: str, out: str) -> EmbedRe
         if kind == "images":
             return _run_images(cfg, info, input_path, out_dir, start)
         if kind == "slides":
-            from gpfm_scale.tiling.stage import run as run_tiling
-
-            tiling_cfg = cfg.tiling.model_copy(update={"ray_address": cfg.tiling.ray_address or cfg.ray_address})
-            tiled = run_tiling(tiling_cfg, input_path, str(out_dir / "tiles"))
-            log.info("tiling: %d done, %d failed", tiled.n_done, tiled.n_failed)
+            assert tile_slides is not None
+            tile_slides(input_path, str(out_dir / "tiles"))
             input_path = str(out_dir / "tiles")
         return _run_tiles(cfg, info, load_tile_source(input_path), out_dir, start)
 
@@ -267,11 +274,10 @@ def _unsafe_names(slide_id: str, shards: list[str]) -> str:
 
 def _coords_attrs(source: TileSource, sid: str) -> dict[str, Any]:
     """The tiler's CLAM/TRIDENT geometry attributes for the slide (local tiling outputs), else none."""
-    path = Path(source.root or "") / "coords" / f"{sid}.h5"
+    path = Path(source.root or "", *coords_parts(sid))
     if source.root is None or "://" in source.root or not path.is_file():
         return {}
-    with h5py.File(path, "r") as f:
-        return {k: v for k, v in f["coords"].attrs.items() if v is not None}
+    return read_geometry(path)
 
 
 def _run_tiles(cfg: EmbedConfig, info: ModelInfo, source: TileSource, out_dir: Path, start: float) -> EmbedResult:

@@ -1,25 +1,35 @@
 """Every setting of `gpfm-scale evaluate`, with the protocol defaults of REFERENCE.md "Downstream protocols".
 
-Patch tasks and reporting read these; the slide tasks (ABMIL, survival) receive the same object and read
-their own section, `slide` (`SlideTaskConfig`, with its own seed and bootstrap count).
+Every task receives this one object. Each value is owned once: the seed, the bootstrap count, the CI level and
+the split/case columns (`split.split_column`, `split.group_column`) serve patch and slide tasks alike; `slide`
+(`SlideTaskConfig`) holds only what ABMIL and survival alone use. The keys the slide section had before
+(`slide.seed`, `slide.num_bootstrap`, `slide.ci_level`, `slide.case_column`, `slide.split_column`) are refused with
+the key that replaces them.
 """
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
 
 from gpfm_scale.config import StrictModel
 from gpfm_scale.evaluate.slide_config import SlideTaskConfig
+from gpfm_scale.evaluate.tasks import EVAL_TASKS, default_rank_metrics
 
 
 class SplitConfig(StrictModel):
+    """How rows are split: fractions for the patch tasks (the slide tasks use k folds); both columns for both."""
+
     train: float = Field(0.7, gt=0, lt=1, description="fraction of samples (or groups) for training (GPFM 7:1:2)")
     val: float = Field(0.1, ge=0, lt=1, description="fraction for validation (linear-probe early stopping)")
     test: float = Field(0.2, gt=0, lt=1, description="fraction held out for every reported number")
-    split_column: str = Field("split", description="index column with train/val/test per row; used when present")
+    split_column: str = Field("split", description="index column with train/val/test per row (image or slide); "
+                              "used when every row has it")
     group_column: str | None = Field(
-        "case_id", description="rows sharing this column's value stay in one split (correlated crops: case_id, "
-        "source image); ignored when the column is absent; null: split rows independently")
+        "case_id", description="rows sharing this column's value stay in one split or fold (correlated crops: "
+        "case_id, source image; slides of one patient); patch rows are grouped only when every row has a value, a "
+        "slide without one is its own case; null: split rows independently")
 
     @model_validator(mode="after")
     def _fractions_sum_to_one(self) -> SplitConfig:
@@ -38,6 +48,14 @@ class ProbeConfig(StrictModel):
     num_threads: int | None = Field(
         1, ge=1, description="torch CPU threads while the probe trains (a [D -> C] model: thread hand-offs cost more "
         "than they save; measured 18x faster with 1 than 2 on a busy 2-core machine); null: leave torch's setting")
+
+
+class LogRegConfig(StrictModel):
+    """The `logreg` task: scikit-learn's L-BFGS logistic regression, UNI's protocol (module `patch_tasks.logreg`)."""
+
+    max_iter: int = Field(1000, ge=1, description="L-BFGS iterations (UNI/CLIP: 1000)")
+    C: float | None = Field(None, gt=0, description="inverse L2 strength; null: UNI's C = D * num_classes / 100 "
+                            "(lambda = 100 / (D * num_classes), D the feature dimension)")
 
 
 class KnnConfig(StrictModel):
@@ -60,22 +78,47 @@ class ReportConfig(StrictModel):
     figure_dpi: int = Field(110, ge=50, description="resolution of the PNG figures")
 
 
+# Keys the slide section used to hold -> the one key that owns each value now.
+_MOVED_SLIDE_KEYS = {"seed": "seed", "num_bootstrap": "bootstrap", "ci_level": "ci_level",
+                     "case_column": "split.group_column", "split_column": "split.split_column"}
+
+
 class EvaluateConfig(StrictModel):
-    seed: int = Field(0, description="one seed for splits, probe init/shuffling, few-shot draws and bootstrap")
-    bootstrap: int = Field(1000, ge=0, description="bootstrap resamples of the test set for 95% CIs (0: none)")
+    seed: int = Field(0, description="one seed for splits and folds, probe and MIL init/shuffling, few-shot draws "
+                      "and bootstrap (patch and slide tasks)")
+    bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the CIs: of the test set (patch tasks), "
+                           "of the fold mean (slide tasks); 0: none")
     ci_level: float = Field(0.95, gt=0, lt=1, description="confidence level of the percentile intervals")
     split: SplitConfig = SplitConfig()
     probe: ProbeConfig = ProbeConfig()
+    logreg: LogRegConfig = LogRegConfig()
     knn: KnnConfig = KnnConfig()
     few_shot: FewShotConfig = FewShotConfig()
     retrieval: RetrievalConfig = RetrievalConfig()
     report: ReportConfig = ReportConfig()
     slide: SlideTaskConfig = Field(SlideTaskConfig(), description="ABMIL and survival settings (slide_config.py)")
     rank_metric: dict[str, str] = Field(
-        {"linear-probe": "balanced_accuracy", "knn": "balanced_accuracy",
-         "few-shot": "balanced_accuracy_{max_shot}shot", "retrieval": "acc_at_1", "abmil": "auc_macro",
-         "survival": "c_index"},
-        description="the metric each task is ranked by (higher is better); {max_shot}: max(few_shot.shots)")
+        default_factory=default_rank_metrics, description="the metric each task is ranked by (higher is better); "
+        "{max_shot}: max(few_shot.shots); a task not named keeps its registry default (evaluate/tasks.py)")
+
+    @field_validator("rank_metric")
+    @classmethod
+    def _rank_metric_of_known_tasks(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - set(EVAL_TASKS.names()))
+        if unknown:
+            raise ValueError(f"no task named {unknown}; tasks: {', '.join(EVAL_TASKS.names())}")
+        return {**default_rank_metrics(), **value}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_moved_slide_keys(cls, data: Any) -> Any:
+        """An old config's `slide.num_bootstrap` etc. would otherwise be "unknown key" with no hint where it went."""
+        slide = data.get("slide") if isinstance(data, dict) else None
+        moved = [k for k in _MOVED_SLIDE_KEYS if isinstance(slide, dict) and k in slide]
+        if moved:
+            raise ValueError("; ".join(f"slide.{k} is now {_MOVED_SLIDE_KEYS[k]} (one value for patch and slide "
+                                       f"tasks)" for k in moved))
+        return data
 
     def resolved_rank_metric(self) -> dict[str, str]:
         """rank_metric with {max_shot} filled in: the metric name each task is ranked by in this run."""

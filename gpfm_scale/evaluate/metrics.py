@@ -67,6 +67,21 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -
     return np.bincount(codes, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
+def per_class_metrics(cm: np.ndarray) -> dict[str, np.ndarray]:
+    """Precision, recall, F1 [C] and support [C] (true count) of each class from cm [C, C] (rows true).
+
+    0/0 counts as 0, as sklearn's `precision_recall_fscore_support(zero_division=0)`: a class never predicted
+    has precision 0, a class absent from the test set recall 0 (its support says why).
+    """
+    tp = np.diagonal(cm).astype(float)
+    support, predicted = cm.sum(1), cm.sum(0)
+    precision = np.divide(tp, predicted, out=np.zeros(tp.shape), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros(tp.shape), where=support > 0)
+    denom = support + predicted
+    f1_score = np.divide(2 * tp, denom, out=np.zeros(tp.shape), where=denom > 0)
+    return {"precision": precision, "recall": recall, "f1": f1_score, "support": support}
+
+
 def _batched_confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int, idx: np.ndarray) -> np.ndarray:
     """[B, C, C] confusion matrices of the resamples idx [B, n]."""
     cc = num_classes * num_classes

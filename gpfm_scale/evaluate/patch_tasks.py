@@ -1,8 +1,10 @@
-"""Patch-level tasks on frozen features: linear probe, cosine kNN, few-shot (SimpleShot) and retrieval.
+"""Patch-level tasks on frozen features: linear probe (torch, and scikit-learn's as UNI), cosine kNN, few-shot
+(SimpleShot) and retrieval.
 
 Every task gets a `PatchData` (features [N, D], labels [N], a train/val/test split) and the `EvaluateConfig`,
-and reports metrics on the test split only. Which data each one learns from:
+and reports metrics on the test split only; `evaluate/tasks.py` registers them. Which data each one learns from:
 - linear probe: train, with val for early stopping (the only task that selects anything on val);
+- logreg (UNI/CONCH protocol): train + val, a fixed C, so nothing is selected on val;
 - kNN, few-shot, retrieval: train + val as the memory bank / support pool (nothing is tuned on val, so
   holding it out would only weaken them; with a given train/test split this is the whole train set, as UNI).
 """
@@ -13,24 +15,21 @@ import copy
 import logging
 import math
 from contextlib import contextmanager
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
+from sklearn.linear_model import LogisticRegression
 from torch import nn
 
-from gpfm_scale.evaluate.config import EvaluateConfig, ProbeConfig
+from gpfm_scale.errors import GpfmError
+from gpfm_scale.evaluate.config import EvaluateConfig, LogRegConfig, ProbeConfig
 from gpfm_scale.evaluate.metrics import (Metric, balanced_accuracy, bootstrap_mean, classification_metrics, f1,
                                          macro_auc, percentile_ci)
 from gpfm_scale.evaluate.results import TaskResult
 from gpfm_scale.evaluate.splits import PatchData
-from gpfm_scale.registry import Registry
 
 log = logging.getLogger(__name__)
-
-PatchTask = Callable[[PatchData, EvaluateConfig], TaskResult]
-PATCH_TASKS: Registry[PatchTask] = Registry("patch task")
-
 
 def standardise(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
     """z-score with the train rows' mean and std (std floored at 1e-6: constant features stay 0)."""
@@ -107,7 +106,6 @@ def _val_score(model: nn.Module, xv: torch.Tensor, yv: np.ndarray) -> float:
     return -float(nn.functional.cross_entropy(logits, torch.from_numpy(yv)))
 
 
-@PATCH_TASKS.register("linear-probe")
 def linear_probe(data: PatchData, cfg: EvaluateConfig) -> TaskResult:
     """REFERENCE.md protocol: logistic regression on frozen features, early stopping on val macro-AUC."""
     (x_tr, y_tr), (x_val, y_val), (x_te, y_te) = (data.part(s) for s in ("train", "val", "test"))
@@ -119,6 +117,40 @@ def linear_probe(data: PatchData, cfg: EvaluateConfig) -> TaskResult:
         with torch.no_grad():
             proba = model(torch.from_numpy(x_te)).softmax(1).numpy().astype(np.float64)
     metrics = classification_metrics(y_te, proba, cfg.bootstrap, cfg.seed, cfg.ci_level)
+    return TaskResult(metrics, y_te, proba, data.classes, info=info)
+
+
+def uni_cost(dim: int, num_classes: int) -> float:
+    """UNI's inverse regularisation strength C = D * C_classes / 100, i.e. lambda = 100 / (D * C_classes)
+    (mahmoodlab/UNI uni/downstream/eval_patch_features/linear_probe.py `train_linear_probe`: `cost =
+    (train_feats.shape[1] * NUM_C) / 100`)."""
+    return dim * num_classes / 100
+
+
+def fit_logreg(x: np.ndarray, y: np.ndarray, num_classes: int, cfg: LogRegConfig) -> LogisticRegression:
+    """scikit-learn's multinomial logistic regression (L-BFGS, L2, `max_iter`, random_state 0) on raw features
+    x [N, D] (UNI does not standardise), labels y [N]; C from `cfg.C` or `uni_cost`."""
+    cost = cfg.C if cfg.C is not None else uni_cost(x.shape[1], num_classes)
+    model = LogisticRegression(C=cost, solver="lbfgs", max_iter=cfg.max_iter, random_state=0)
+    return model.fit(x, y)
+
+
+def logreg(data: PatchData, cfg: EvaluateConfig) -> TaskResult:
+    """UNI/CONCH linear probe (UNI's linear_probe.py `_fit_logreg`: "Default settings follow CLIP (L-BFGS, 1K
+    iterations)"): sklearn LogisticRegression, lbfgs, 1000 iterations, C = D * C_classes / 100, fit on train + val
+    (UNI's `combine_trainval=True`), test class probabilities [N, C]. Beside `linear_probe` (AdamW + early stopping,
+    GPFM's recipe) so numbers compare with the UNI and CONCH tables."""
+    x_fit, y_fit = _memory(data)
+    x_te, y_te = data.part("test")
+    num_classes = len(data.classes)
+    if len(np.unique(y_fit)) < num_classes:
+        raise GpfmError("logreg: a class has no train/val row; every class must be seen to be predicted")
+    model = fit_logreg(x_fit, y_fit, num_classes, cfg.logreg)
+    proba = model.predict_proba(x_te)
+    metrics = classification_metrics(y_te, proba, cfg.bootstrap, cfg.seed, cfg.ci_level)
+    info = {"C": float(model.C), "iterations": int(np.max(model.n_iter_)), "max_iter": cfg.logreg.max_iter}
+    if info["iterations"] >= cfg.logreg.max_iter:
+        log.warning("logreg: L-BFGS stopped at max_iter=%d before converging", cfg.logreg.max_iter)
     return TaskResult(metrics, y_te, proba, data.classes, info=info)
 
 
@@ -143,7 +175,6 @@ def knn_scores(x_bank: np.ndarray, y_bank: np.ndarray, x_query: np.ndarray, num_
     return out / out.sum(1, keepdims=True)
 
 
-@PATCH_TASKS.register("knn")
 def knn(data: PatchData, cfg: EvaluateConfig) -> TaskResult:
     x_bank, y_bank = _memory(data)
     x_te, y_te = data.part("test")
@@ -174,7 +205,6 @@ def _spread(values: list[float], level: float) -> tuple[Metric, Metric]:
     return Metric(float(v.mean()), *percentile_ci(v, level)), Metric(std)
 
 
-@PATCH_TASKS.register("few-shot")
 def few_shot(data: PatchData, cfg: EvaluateConfig) -> TaskResult:
     """k examples per class from train + val, `draws` random draws per k; test balanced accuracy and weighted F1.
 
@@ -237,7 +267,6 @@ def majority_hits(neighbour_labels: np.ndarray, y_query: np.ndarray, k: int, num
     return key.argmax(1) == y_query
 
 
-@PATCH_TASKS.register("retrieval")
 def retrieval(data: PatchData, cfg: EvaluateConfig) -> TaskResult:
     """CRC-100K protocol: z-score with database (train) statistics, Euclidean kNN, Acc@1/3/5 and MVAcc@5."""
     x_bank, y_bank = _memory(data)

@@ -1,4 +1,5 @@
-"""PNG figures of the evaluation report: embedding PCA, ROC curves, the rank heat-map, Kaplan-Meier curves.
+"""PNG figures of the evaluation report: embedding PCA, ROC curves, confusion matrices, the rank heat-map,
+Kaplan-Meier curves.
 
 matplotlib's object API (`Figure`, no pyplot): no global backend switch, no display needed on cluster nodes,
 no figure left open between calls; every function writes one file and returns its path. PCA rather than
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -76,21 +78,54 @@ def plot_roc(y_true: np.ndarray, scores: np.ndarray, classes: tuple[str, ...], t
     return _save(fig, path, dpi)
 
 
-def plot_rank_heatmap(ranks: pd.DataFrame, average_rank: pd.Series, path: str | Path, dpi: int = 110) -> Path:
-    """Tasks x models heat-map of ranks (dark green = 1 = best), columns ordered by average rank, shown below."""
+def plot_confusion_matrix(cm: np.ndarray, classes: tuple[str, ...] | list[str], title: str, path: str | Path,
+                          dpi: int = 110) -> Path:
+    """Confusion matrix cm [C, C] (rows true class, columns predicted): each cell shows its count, coloured by its
+    share of the row (the recall of the row's class on the diagonal), so rare classes stay readable."""
+    cm = np.asarray(cm)
+    share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    size = 2.5 + 0.55 * len(classes)
+    fig, ax = _axes(size + 1.0, size)
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(int(v)), ha="center", va="center", fontsize=8,
+                color="white" if share[i, j] > 0.5 else "black")
+    ticks = range(len(classes))
+    ax.set_xticks(ticks, [textwrap.fill(str(c), 14) for c in classes], fontsize=8, rotation=45, ha="right",
+                  rotation_mode="anchor")
+    ax.set_yticks(ticks, [str(c) for c in classes], fontsize=8)
+    ax.set(xlabel="predicted class", ylabel="true class", title=title)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true class")
+    return _save(fig, path, dpi)
+
+
+def rank_heatmap_figure(ranks: pd.DataFrame, average_rank: pd.Series) -> Figure:
+    """The heat-map of `plot_rank_heatmap`, not yet saved. Model names are wrapped at 16 characters; the column
+    labels turn vertical when a wrapped line is wider than a column (or past four models), and the figure is
+    sized from the number of models (width) and the label length (height), so neighbouring labels never overlap
+    however many models are compared or however long their names."""
     models = list(average_rank.index)
     data = ranks[models].to_numpy(dtype=float)
-    fig, ax = _axes(1.4 + 1.1 * len(models), 1.2 + 0.45 * len(ranks))
+    labels = [f"{textwrap.fill(str(m), 16)}\n(avg {average_rank[m]:.2f})" for m in models]
+    widest = max(len(line) for lbl in labels for line in lbl.split("\n"))  # characters
+    rotate = len(models) > 4 or widest > 11  # ~0.07 in per 8-pt character vs ~0.8 in of column
+    label_height = 0.075 * widest if rotate else 0.16 * max(lbl.count("\n") + 1 for lbl in labels)  # inches
+    fig, ax = _axes(2.0 + 0.8 * len(models), 1.2 + 0.45 * len(ranks) + label_height)
     worst = max(len(models), 2)
     im = ax.imshow(data, cmap="YlGn_r", vmin=1, vmax=worst, aspect="auto")
     for (i, j), v in np.ndenumerate(data):
         if np.isfinite(v):
             ax.text(j, i, f"{v:g}", ha="center", va="center", color="white" if v < (1 + worst) / 2 else "black")
-    ax.set_xticks(range(len(models)), [f"{m}\n(avg {average_rank[m]:.2f})" for m in models], fontsize=8)
+    ax.set_xticks(range(len(models)), labels, fontsize=8, rotation=90 if rotate else 0)
     ax.set_yticks(range(len(ranks)), list(ranks.index), fontsize=8)
     ax.set_title("rank per task (1 = best)")
     fig.colorbar(im, ax=ax, fraction=0.05, ticks=range(1, worst + 1))
-    return _save(fig, path, dpi)
+    return fig
+
+
+def plot_rank_heatmap(ranks: pd.DataFrame, average_rank: pd.Series, path: str | Path, dpi: int = 110) -> Path:
+    """Tasks x models heat-map of ranks (dark green = 1 = best), columns ordered by average rank, shown below."""
+    return _save(rank_heatmap_figure(ranks, average_rank), path, dpi)
 
 
 def split_at_median(risk: np.ndarray) -> np.ndarray:

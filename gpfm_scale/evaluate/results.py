@@ -1,7 +1,8 @@
 """What one task returns, and `results.json`: per model and task, metric name -> {value, ci_low, ci_high}.
 
 `TaskResult` is also the richer return type a slide task may give instead of a plain `dict[str, Metric]`:
-test labels and class scores feed the ROC figure, survival times/events/risk the Kaplan-Meier figure.
+test labels and class scores feed the ROC figure, the confusion matrix and the per-class table (`class_report`,
+also stored in results.json under "per_class"), survival times/events/risk the Kaplan-Meier figure.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from gpfm_scale.atomic import write_bytes_atomic
-from gpfm_scale.evaluate.metrics import Metric
+from gpfm_scale.evaluate.metrics import Metric, confusion_matrix, per_class_metrics
 
 RESULTS_FILE = "results.json"
 
@@ -46,6 +47,20 @@ def as_task_result(value: Any) -> TaskResult:
 Results = dict[str, dict[str, TaskResult]]
 
 
+def class_report(res: TaskResult) -> dict[str, Any] | None:
+    """The test predictions of a classification result (prediction = argmax of scores [N, C]) as the confusion
+    matrix [C, C] (rows true class, columns predicted) and per-class precision, recall, F1 and support, JSON-ready;
+    None for a result without per-sample labels and scores (few-shot, retrieval, survival)."""
+    if res.y_true is None or res.scores is None:
+        return None
+    num_classes = res.scores.shape[1]
+    cm = confusion_matrix(res.y_true, np.asarray(res.scores).argmax(1), num_classes)
+    per_class = per_class_metrics(cm)
+    classes = list(res.classes) if len(res.classes) == num_classes else [str(c) for c in range(num_classes)]
+    return {"classes": classes, "confusion_matrix": cm.tolist(),
+            **{name: values.tolist() for name, values in per_class.items()}}
+
+
 def results_payload(results: Results, seed: int, command: str, config: dict[str, Any],
                     ranking: dict[str, Any] | None) -> dict[str, Any]:
     """The JSON document: every number with its CI, and how to reproduce it."""
@@ -57,6 +72,8 @@ def results_payload(results: Results, seed: int, command: str, config: dict[str,
                             for task, res in tasks.items()} for model, tasks in results.items()},
         "info": {model: {task: _info(res) for task, res in tasks.items() if _info(res)}
                  for model, tasks in results.items()},
+        "per_class": {model: {task: class_report(res) for task, res in tasks.items() if class_report(res)}
+                      for model, tasks in results.items()},
         "ranking": ranking,
     }
 

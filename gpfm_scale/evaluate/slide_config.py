@@ -59,15 +59,14 @@ class SurvivalConfig(StrictModel):
 
 
 class SlideTaskConfig(StrictModel):
-    """Everything `run_slide_task` needs: splits, the MIL network, training, survival and bootstrap CIs."""
+    """What only the slide tasks use: folds, the label column, the MIL network, training and survival.
 
-    seed: int = Field(0, description="seeds folds, initialisation, sampling and the bootstrap")
+    The seed, the bootstrap count, the CI level and the split/case columns are `EvaluateConfig`'s (`seed`,
+    `bootstrap`, `ci_level`, `split.split_column`, `split.group_column`): one value for patch and slide tasks.
+    """
+
     num_folds: int = Field(5, ge=3, description="k-fold by case when there is no split column (test i, val i+1)")
-    split_column: str = Field("split", description="train/val/test column; used when every bag has it")
     label_column: str = Field("label", description="class label column for ABMIL")
-    case_column: str = Field("case_id", description="patient column; slides of a case never cross folds")
-    num_bootstrap: int = Field(1000, ge=0, description="bootstrap replicates of the fold-mean for the CIs (0: none)")
-    ci_level: float = Field(0.95, gt=0, lt=1, description="confidence level of the percentile intervals")
     model: MilModelConfig = MilModelConfig()
     train: MilTrainConfig = MilTrainConfig()
     survival: SurvivalConfig = SurvivalConfig()

@@ -1,13 +1,20 @@
 """Slide-level tasks on bags of tile features: ABMIL classification and MIL survival, over folds, with CIs.
 
-Splits. When every bag has a `split` value (train/val/test) that split is the one fold. Otherwise k folds by case
-(`case_id`; all slides of a case in one fold; stratified by class, or by event for survival): fold i is the test
-set, fold i+1 (mod k) the validation set that early stopping watches, the other k-2 folds train. Validation and
-test are always distinct (the GPFM/CLAM scripts reused the validation fold as the test fold), and every case is
-tested exactly once.
+`run_abmil` and `run_survival` take the bags of `contracts.features.iter_slide_bags` and the `EvaluateConfig`;
+`evaluate/tasks.py` registers them.
+
+Splits. When every bag has a `split.split_column` value (train/val/test) that split is the one fold. Otherwise
+k folds by case (`split.group_column`, the column the patch tasks group by; all slides of a case in one fold;
+stratified by class, or by event for survival): fold i is the test set, fold i+1 (mod k) the validation set that
+early stopping watches, the other k-2 folds train; when no bag has a case (no `split.group_column`), each slide is its
+own case and a WARNING (logged, and `split_warning` in the result's info, so in the report) says that slides of
+one patient may then straddle train and test. Validation and test are always distinct (the GPFM/CLAM scripts
+reused the validation fold as the test fold), and every case is tested exactly once. The seed, the bootstrap
+count and the CI level are the evaluation's own (`EvaluateConfig.seed`, `bootstrap`, `ci_level`), as for the
+patch tasks.
 
 Numbers. Each metric's value is the mean over folds of the metric on that fold's test set (what the CLAM/GPFM
-papers report). Its CI is the percentile interval of the same fold-mean over `num_bootstrap` replicates; a
+papers report). Its CI is the percentile interval of the same fold-mean over `bootstrap` replicates; a
 replicate resamples test *cases* with replacement inside every fold (slides of a case move together) and keeps
 each fold's model fixed, so the interval reflects test-set sampling, not retraining. A replicate where some fold's
 metric is undefined (a class of that fold missing from its resample, no comparable survival pair) is skipped.
@@ -29,18 +36,18 @@ import numpy as np
 from scipy.stats import rankdata
 from sklearn.model_selection import StratifiedGroupKFold
 
-from gpfm_scale.embed.store import Bag
-from gpfm_scale.errors import ConfigError, GpfmError
+from gpfm_scale.contracts.features import Bag
+from gpfm_scale.errors import GpfmError
 from gpfm_scale.evaluate.abmil import fit_abmil, predict_proba, slide_classification_metrics
+from gpfm_scale.evaluate.config import EvaluateConfig
 from gpfm_scale.evaluate.censoring import check_censoring, read_survival_labels
 from gpfm_scale.evaluate.metrics import Metric, percentile_ci
+from gpfm_scale.evaluate.splits import leakage_warning
 from gpfm_scale.evaluate.results import TaskResult
-from gpfm_scale.evaluate.slide_config import SlideTaskConfig
 from gpfm_scale.evaluate.survival import concordance_index, fit_survival, predict_risk
 
 log = logging.getLogger(__name__)
 
-TASKS = ("abmil", "survival")
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
@@ -62,15 +69,17 @@ class Units:
     rows: list[dict[str, Any]]
     cases: np.ndarray
     ids: list[str]
+    split_warning: str | None = None  # set by make_folds when slides are split with no case column
 
 
 def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and np.isnan(value))
 
 
-def _case_ids(bags: Sequence[Bag], column: str) -> np.ndarray:
-    cases = [b.row.get(column) for b in bags]
-    if any(_missing(c) for c in cases):
+def _case_ids(bags: Sequence[Bag], column: str | None) -> np.ndarray:
+    """Case of each bag from `column`; a bag without one (or every bag, when column is None) is its own case."""
+    cases = [b.row.get(column) if column else None for b in bags]
+    if column and any(_missing(c) for c in cases):
         log.warning("%d of %d slides have no %r: each of them is its own case", sum(map(_missing, cases)),
                     len(bags), column)
     return np.array([b.slide_id if _missing(c) else str(c) for b, c in zip(bags, cases)], dtype=object)
@@ -116,10 +125,15 @@ def kfold_by_case(cases: np.ndarray, strata: np.ndarray, num_folds: int, seed: i
     return folds
 
 
-def make_folds(units: Units, strata: np.ndarray, cfg: SlideTaskConfig) -> list[Fold]:
-    folds = folds_from_split_column(units.rows, units.cases, cfg.split_column)
+def make_folds(units: Units, strata: np.ndarray, cfg: EvaluateConfig) -> list[Fold]:
+    folds = folds_from_split_column(units.rows, units.cases, cfg.split.split_column)
     if folds is None:
-        folds = kfold_by_case(units.cases, strata, cfg.num_folds, cfg.seed)
+        column = cfg.split.group_column
+        if not column or all(_missing(r.get(column)) for r in units.rows):
+            reason = "split.group_column is null" if not column else f"no slide has a {column!r}"
+            units.split_warning = leakage_warning("slides are", reason)
+            log.warning("%s", units.split_warning)
+        folds = kfold_by_case(units.cases, strata, cfg.slide.num_folds, cfg.seed)
     for f in folds:
         log.info("fold %d: %d train, %d val, %d test", f.index, len(f.train), len(f.val), len(f.test))
     return folds
@@ -141,7 +155,7 @@ def _resample_cases(units: np.ndarray, starts: np.ndarray, counts: np.ndarray, r
 
 
 def fold_mean_bootstrap(stat: Callable[[int, np.ndarray], dict[str, float]], folds: list[Fold], cases: np.ndarray,
-                        cfg: SlideTaskConfig) -> dict[str, Metric]:
+                        cfg: EvaluateConfig) -> dict[str, Metric]:
     """Mean over folds of `stat(fold index, unit indices)` with a case-resampling percentile CI (module docstring).
 
     A metric undefined on a whole fold (NaN: e.g. no comparable pair) is averaged over the other folds, with a warning.
@@ -150,8 +164,8 @@ def fold_mean_bootstrap(stat: Callable[[int, np.ndarray], dict[str, float]], fol
     full = np.array([[stat(f.index, f.test)[n] for n in names] for f in folds])
     rng = np.random.default_rng(cfg.seed)
     groups = [_case_groups(f.test, cases) for f in folds]
-    boots = np.full((cfg.num_bootstrap, len(folds), len(names)), np.nan)
-    for b in range(cfg.num_bootstrap):
+    boots = np.full((cfg.bootstrap, len(folds), len(names)), np.nan)
+    for b in range(cfg.bootstrap):
         for k, (f, g) in enumerate(zip(folds, groups)):
             values = stat(f.index, _resample_cases(*g, rng))
             boots[b, k] = [values[n] for n in names]
@@ -162,7 +176,7 @@ def fold_mean_bootstrap(stat: Callable[[int, np.ndarray], dict[str, float]], fol
             log.warning("%s is undefined on %d of %d folds; averaged over the others", n, int((~defined).sum()),
                         len(folds))
         value = float(full[defined, m].mean()) if defined.any() else float("nan")
-        low, high = percentile_ci(boots[:, defined, m].mean(axis=1), cfg.ci_level) if cfg.num_bootstrap and \
+        low, high = percentile_ci(boots[:, defined, m].mean(axis=1), cfg.ci_level) if cfg.bootstrap and \
             defined.any() else (None, None)
         out[n] = Metric(value, low, high)
     return out
@@ -190,27 +204,28 @@ def _check_bags(bags: Sequence[Bag]) -> None:
         raise GpfmError(f"{len(empty)} bags have no tiles (e.g. {empty[0]!r}); drop them before evaluating")
 
 
-def run_abmil(bags: Sequence[Bag], cfg: SlideTaskConfig) -> TaskResult:
+def run_abmil(bags: Sequence[Bag], cfg: EvaluateConfig) -> TaskResult:
     """ABMIL classification over folds (module docstring); metrics auc_macro, balanced_accuracy, f1_weighted/macro."""
-    labelled = [b for b in bags if not _missing(b.row.get(cfg.label_column))]
+    _check_bags(bags)
+    labelled = [b for b in bags if not _missing(b.row.get(cfg.slide.label_column))]
     if len(labelled) < len(bags):
         log.warning("%d of %d slides have no %r and are left out", len(bags) - len(labelled), len(bags),
-                    cfg.label_column)
-    names = np.array([str(b.row[cfg.label_column]) for b in labelled])
+                    cfg.slide.label_column)
+    names = np.array([str(b.row[cfg.slide.label_column]) for b in labelled])
     classes = tuple(sorted(set(names)))
     if len(classes) < 2:
         raise GpfmError(f"ABMIL needs at least two classes, found {list(classes)}")
     y = np.searchsorted(np.array(classes), names).astype(np.int64)
-    units = Units([b.features for b in labelled], [b.row for b in labelled], _case_ids(labelled, cfg.case_column),
-                  [b.slide_id for b in labelled])
+    units = Units([b.features for b in labelled], [b.row for b in labelled],
+                  _case_ids(labelled, cfg.split.group_column), [b.slide_id for b in labelled])
     folds = make_folds(units, y, cfg)
     prob = np.zeros((len(y), len(classes)))
     info = []
     for f in folds:
         model, fit = fit_abmil(([units.features[i] for i in f.train], y[f.train]),
-                               ([units.features[i] for i in f.val], y[f.val]), len(classes), cfg.model, cfg.train,
-                               cfg.seed + f.index)
-        prob[f.test] = predict_proba(model, [units.features[i] for i in f.test], cfg.train.device)
+                               ([units.features[i] for i in f.val], y[f.val]), len(classes), cfg.slide.model,
+                               cfg.slide.train, cfg.seed + f.index)
+        prob[f.test] = predict_proba(model, [units.features[i] for i in f.test], cfg.slide.train.device)
         info.append(_fold_info(f, fit, slide_classification_metrics(y[f.test], prob[f.test])))
     present = {f.index: np.unique(y[f.test]) for f in folds}
 
@@ -222,19 +237,19 @@ def run_abmil(bags: Sequence[Bag], cfg: SlideTaskConfig) -> TaskResult:
 
     metrics = fold_mean_bootstrap(stat, folds, units.cases, cfg)
     return TaskResult(metrics, y_true=y, scores=prob, classes=classes,
-                      info=_info(cfg, folds, info, units.ids, classes=list(classes)))
+                      info=_info(cfg, folds, info, units, classes=list(classes)))
 
 
-def _survival_units(bags: Sequence[Bag], cfg: SlideTaskConfig) -> tuple[Units, np.ndarray, np.ndarray, str]:
+def _survival_units(bags: Sequence[Bag], cfg: EvaluateConfig) -> tuple[Units, np.ndarray, np.ndarray, str]:
     """Per-slide labels read and checked, then pooled per case when unit == "case" (slides of one case agree)."""
-    times, events, source = read_survival_labels([b.row for b in bags], cfg.survival)
-    cases = _case_ids(bags, cfg.case_column)
-    if cfg.survival.unit == "slide":
+    times, events, source = read_survival_labels([b.row for b in bags], cfg.slide.survival)
+    cases = _case_ids(bags, cfg.split.group_column)
+    if cfg.slide.survival.unit == "slide":
         return Units([b.features for b in bags], [b.row for b in bags], cases, [b.slide_id for b in bags]), \
             times, events, source
     order = list(dict.fromkeys(cases))
     members = [np.flatnonzero(cases == c) for c in order]
-    splits = [str(b.row.get(cfg.split_column)) for b in bags]
+    splits = [str(b.row.get(cfg.split.split_column)) for b in bags]
     for case, idx in zip(order, members):
         if np.ptp(times[idx]) > 0 or len(set(events[idx])) > 1 or len({splits[i] for i in idx}) > 1:
             raise GpfmError(f"case {case!r}: its slides disagree on time/event/split ({times[idx]}, {events[idx]}, "
@@ -252,18 +267,20 @@ def _within_fold_rank(risk: np.ndarray, folds: list[Fold]) -> np.ndarray:
     return out
 
 
-def run_survival(bags: Sequence[Bag], cfg: SlideTaskConfig) -> TaskResult:
+def run_survival(bags: Sequence[Bag], cfg: EvaluateConfig) -> TaskResult:
     """MIL survival over folds (module docstring); metric c_index. Refuses flipped or inconsistent labels."""
+    _check_bags(bags)
     units, times, events, source = _survival_units(bags, cfg)
-    check = check_censoring(times, events, cfg.survival, source)
+    check = check_censoring(times, events, cfg.slide.survival, source)
     folds = make_folds(units, events.astype(np.int64), cfg)
     risk = np.zeros(len(times))
     info = []
     for f in folds:
         model, fit, edges = fit_survival(([units.features[i] for i in f.train], times[f.train], events[f.train]),
                                          ([units.features[i] for i in f.val], times[f.val], events[f.val]),
-                                         cfg.model, cfg.train, cfg.survival, cfg.seed + f.index)
-        risk[f.test] = predict_risk(model, [units.features[i] for i in f.test], cfg.survival.loss, cfg.train.device)
+                                         cfg.slide.model, cfg.slide.train, cfg.slide.survival, cfg.seed + f.index)
+        risk[f.test] = predict_risk(model, [units.features[i] for i in f.test], cfg.slide.survival.loss,
+                                    cfg.slide.train.device)
         c = concordance_index(times[f.test], events[f.test], risk[f.test])
         info.append(_fold_info(f, fit, {"c_index": c}, bin_edges=None if edges is None else edges.tolist()))
 
@@ -272,22 +289,15 @@ def run_survival(bags: Sequence[Bag], cfg: SlideTaskConfig) -> TaskResult:
 
     metrics = fold_mean_bootstrap(stat, folds, units.cases, cfg)
     return TaskResult(metrics, times=times, events=events, risk=_within_fold_rank(risk, folds),
-                      info=_info(cfg, folds, info, units.ids, censoring=_finite_or_none(asdict(check)), unit=cfg.survival.unit,
-                                 loss=cfg.survival.loss))
+                      info=_info(cfg, folds, info, units, censoring=_finite_or_none(asdict(check)),
+                                 unit=cfg.slide.survival.unit, loss=cfg.slide.survival.loss))
 
 
-def _info(cfg: SlideTaskConfig, folds: list[Fold], per_fold: list[dict[str, Any]], ids: list[str],
+def _info(cfg: EvaluateConfig, folds: list[Fold], per_fold: list[dict[str, Any]], units: Units,
           **extra: Any) -> dict[str, Any]:
     scheme = "split column" if len(folds) == 1 else f"{len(folds)}-fold by case (test i, val i+1)"
-    return {"splits": scheme, "seed": cfg.seed, "folds": per_fold, "ids": ids,
-            "ci": f"{cfg.ci_level:.0%} percentile bootstrap of the fold mean ({cfg.num_bootstrap} replicates, "
+    if units.split_warning:
+        extra["split_warning"] = units.split_warning
+    return {"splits": scheme, "seed": cfg.seed, "folds": per_fold, "ids": units.ids,
+            "ci": f"{cfg.ci_level:.0%} percentile bootstrap of the fold mean ({cfg.bootstrap} replicates, "
                   f"test cases resampled within each fold)", **extra}
-
-
-def run_slide_task(task: str, bags: Sequence[Bag], cfg: SlideTaskConfig) -> TaskResult:
-    """Run "abmil" or "survival" on `bags` (from `embed.store.iter_slide_bags`); `.metrics` maps name -> Metric."""
-    if task not in TASKS:
-        raise ConfigError(f"unknown slide task {task!r}; known: {', '.join(TASKS)}")
-    bags = list(bags)
-    _check_bags(bags)
-    return run_abmil(bags, cfg) if task == "abmil" else run_survival(bags, cfg)

@@ -5,7 +5,8 @@ Splits, in order of precedence:
 2. a grouped, stratified split when the group column (`case_id` by default; e.g. `source_image` for crops cut
    from a few large images) is in the index: rows sharing a group stay together (crops of one image are
    correlated, and letting them straddle train and test inflates every number);
-3. a stratified split of rows.
+3. a stratified split of rows, with a WARNING (logged, in `PatchData.split_warning` and so in the report): without
+   a case/patient/source-image column, augmented copies or crops of one image land on both sides of the split.
 Rows are sorted by sample id before splitting, so every model embedded from the same images gets the same
 split whatever order its embedding job wrote them in: model comparisons stay paired.
 """
@@ -39,6 +40,7 @@ class PatchData:
     classes: tuple[str, ...]
     split: np.ndarray
     ids: np.ndarray
+    split_warning: str | None = None  # set when rows were split independently (`independent_split_warning`)
 
     def part(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(features [n, D], labels [n]) of one split."""
@@ -172,13 +174,35 @@ def _given_split(values: pd.Series, y: np.ndarray, cfg: SplitConfig, seed: int) 
     return split
 
 
+def leakage_warning(unit: str, reason: str) -> str:
+    """The one wording of the leak warning, for patch rows and slides alike."""
+    return (f"{unit} split independently ({reason}): augmented copies or crops of one source image, or slides of one "
+            "patient, can land in both train and test and inflate every number; set split.group_column to the "
+            "case/patient/source-image column or give a split column")
+
+
+def independent_split_warning(index: pd.DataFrame, cfg: SplitConfig) -> str | None:
+    """Why `assign_splits` splits these rows independently (None when a split or group column is used)."""
+    if cfg.split_column in index.columns and index[cfg.split_column].notna().all():
+        return None
+    if not cfg.group_column:
+        return leakage_warning("patch rows are", "split.group_column is null")
+    if cfg.group_column not in index.columns:
+        return leakage_warning("patch rows are", f"the index has no {cfg.group_column!r} column")
+    missing = int(index[cfg.group_column].isna().sum())
+    if missing:
+        return leakage_warning("patch rows are", f"{missing} of {len(index)} rows have no {cfg.group_column!r}")
+    return None
+
+
 def assign_splits(index: pd.DataFrame, y: np.ndarray, cfg: SplitConfig, seed: int) -> np.ndarray:
     """[N] "train" / "val" / "test" for index rows with class indices y [N] (precedence in the module docstring)."""
     if cfg.split_column in index.columns and index[cfg.split_column].notna().all():
         split = _given_split(index[cfg.split_column], y, cfg, seed)
-    elif cfg.group_column and cfg.group_column in index.columns and index[cfg.group_column].notna().all():
+    elif (warning := independent_split_warning(index, cfg)) is None:
         split = _grouped_split(y, index[cfg.group_column].astype(str).to_numpy(), cfg, seed)
     else:
+        log.warning("%s", warning)
         split = _random_split(y, cfg, seed)
     for name in ("train", "test"):
         if not (split == name).any():
@@ -206,4 +230,5 @@ def prepare_patch_data(features: np.ndarray, index: pd.DataFrame, cfg: SplitConf
     split = assign_splits(index, y, cfg, seed)
     counts = {s: int((split == s).sum()) for s in SPLITS}
     log.info("patch data: %d samples, %d classes, split %s", len(y), len(classes), counts)
-    return PatchData(np.ascontiguousarray(features, dtype=np.float32), y, classes, split, ids)
+    return PatchData(np.ascontiguousarray(features, dtype=np.float32), y, classes, split, ids,
+                     independent_split_warning(index, cfg))

@@ -1,11 +1,11 @@
 """Stage 4 entry: `run(cfg, features_dirs, tasks, out, labels, command) -> EvaluateResult`.
 
-One embedding directory per model (`gpfm-scale embed` output). Patch tasks (linear-probe, knn, few-shot,
-retrieval) run on its image features; slide tasks (abmil, survival) on its per-slide bags through
-`gpfm_scale.evaluate.slide_tasks.run_slide_task`, imported only when a slide task is asked for. With two or
-more models the tasks are ranked; the report and results.json are written under `out`, which the run holds
-(`run_lock.OutputLock`) from before it reads anything to its end. Non-finite features (NaN/inf) are refused when
-read (GpfmError naming the files, exit 2): every metric computed on them would be NaN or a crash.
+One embedding directory per model (`gpfm-scale embed` output). Each task is an entry of `evaluate/tasks.py`
+EVAL_TASKS: a patch task runs on the model's image features, a slide task on its per-slide bags, each read once per
+model when some task asked for it (`_INPUTS`). With two or more models the tasks are ranked; the report and
+results.json are written under `out`, which the run holds (`run_lock.OutputLock`) from before it reads anything to
+its end. Non-finite features (NaN/inf) are refused when read (GpfmError naming the files, exit 2): every metric
+computed on them would be NaN or a crash.
 """
 
 from __future__ import annotations
@@ -19,19 +19,17 @@ from pathlib import Path
 
 import pandas as pd
 
-from gpfm_scale.embed.store import Bag, check_finite_bags, iter_slide_bags, load_image_features, model_name
+from gpfm_scale.contracts.features import Bag, check_finite_bags, iter_slide_bags, load_image_features, model_name
 from gpfm_scale.errors import ConfigError, GpfmError
 from gpfm_scale.evaluate.config import EvaluateConfig
-from gpfm_scale.evaluate.patch_tasks import PATCH_TASKS
 from gpfm_scale.evaluate.ranking import RankSummary, scores_table, summarize_ranks
 from gpfm_scale.evaluate.report import ReportInputs, write_report
 from gpfm_scale.evaluate.results import Results, TaskResult, as_task_result
 from gpfm_scale.evaluate.splits import PatchData, apply_label_table, prepare_patch_data, read_label_table
+from gpfm_scale.evaluate.tasks import EVAL_TASKS, EvalTask
 from gpfm_scale.run_lock import OutputLock
 
 log = logging.getLogger(__name__)
-
-SLIDE_TASKS = ("abmil", "survival")
 
 
 @dataclass(frozen=True)
@@ -47,16 +45,12 @@ class EvaluateResult:
     average_rank: dict[str, float] | None
 
 
-def known_tasks() -> list[str]:
-    return [*PATCH_TASKS.names(), *SLIDE_TASKS]
-
-
 def _check_tasks(tasks: list[str]) -> list[str]:
     if not tasks:
-        raise ConfigError(f"no task given; choose from {', '.join(known_tasks())}")
-    unknown = [t for t in tasks if t not in known_tasks()]
+        raise ConfigError(f"no task given; choose from {', '.join(EVAL_TASKS.names())}")
+    unknown = [t for t in tasks if t not in EVAL_TASKS]
     if unknown:
-        raise ConfigError(f"unknown task(s) {unknown}; choose from {', '.join(known_tasks())}")
+        raise ConfigError(f"unknown task(s) {unknown}; choose from {', '.join(EVAL_TASKS.names())}")
     return list(dict.fromkeys(tasks))
 
 
@@ -85,25 +79,19 @@ def _bags(directory: str, labels: pd.DataFrame | None) -> list[Bag]:
     return [dataclasses.replace(b, row=row) for b, row in zip(bags, index.to_dict("records"), strict=True)]
 
 
-def _run_slide_task(task: str, bags: list[Bag], cfg: EvaluateConfig) -> TaskResult:
-    from gpfm_scale.evaluate.slide_tasks import run_slide_task
-
-    return as_task_result(run_slide_task(task, bags, cfg.slide))
+# What each task kind (tasks.TaskKind) runs on, read from one embedding directory.
+_INPUTS = {"patch": _patch_data, "slide": lambda directory, labels, _cfg: _bags(directory, labels)}
 
 
-def _evaluate_model(directory: str, tasks: list[str], labels: pd.DataFrame | None,
+def _evaluate_model(directory: str, tasks: list[EvalTask], labels: pd.DataFrame | None,
                     cfg: EvaluateConfig) -> tuple[dict[str, TaskResult], PatchData | None]:
+    inputs = {kind: _INPUTS[kind](directory, labels, cfg) for kind in dict.fromkeys(t.kind for t in tasks)}
     out: dict[str, TaskResult] = {}
-    data = _patch_data(directory, labels, cfg) if any(t in PATCH_TASKS for t in tasks) else None
-    bags = _bags(directory, labels) if any(t in SLIDE_TASKS for t in tasks) else None
     for task in tasks:
         start = time.perf_counter()
-        if data is not None and task in PATCH_TASKS:
-            out[task] = PATCH_TASKS.get(task)(data, cfg)
-        elif bags is not None:
-            out[task] = _run_slide_task(task, bags, cfg)
-        log.info("%s on %s: %.1f s", task, directory, time.perf_counter() - start)
-    return out, data
+        out[task.name] = as_task_result(task.load()(inputs[task.kind], cfg))
+        log.info("%s on %s: %.1f s", task.name, directory, time.perf_counter() - start)
+    return out, inputs.get("patch")
 
 
 def _check_paired(embeddings: dict[str, PatchData]) -> None:
@@ -140,7 +128,7 @@ def _run(cfg: EvaluateConfig, features_dirs: list[str], tasks: list[str], out: s
     embeddings: dict[str, PatchData] = {}
     for name, directory in zip(names, features_dirs, strict=True):
         log.info("evaluating %s (%s) on %s", name, directory, ", ".join(tasks))
-        results[name], data = _evaluate_model(directory, tasks, label_table, cfg)
+        results[name], data = _evaluate_model(directory, [EVAL_TASKS.get(t) for t in tasks], label_table, cfg)
         if data is not None:
             embeddings[name] = data
     _check_paired(embeddings)

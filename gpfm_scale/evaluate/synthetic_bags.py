@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gpfm_scale.embed.store import Bag
+from gpfm_scale.contracts.features import Bag
 
 
 def _direction(rng: np.random.Generator, dim: int) -> np.ndarray:

@@ -123,9 +123,10 @@ class GridConfig(StrictModel):
     )
     seed: int = Field(0, ge=0, description="Seed of the cap's sampling (combined with a stable hash of the slide id).")
     edge: Literal["drop", "pad"] = Field(
-        "drop",
-        description="Tiles running past the slide's right/bottom edge: 'drop' them, or 'pad' (keep; the reader "
-        "fills the outside with white).",
+        "pad",
+        description="Tiles running past the slide's right/bottom edge: 'pad' (CLAM's default: keep those with "
+        "enough tissue, the outside filled white) or 'drop' them (the run manifest's untiled_tissue_fraction then "
+        "says how much tissue the edge strips held).",
     )
 
     @model_validator(mode="after")

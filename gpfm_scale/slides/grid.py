@@ -4,7 +4,12 @@
 target resolution), what region size to read there (resized to `tile_px` when the level's mpp is not the target),
 which positions hold enough tissue (a summed-area table of the mask, no loop over tiles), and which tiles survive
 the per-slide cap (sampled reproducibly from the seed and a stable hash of the slide id). `zero_decode_compatible`
-says when the planned tiles are exactly the slide's own stored JPEG tiles, so they can be copied without decoding.
+says when the planned tiles are exactly the slide's own stored JPEG tiles, so they can be copied without decoding
+(all but the edge tiles that run past the level: `within_level` marks those, which are read and padded white).
+
+Edges: with `edge: pad` (the default, as CLAM pads) the grid includes the partial last column and row, read with
+white outside the slide; with `edge: drop` they are left out and `untiled_tissue_fraction` says how much of the
+slide's tissue (per the mask) lies in the strips no tile covers.
 
 Positions are laid out in read-level pixels (k * stride at that level) and converted to level 0 by the level's
 downsample, rounded; so on a level whose downsample is not an integer (4.0003) tiles still fall on that level's
@@ -36,7 +41,8 @@ class TileGrid:
     resize to `tile_px` when `needs_resize`. tile_size_level0 / stride_level0: footprint and step in level-0 px
     (float: exact, round for CLAM's integer `patch_size_level0`). target_mpp / magnification: the effective output
     resolution (µm/px, and MPP_AT_1X / mpp). num_positions: grid positions considered; num_tissue: those passing the
-    tissue filter, before the cap.
+    tissue filter, before the cap. untiled_tissue_fraction: share of the mask's tissue beyond the last column/row
+    of tiles (right and bottom strips; 0 with edge 'pad', 0 on a slide without tissue).
     """
 
     slide_id: str
@@ -57,6 +63,7 @@ class TileGrid:
     edge: str
     num_positions: int
     num_tissue: int
+    untiled_tissue_fraction: float = 0.0
 
     def __len__(self) -> int:
         return int(self.coords.shape[0])
@@ -123,6 +130,19 @@ def tissue_fractions(
     return (inside / area).astype(np.float32)
 
 
+def untiled_tissue(
+    covered_level0: tuple[float, float], mask: np.ndarray, mask_downsample: float
+) -> float:
+    """Share of `mask`'s tissue [h, w] bool outside [0, covered_w) x [0, covered_h) (level-0 px): the edge strips
+    a 'drop' grid leaves untiled. 0 when the mask holds no tissue."""
+    total = int(np.count_nonzero(mask))
+    if total == 0:
+        return 0.0
+    w_px, h_px = (int(np.floor(v / mask_downsample + 0.5)) for v in covered_level0)
+    inside = int(np.count_nonzero(mask[: max(h_px, 0), : max(w_px, 0)]))
+    return float((total - inside) / total)
+
+
 def _cap(num: int, cfg: GridConfig, slide_id: str) -> np.ndarray:
     """Indices (sorted) of the tiles kept by the per-slide cap; all of them when under it."""
     if cfg.max_tiles_per_slide is None or num <= cfg.max_tiles_per_slide:
@@ -175,7 +195,10 @@ def plan_grid(
     gy, gx = np.meshgrid(np.rint(ys * ds), np.rint(xs * ds), indexing="ij")
     coords = np.stack([gx.ravel(), gy.ravel()], axis=1).astype(np.int64)
     tile_size_level0 = read_size * ds
-    fraction = tissue_fractions(coords, tile_size_level0, mask.astype(bool, copy=False), mask_downsample)
+    mask = mask.astype(bool, copy=False)
+    fraction = tissue_fractions(coords, tile_size_level0, mask, mask_downsample)
+    covered = tuple(float(p[-1] * ds + tile_size_level0) if p.size else 0.0 for p in (xs, ys))
+    untiled = 0.0 if cfg.edge == "pad" else untiled_tissue(covered, mask, mask_downsample)
     keep = np.flatnonzero(fraction >= cfg.min_tissue_fraction)
     chosen = keep[_cap(keep.size, cfg, slide_id)]
     coords, fraction = coords[chosen], fraction[chosen]
@@ -209,6 +232,7 @@ def plan_grid(
         edge=cfg.edge,
         num_positions=int(xs.size * ys.size),
         num_tissue=int(keep.size),
+        untiled_tissue_fraction=untiled,
     )
 
 
@@ -223,9 +247,10 @@ def _level_offsets(coords: np.ndarray, grid: TileGrid, layout: RawTileLayout) ->
 def zero_decode_compatible(grid: TileGrid, raw_layout: RawTileLayout | None) -> bool:
     """True when every planned tile is exactly one stored JPEG tile of the read level, so it can be copied as is.
 
-    Requires: a JPEG layout of the read level with tiles of tile_px x tile_px, no resize, stride == tile_px, every
-    coordinate on a stored-tile boundary (within half a level pixel), and no tile past the level's right/bottom
-    edge (a stored edge tile holds undefined pixels there, not the reader's white padding).
+    Requires: a JPEG layout of the read level with tiles of tile_px x tile_px, no resize, stride == tile_px and
+    every coordinate on a stored-tile boundary (within half a level pixel). Tiles past the level's right/bottom edge
+    (edge 'pad') are the exception the caller handles: a stored edge tile holds undefined pixels there, not the
+    reader's white padding, so those (`~within_level(grid)`) are read and encoded instead.
     """
     if raw_layout is None or raw_layout.compression != "jpeg" or raw_layout.level != grid.read_level:
         return False
@@ -235,11 +260,15 @@ def zero_decode_compatible(grid: TileGrid, raw_layout: RawTileLayout | None) -> 
         return False
     if len(grid) == 0:
         return True
-    col_row, misalignment = _level_offsets(grid.coords, grid, raw_layout)
-    if np.any(misalignment > 0.5):
-        return False
-    ends = (col_row + 1) * grid.tile_px
-    return bool(np.all(ends[:, 0] <= grid.read_level_size[0]) and np.all(ends[:, 1] <= grid.read_level_size[1]))
+    _, misalignment = _level_offsets(grid.coords, grid, raw_layout)
+    return not bool(np.any(misalignment > 0.5))
+
+
+def within_level(grid: TileGrid) -> np.ndarray:
+    """(N,) bool: the tile's read window lies inside the read level (False for padded edge tiles)."""
+    start = np.rint(grid.coords.astype(np.float64) / grid.read_downsample)
+    ends = start + grid.read_size_px
+    return (ends[:, 0] <= grid.read_level_size[0]) & (ends[:, 1] <= grid.read_level_size[1])
 
 
 def raw_tile_index(coords: np.ndarray, grid: TileGrid, layout: RawTileLayout) -> tuple[np.ndarray, np.ndarray]:

@@ -3,6 +3,8 @@
 A backend counts as working for a slide only if it opens it AND decodes a small region at the lowest level: some
 libraries open truncated or damaged files happily (cuCIM silently drops the levels whose directories are cut off)
 and fail only when pixels are read, which we want to happen here, once, with a reason, not in the middle of tiling.
+DICOM slides (a .dcm file, or a folder of .dcm files: one series) go to the DICOM reader whatever the list says:
+the TIFF-family readers cannot read them, and their reasons would hide the DICOM one.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from PIL import Image
 from gpfm_scale.errors import ConfigError, SlideReadError
 from gpfm_scale.slides import backends  # noqa: F401 - registers the readers in SLIDE_READERS
 from gpfm_scale.slides.backends._common import one_line
+from gpfm_scale.slides.backends.dicom_reader import is_dicom_path
 from gpfm_scale.slides.raw_tiles import tiff_damage
 from gpfm_scale.slides.reader import SLIDE_READERS, SlideReader
 
@@ -64,7 +67,7 @@ def _file_problem(path: str) -> str | None:
     if not os.path.exists(path):
         return "no such file"
     if os.path.isdir(path):
-        return "is a directory, not a slide file"
+        return None if is_dicom_path(path) else "is a directory, not a slide file (nor a folder of .dcm files)"
     if os.path.getsize(path) == 0:
         return "file is empty (0 bytes)"
     return None
@@ -94,7 +97,10 @@ def open_slide(path: str, readers: Sequence[str] = DEFAULT_READERS, device: str 
     problem = _file_problem(path)
     if problem is not None:
         raise SlideReadError(f"{path}: {problem}")
-    if _is_tiff(path):
+    dicom = is_dicom_path(path)
+    if dicom:
+        readers = ("dicom",)
+    elif _is_tiff(path):
         damage = tiff_damage(path)
         if damage is not None:
             raise SlideReadError(f"{path}: truncated or damaged TIFF: {damage}")
@@ -119,6 +125,8 @@ def open_slide(path: str, readers: Sequence[str] = DEFAULT_READERS, device: str 
             continue
         logger.debug("opened %s with %s", path, name)
         return reader
+    if dicom:
+        raise SlideReadError(f"{path}: {reasons[0]}")
     raise SlideReadError(f"{path}: no reader could open it{_header_hint(path)}: " + "; ".join(reasons))
 
 

@@ -15,6 +15,8 @@ import numpy as np
 
 from gpfm_scale.registry import Registry
 
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm")
+"""File suffixes taken for whole-slide images when a folder or glob is listed (tiling's --slides, embed's --input)."""
 
 @dataclass(frozen=True)
 class RawTileLayout:

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from gpfm_scale.config import DriverSettings
+from gpfm_scale.config import DriverSettings, StrictModel
 from gpfm_scale.slides.config import GridConfig, TissueConfig
 
 MAX_TILE_PX = 16384
@@ -17,7 +17,10 @@ MAX_OVERLAP = 16
 non-overlapping grid); a smaller stride is a units mix-up (level-0 px for output px), not a sampling choice."""
 
 
-class TilingConfig(DriverSettings):
+class TilingSettings(StrictModel):
+    """What tiling does to each slide and with how many actors. The driver's Ray and metrics settings are not
+    here: `TilingConfig` adds them for `gpfm-scale tile`, and `embed` hands down its own when it tiles a manifest."""
+
     grid: GridConfig = Field(default_factory=GridConfig, description="Tile size, resolution, stride and selection.")
     tissue: TissueConfig = Field(default_factory=TissueConfig, description="Tissue mask thresholds.")
     readers: list[Literal["cucim", "openslide", "tiffslide"]] = Field(
@@ -90,3 +93,7 @@ class TilingConfig(DriverSettings):
         """The settings that decide which tiles exist and their bytes: a rerun must agree on these to resume."""
         keep = ("grid", "tissue", "encoding", "jpeg_quality", "zero_decode", "fallback_mpp", "run_name")
         return self.model_dump(mode="json", include=set(keep))
+
+
+class TilingConfig(TilingSettings, DriverSettings):
+    """Every setting of `gpfm-scale tile`: the tiling settings and its driver's (Ray address, metrics endpoint)."""

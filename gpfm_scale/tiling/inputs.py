@@ -1,5 +1,7 @@
 """Turn `--slides PATH` into a slide table: a manifest (CSV/Parquet), a folder, or a glob; local or fsspec URLs.
 
+A DICOM whole-slide image is a series of .dcm files (one per level): in a folder listing, the .dcm files of one
+folder are one slide whose path is that folder and whose id is the folder's name.
 The table has `slide_id, path` and optionally `mpp` plus any clinical columns, which are carried into the run
 manifest. Slide ids must be unique and safe as file names (they name the coordinate file and the WebDataset key):
 ids are mapped with `gpfm_scale.names.safe_id`, and one that stays unsafe ('.', '..', hidden) refuses the table.
@@ -16,8 +18,7 @@ import pandas as pd
 
 from gpfm_scale.errors import ConfigError, UnsafeNameError
 from gpfm_scale.names import safe_id
-
-SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm")
+from gpfm_scale.slides.reader import SLIDE_SUFFIXES
 
 
 def _join(base_url: str, path: str) -> str:
@@ -64,7 +65,9 @@ def _list_files(url: str) -> list[str]:
         found = fs.glob(root)
     else:
         found = [p for p in fs.find(root) if p.lower().endswith(SLIDE_SUFFIXES)]
-    found = sorted(p for p in found if fs.isfile(p))
+    files = [p for p in found if fs.isfile(p)]
+    dicom_dirs = {posixpath.dirname(p) for p in files if p.lower().endswith(".dcm")}
+    found = sorted([p for p in files if not p.lower().endswith(".dcm")] + list(dicom_dirs))
     if protocol in ("file", "local"):
         return found
     return [fs.unstrip_protocol(p) for p in found]

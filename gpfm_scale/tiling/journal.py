@@ -1,4 +1,5 @@
-"""The run manifest's commit log: small append-only records, so a commit costs O(1) instead of a manifest rewrite.
+"""The run manifest's commit log, writing side (replay and the format's names: `contracts/run_manifest.py`): small
+append-only records, so a commit costs O(1) instead of a manifest rewrite.
 
 Why: rewriting manifest.parquet at every shard commit costs ~0.6 s at 86k rows (issue 12.1), which caps the
 driver at ~2 commits/s. Instead each commit appends one JSON line; the state is
@@ -19,18 +20,11 @@ twice is harmless.
 from __future__ import annotations
 
 import json
-import logging
 import os
-import re
-from typing import Any, Iterator
+from typing import Any
 
-from gpfm_scale.errors import ConfigError
-from gpfm_scale.tiling.outputs import OutputDir
-
-log = logging.getLogger(__name__)
-
-JOURNAL_DIR = "journal"
-SEGMENT_RE = re.compile(r"^(?P<seq>\d{9})\.jsonl$")
+from gpfm_scale.contracts.output_dir import OutputDir
+from gpfm_scale.contracts.run_manifest import JOURNAL_DIR, segments
 
 
 def _plain(value: Any) -> Any:
@@ -42,38 +36,6 @@ def _plain(value: Any) -> Any:
 
 def encode(record: dict[str, Any]) -> bytes:
     return json.dumps(record, default=_plain, separators=(",", ":")).encode() + b"\n"
-
-
-def segments(out: OutputDir) -> dict[int, str]:
-    """Journal segment seq -> its path under `out` (empty when there is no journal)."""
-    where = out.path(JOURNAL_DIR)
-    if not out.fs.exists(where):
-        return {}
-    found = {}
-    for p in out.fs.ls(where, detail=False):
-        m = SEGMENT_RE.match(p.rsplit("/", 1)[-1])
-        if m:
-            found[int(m.group("seq"))] = p
-    return found
-
-
-def replay(out: OutputDir, through: int) -> Iterator[dict[str, Any]]:
-    """The records of every segment after `through`, oldest first; a torn last line of a segment is skipped."""
-    found = segments(out)
-    for seq in sorted(s for s in found if s > through):
-        with out.fs.open(found[seq], "rb") as f:
-            data = f.read()
-        lines = data.split(b"\n")
-        torn = lines.pop()  # b"" when the segment ends with a newline, i.e. its last record is complete
-        if torn:
-            log.warning("ignoring the torn last record of %s (%d bytes): a driver was killed while writing it; "
-                        "its commit never happened", found[seq], len(torn))
-        for n, line in enumerate(lines, 1):
-            try:
-                yield json.loads(line)
-            except ValueError:
-                raise ConfigError(f"{found[seq]} line {n} is not a journal record: the run manifest is damaged; "
-                                  "restore it from a backup or use a new --out") from None
 
 
 class Journal:

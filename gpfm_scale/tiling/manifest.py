@@ -2,9 +2,10 @@
 
 A slide is `pending` until the journal record naming the shard that holds its tiles is durable, then `done`; or
 `failed` with a one-line reason. A done slide with no tiles (no tissue, or no tile fits) says why in `reason`
-("no tiles: ..."). The state is manifest.parquet plus the journal records after it (`journal.py`): a commit
+("no tiles: ..."). The state is manifest.parquet plus the journal records after it (`journal.py`; the format and
+the reading side are `contracts/run_manifest.py`, which readers outside this stage use): a commit
 appends one record (O(1)); the parquet is rewritten atomically only when compacted (run start and end, and every
-`stage.COMPACT_EVERY_COMMITS` records or `stage.COMPACT_EVERY_S` seconds). Read it with `read_state`, never the
+`stage.COMPACT_EVERY_COMMITS` records or `stage.COMPACT_EVERY_S` seconds). Read it with `contracts.run_manifest.read_state`, never the
 parquet alone.
 Rows carry the input manifest's extra (clinical) columns through unchanged.
 
@@ -28,18 +29,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gpfm_scale.errors import ConfigError
-from gpfm_scale.tiling import journal
-from gpfm_scale.tiling.outputs import OutputDir
-
-MANIFEST_NAME = "manifest.parquet"
-STATUSES = ("pending", "done", "failed")
-COLUMNS = [
-    "slide_id", "path", "status", "reason", "n_tiles", "bytes", "mpp", "mpp_source", "magnification", "reader",
-    "zero_decode", "shards", "shard_sha256", "seconds", "attempts", "in_input", "updated_at",
-]
-META_KEY = b"gpfm_journal"
-"""Parquet key-value metadata: {"through": last journal seq compacted in, "reserved": [[run, lo, hi], ...]}."""
+from gpfm_scale.contracts.output_dir import OutputDir
+from gpfm_scale.contracts.run_manifest import COLUMNS, MANIFEST_NAME, META_KEY, ManifestState, listed
 
 
 @dataclass
@@ -56,28 +47,22 @@ class SlideOutcome:
     magnification: float | None = None
     reader: str = ""
     zero_decode: bool = False
+    untiled_tissue_fraction: float | None = None
+    """Share of the slide's tissue (per its mask) in edge strips no tile covers: 0 with grid.edge 'pad', > 0 when
+    'drop' left tissue at the right/bottom edge untiled; None when the slide failed before its grid was planned."""
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _listed(row: dict[str, Any]) -> bool:
-    """In this run's input (rows of manifests written before the column existed count as listed)."""
-    value = row.get("in_input")
-    return value is None or bool(value)
-
-
-class RunManifest:
-    """Rows by slide id, the shard-index ranges reserved for actors, and running counters (no scans per slide).
+class RunManifest(ManifestState):
+    """The manifest state (`contracts.run_manifest`) with the writer's running counters (no scans per slide).
 
     Every change goes through `_set`, which keeps `counts` (status of in-input rows) and `tiles` (tiles of done
     in-input rows) exact and collects the changed fields in `dirty` for the next journal record."""
 
     def __init__(self, rows: dict[str, dict[str, Any]], extra_columns: list[str],
                  reserved: list[list[Any]] | None = None, through: int = -1) -> None:
-        self.rows = rows
-        self.extra_columns = extra_columns
-        self.reserved = reserved or []
-        self.through = through
+        super().__init__(rows, extra_columns, reserved, through)
         self.dirty: dict[str, dict[str, Any]] = {}
         self.counts: collections.Counter[str] = collections.Counter()
         self.tiles = 0
@@ -85,7 +70,7 @@ class RunManifest:
             self._count(row, 1)
 
     def _count(self, row: dict[str, Any], sign: int) -> None:
-        if _listed(row):
+        if listed(row):
             self.counts[row["status"]] += sign
             if row["status"] == "done":
                 self.tiles += sign * int(row["n_tiles"] or 0)
@@ -103,26 +88,9 @@ class RunManifest:
         return record
 
     def apply(self, record: dict[str, Any]) -> None:
-        """Replay one journal record (`journal.py`); records of slides this state lacks cannot come from it."""
-        for sid, fields in record.get("set", {}).items():
-            if sid not in self.rows:
-                raise ConfigError(f"the journal names slide {sid!r}, which its manifest lacks: the run manifest "
-                                  "is damaged; restore it from a backup or use a new --out")
-            self._set(sid, fields)
-        if "reserve" in record:
-            self.reserve(*record["reserve"])
+        """Replay one journal record: already durable, so nothing of it is dirty."""
+        super().apply(record)
         self.dirty = {}
-
-    def reserve(self, run: str, lo: int, hi: int) -> None:
-        """Shard indices [lo, hi) of `run` may be published by actors: unreferenced ones are crash orphans."""
-        for r in self.reserved:
-            if r[0] == run and r[1] <= lo <= r[2]:
-                r[2] = max(r[2], hi)
-                return
-        self.reserved.append([run, lo, hi])
-
-    def is_reserved(self, run: str, index: int) -> bool:
-        return any(r == run and lo <= index < hi for r, lo, hi in self.reserved)
 
     @classmethod
     def from_inputs(cls, slides: pd.DataFrame, previous: "RunManifest | None") -> "RunManifest":
@@ -151,35 +119,6 @@ class RunManifest:
         return cls(rows, extra, [list(r) for r in previous.reserved] if previous else None,
                    previous.through if previous else -1)
 
-    @classmethod
-    def load(cls, out: OutputDir) -> "RunManifest | None":
-        """The state: manifest.parquet, then every journal record after it (None when there is no manifest)."""
-        if not out.exists(MANIFEST_NAME):
-            return None
-        try:
-            table = pq.read_table(io.BytesIO(out.read_bytes(MANIFEST_NAME)))
-            df = table.to_pandas()
-        except (ValueError, OSError) as err:  # pyarrow's ArrowInvalid is a ValueError
-            raise ConfigError(f"{out.path(MANIFEST_NAME)} is not a readable run manifest ({type(err).__name__}); "
-                              "restore it from a backup or use a new --out") from None
-        missing = {"slide_id", "status", "shards"} - set(df.columns)
-        if missing:
-            raise ConfigError(f"{out.path(MANIFEST_NAME)} is not a tiling run manifest (no {sorted(missing)} "
-                              "column): use a new --out")
-        meta = json.loads((table.schema.metadata or {}).get(META_KEY, b"{}"))
-        rows = {}
-        for rec in df.to_dict("records"):
-            rec["shards"] = list(rec.get("shards") if rec.get("shards") is not None else [])
-            rec["shard_sha256"] = list(rec.get("shard_sha256") if rec.get("shard_sha256") is not None else [])
-            rows[rec["slide_id"]] = rec
-        state = cls(rows, [c for c in df.columns if c not in COLUMNS], meta.get("reserved"), meta.get("through", -1))
-        for record in journal.replay(out, state.through):
-            state.apply(record)
-        return state
-
-    def to_frame(self) -> pd.DataFrame:
-        return pd.DataFrame(list(self.rows.values()), columns=COLUMNS + self.extra_columns)
-
     def save(self, out: OutputDir, through: int | None = None) -> None:
         """Compact: write the whole state atomically, holding the journal through segment `through`."""
         if through is not None:
@@ -193,11 +132,11 @@ class RunManifest:
         out.write_bytes_atomic(buf.getvalue(), MANIFEST_NAME)
 
     def in_input(self) -> list[str]:
-        return [sid for sid, r in self.rows.items() if _listed(r)]
+        return [sid for sid, r in self.rows.items() if listed(r)]
 
     def absent(self) -> list[str]:
         """Slides of earlier runs that are not in this run's input (kept, never touched)."""
-        return [sid for sid, r in self.rows.items() if not _listed(r)]
+        return [sid for sid, r in self.rows.items() if not listed(r)]
 
     def referenced_shards(self) -> set[str]:
         """Every shard any row names, whatever its status or input: none of these may ever be deleted."""
@@ -207,7 +146,8 @@ class RunManifest:
         self._set(outcome.slide_id, dict(
             status=status, reason=outcome.reason, n_tiles=outcome.n_tiles, bytes=outcome.bytes, mpp=outcome.mpp,
             mpp_source=outcome.mpp_source, magnification=outcome.magnification, reader=outcome.reader,
-            zero_decode=outcome.zero_decode, seconds=outcome.seconds, shards=shards, shard_sha256=sha256,
+            zero_decode=outcome.zero_decode, untiled_tissue_fraction=outcome.untiled_tissue_fraction,
+            seconds=outcome.seconds, shards=shards, shard_sha256=sha256,
             updated_at=time.time()))
 
     def mark_done(self, outcome: SlideOutcome, shard: str | None, sha256: str | None) -> None:
@@ -226,10 +166,3 @@ class RunManifest:
         self._set(slide_id, {"attempts": attempts})
         return attempts
 
-
-def read_state(out: str | OutputDir) -> pd.DataFrame | None:
-    """The current manifest of a tiling output (compacted parquet + journal), one row per slide; None if none.
-
-    The one way to read it while a run is going or after a killed one: manifest.parquet alone lags the journal."""
-    state = RunManifest.load(out if isinstance(out, OutputDir) else OutputDir(out))
-    return None if state is None else state.to_frame()

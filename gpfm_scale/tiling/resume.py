@@ -20,10 +20,11 @@ import logging
 import yaml
 
 from gpfm_scale.config import build_config
+from gpfm_scale.contracts.output_dir import OutputDir
+from gpfm_scale.contracts.shards import SHARD_RE
 from gpfm_scale.errors import ConfigError
 from gpfm_scale.tiling.config import TilingConfig
 from gpfm_scale.tiling.manifest import RunManifest
-from gpfm_scale.tiling.outputs import SHARD_RE, OutputDir
 
 log = logging.getLogger(__name__)
 

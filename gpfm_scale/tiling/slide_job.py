@@ -13,16 +13,18 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
 import cv2
-import h5py
 import numpy as np
 import simplejpeg
 
+from gpfm_scale.contracts.coords import coords_parts, write_coords
+from gpfm_scale.contracts.output_dir import OutputDir
+from gpfm_scale.contracts.shards import META_EXT, ShardWriter, sample_key
 from gpfm_scale.errors import GpfmError, SlideReadError
-from gpfm_scale.slides.grid import TileGrid, plan_grid, raw_tile_index, zero_decode_compatible
+from gpfm_scale.slides.grid import TileGrid, plan_grid, raw_tile_index, within_level, zero_decode_compatible
 from gpfm_scale.slides.mpp import magnification_from_mpp, resolve_mpp
 from gpfm_scale.slides.open import open_slide
 from gpfm_scale.slides.qc import render_thumbnail, save_png
@@ -31,9 +33,7 @@ from gpfm_scale.slides.staging import local_copy
 from gpfm_scale.slides.tissue import choose_mask_level, mask_from_level, mask_width
 from gpfm_scale.tiling.config import TilingConfig
 from gpfm_scale.tiling.manifest import SlideOutcome
-from gpfm_scale.tiling.outputs import OutputDir
 from gpfm_scale.tiling.regions import grid_regions
-from gpfm_scale.tiling.shards import ShardWriter
 
 log = logging.getLogger(__name__)
 
@@ -63,28 +63,31 @@ def _decoded_tiles(reader: SlideReader, grid: TileGrid, tile_px: int, cfg: Tilin
         yield encode_tile(region, cfg)
 
 
-def _raw_tiles(reader: SlideReader, grid: TileGrid, layout: Any) -> Iterator[tuple[str, bytes]]:
-    cols, rows = raw_tile_index(grid.coords, grid, layout)
-    for c, r in zip(cols.tolist(), rows.tolist()):
-        yield "jpg", reader.read_raw_tile(grid.read_level, c, r)
+def _raw_tiles(reader: SlideReader, grid: TileGrid, layout: Any, cfg: TilingConfig) -> Iterator[tuple[str, bytes]]:
+    """The stored JPEG tiles of the grid, in grid order; edge tiles that run past the level (edge 'pad') are read
+    through the reader (white outside) and encoded, since a stored edge tile holds undefined pixels there."""
+    inside = within_level(grid)
+    cols, rows = raw_tile_index(grid.coords[inside], grid, layout)
+    stored = (("jpg", reader.read_raw_tile(grid.read_level, c, r)) for c, r in zip(cols.tolist(), rows.tolist()))
+    edges = _decoded_tiles(reader, replace(grid, coords=grid.coords[~inside],
+                                           tissue_fraction=grid.tissue_fraction[~inside]), cfg.grid.tile_px, cfg)
+    for ok in inside.tolist():
+        yield next(stored) if ok else next(edges)
 
 
 def write_coords_h5(path: str, slide_id: str, grid: TileGrid, tile_px: int, mpp0: float) -> None:
-    """CLAM/TRIDENT layout: dataset `coords` (N, 2) int64 level-0 (x, y), geometry in attributes."""
-    with h5py.File(path, "w") as f:
-        ds = f.create_dataset("coords", data=grid.coords.astype(np.int64))
-        ds.attrs.update({
-            "name": slide_id,
-            "patch_size": tile_px,
-            "patch_size_level0": int(round(grid.tile_size_level0)),
-            "patch_level": grid.read_level,
-            "level0_mpp": mpp0,
-            "level0_magnification": magnification_from_mpp(mpp0),
-            "target_mpp": grid.target_mpp,
-            "target_magnification": grid.magnification,
-            "overlap": int(round(grid.tile_size_level0 - grid.stride_level0)),
-        })
-        f.create_dataset("tissue_fraction", data=grid.tissue_fraction.astype(np.float32))
+    """The slide's coordinates file (`contracts.coords`: CLAM/TRIDENT layout), its geometry from the grid."""
+    write_coords(path, grid.coords, grid.tissue_fraction, {
+        "name": slide_id,
+        "patch_size": tile_px,
+        "patch_size_level0": int(round(grid.tile_size_level0)),
+        "patch_level": grid.read_level,
+        "level0_mpp": mpp0,
+        "level0_magnification": magnification_from_mpp(mpp0),
+        "target_mpp": grid.target_mpp,
+        "target_magnification": grid.magnification,
+        "overlap": int(round(grid.tile_size_level0 - grid.stride_level0)),
+    })
 
 
 def _publish_side_files(out: OutputDir, slide_id: str, grid: TileGrid, cfg: TilingConfig, mpp0: float,
@@ -92,7 +95,7 @@ def _publish_side_files(out: OutputDir, slide_id: str, grid: TileGrid, cfg: Tili
     fd, tmp = tempfile.mkstemp(suffix=".h5", dir=out.local_tmp_dir())
     os.close(fd)
     write_coords_h5(tmp, slide_id, grid, cfg.grid.tile_px, mpp0)
-    out.publish(tmp, "coords", f"{slide_id}.h5")
+    out.publish(tmp, *coords_parts(slide_id))
     if thumb is not None:
         image, mask, downsample = thumb
         fd, tmp = tempfile.mkstemp(suffix=".png", dir=out.local_tmp_dir())
@@ -130,18 +133,19 @@ def tile_slide(task: SlideTask, cfg: TilingConfig, writer: ShardWriter, out: Out
             grid = plan_grid(reader.level_dimensions, reader.level_downsamples, mpp0, cfg.grid, mask, mask_ds,
                              task.slide_id)
             outcome.mpp, outcome.magnification = grid.target_mpp, grid.magnification
+            outcome.untiled_tissue_fraction = round(grid.untiled_tissue_fraction, 4)
             outcome.reason = _why_no_tiles(grid, mask, cfg) if len(grid.coords) == 0 else ""
             layout = reader.raw_tile_layout(grid.read_level) if cfg.zero_decode else None
             outcome.zero_decode = bool(layout is not None and zero_decode_compatible(grid, layout))
-            tiles = _raw_tiles(reader, grid, layout) if outcome.zero_decode else \
+            tiles = _raw_tiles(reader, grid, layout, cfg) if outcome.zero_decode else \
                 _decoded_tiles(reader, grid, cfg.grid.tile_px, cfg)
             for i, (ext, payload) in enumerate(tiles):
                 x, y = (int(v) for v in grid.coords[i])
                 meta = {"slide_id": task.slide_id, "x": x, "y": y, "level": grid.read_level,
                         "tile_px": cfg.grid.tile_px, "mpp": grid.target_mpp, "magnification": grid.magnification,
                         "tissue_fraction": round(float(grid.tissue_fraction[i]), 4), "reader": reader.name}
-                outcome.bytes += writer.add(f"{task.slide_id}/{x}_{y}", {ext: payload,
-                                                                        "json": json.dumps(meta).encode()})
+                outcome.bytes += writer.add(sample_key(task.slide_id, x, y), {ext: payload,
+                                                                             META_EXT: json.dumps(meta).encode()})
                 outcome.n_tiles += 1
             if outcome.n_tiles != len(grid.coords):
                 raise SlideReadError(f"reader returned {outcome.n_tiles} of {len(grid.coords)} tiles")

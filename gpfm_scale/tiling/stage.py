@@ -30,18 +30,19 @@ from tqdm import tqdm
 
 from gpfm_scale.atomic import current_umask
 from gpfm_scale.config import dump_config
+from gpfm_scale.contracts.output_dir import OutputDir
+from gpfm_scale.contracts.run_manifest import MANIFEST_NAME, segments
+from gpfm_scale.contracts.shards import SealedShard, shard_name
 from gpfm_scale.metrics import TILING, serve_metrics
 from gpfm_scale.ray_utils import ensure_ray
 from gpfm_scale.resources import alive_nodes, count_fitting, wait_for_resources
 from gpfm_scale.run_lock import OutputLock
 from gpfm_scale.slides.mpp import parse_manifest_mpp
-from gpfm_scale.tiling.config import TilingConfig
 from gpfm_scale.tiling import journal
+from gpfm_scale.tiling.config import TilingConfig
 from gpfm_scale.tiling.inputs import load_slide_table
-from gpfm_scale.tiling.manifest import MANIFEST_NAME, RunManifest, SlideOutcome
-from gpfm_scale.tiling.outputs import OutputDir
+from gpfm_scale.tiling.manifest import RunManifest, SlideOutcome
 from gpfm_scale.tiling.resume import CONFIG_NAME, check_layout, reconcile, sweep_orphans
-from gpfm_scale.tiling.shards import SealedShard
 from gpfm_scale.tiling.slide_job import SlideTask
 from gpfm_scale.tiling.worker import TileWorker
 
@@ -113,7 +114,7 @@ class _Driver:
                 self.reserved_hi = self.next_shard + RESERVE_BLOCK
                 self.manifest.reserve(self.cfg.run_name, self.next_shard, self.reserved_hi)
                 self._append({"reserve": [self.cfg.run_name, self.next_shard, self.reserved_hi]})
-            self.names[actor] = f"{self.cfg.run_name}-{self.next_shard:06d}.tar"
+            self.names[actor] = shard_name(self.cfg.run_name, self.next_shard)
             self.next_shard += 1
         return self.names[actor]
 
@@ -248,7 +249,7 @@ def _run_locked(cfg: TilingConfig, table: pd.DataFrame, out_url: str, start: flo
         manifest.reset([sid for sid in inputs if manifest.rows[sid]["status"] == "failed"])
     tasks, invalid = _tasks(table)
     todo = _refuse_invalid(manifest, [sid for sid in inputs if manifest.rows[sid]["status"] == "pending"], invalid)
-    seq = max([*journal.segments(out), manifest.through]) + 1
+    seq = max([*segments(out), manifest.through]) + 1
     manifest.save(out, seq - 1)  # compact: everything replayed so far, plus this start's changes
     commit_log = journal.Journal(out, seq)
     commit_log.prune(seq - 1)

@@ -6,10 +6,10 @@ import os
 from typing import Any
 
 from gpfm_scale import atomic
+from gpfm_scale.contracts.output_dir import OutputDir
+from gpfm_scale.contracts.shards import SealedShard, ShardWriter
 from gpfm_scale.tiling.config import TilingConfig
 from gpfm_scale.tiling.manifest import SlideOutcome
-from gpfm_scale.tiling.outputs import OutputDir
-from gpfm_scale.tiling.shards import SealedShard, ShardWriter
 from gpfm_scale.tiling.slide_job import SlideTask, tile_slide
 
 

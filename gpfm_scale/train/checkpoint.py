@@ -3,7 +3,7 @@
 A checkpoint directory holds DeepSpeed's own files under `ds/` (module incl. the EMA teacher and the loss centres,
 optimiser shards, one file per rank under ZeRO) with the step as client state. The teacher is fp32 buffers in the
 module's state dict (never cast or partitioned by DeepSpeed), so it is saved and restored bit for bit. Nothing else is needed: data order,
-augmentation, masks and drop-path are pure functions of (seed, rank, step) (the worker reseeds torch every step),
+augmentation, masks and drop-path are pure functions of (seed, rank, step) (`train_step` reseeds torch every step),
 and schedules are pure functions of the step.
 
 The export is `model.safetensors` (the teacher's timm ViT weights) + `config.json` (the `timm.create_model`
@@ -16,15 +16,16 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import load_file
+from typing import TYPE_CHECKING, Any
 
 from gpfm_scale.atomic import save_safetensors_atomic, write_bytes_atomic
+from gpfm_scale.contracts.export import CONFIG_FILE, EXPORT_FORMAT, WEIGHTS_FILE
 from gpfm_scale.errors import CheckpointMismatchError
 from gpfm_scale.models.vit import timm_create_kwargs
-from gpfm_scale.train.warm_start import EXPORT_FORMAT, export_warm_start
+from gpfm_scale.train.warm_start import export_warm_start
+
+if TYPE_CHECKING:
+    from gpfm_scale.data.config import CropConfig
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +52,17 @@ def load_training_state(engine: Any, directory: str | Path) -> int:
     return int(client["step"])
 
 
-def export_teacher(model: Any, backbone_cfg: Any, directory: str | Path, step: int, is_writer: bool) -> None:
+def export_teacher(model: Any, backbone_cfg: Any, directory: str | Path, step: int, is_writer: bool, *,
+                   crops: CropConfig) -> None:
     """Write the fp32 teacher backbone as safetensors + config.json on the writer rank (whole on every rank: no
-    gather, whatever the ZeRO stage)."""
+    gather, whatever the ZeRO stage). The input contract's mean/std are the run's `crops.mean`/`crops.std`: what
+    the teacher was trained on, so what `embed` must normalise with."""
     if not is_writer:
         return
     backbone = model.teacher["backbone"]
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_safetensors_atomic(backbone.export_state_dict(), str(directory / "model.safetensors"))
+    save_safetensors_atomic(backbone.export_state_dict(), str(directory / WEIGHTS_FILE))
     export_warm_start(model, directory)
     config = {
         "format": EXPORT_FORMAT,
@@ -67,25 +70,11 @@ def export_teacher(model: Any, backbone_cfg: Any, directory: str | Path, step: i
         "embed_dim": backbone.embed_dim,
         "patch_size": backbone_cfg.patch_size,
         "img_size": backbone_cfg.img_size,
-        "mean": [0.485, 0.456, 0.406],
-        "std": [0.229, 0.224, 0.225],
+        "mean": list(crops.mean),
+        "std": list(crops.std),
         "features": "CLS token after the final LayerNorm (forward_features(x)[:, 0])",
         "step": step,
     }
-    write_bytes_atomic(str(directory / "config.json"), (json.dumps(config, indent=2) + "\n").encode())
+    write_bytes_atomic(str(directory / CONFIG_FILE), (json.dumps(config, indent=2) + "\n").encode())
     log.info("exported teacher (step %d) to %s", step, directory)
 
-
-def load_exported(directory: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild an exported teacher with plain timm (what users and `embed` do), its config.json validated first
-    (`contracts.export`: a tampered file must not make timm download or change the input size)."""
-    import timm
-
-    from gpfm_scale.contracts.export import read_export_config
-
-    directory = Path(directory)
-    checked = read_export_config(directory)
-    config = checked.model_dump(mode="json", exclude_none=True)
-    model = timm.create_model(**checked.create_kwargs())
-    model.load_state_dict(load_file(str(directory / "model.safetensors"), device=device), strict=True)
-    return model.eval().to(device), config

@@ -30,7 +30,8 @@ class OptimConfig(StrictModel):
 class ScheduleConfig(StrictModel):
     """Per-step schedules. Epoch counts are in units of `iters_per_epoch` iterations (1,250 in the recipe)."""
 
-    iters_per_epoch: int = Field(1250, gt=0)
+    iters_per_epoch: int = Field(1250, gt=0, description="iterations per epoch: the unit of every epoch count "
+                                 "here and the loader's data epoch (shard draws re-seeded at each start)")
     base_lr: float = Field(4e-4, ge=0.0, description="lr per `lr_reference_batch` images")
     lr_reference_batch: int = Field(1024, gt=0)
     lr_scaling: Literal["sqrt", "linear", "none"] = "sqrt"

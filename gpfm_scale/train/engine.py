@@ -80,6 +80,17 @@ def deepspeed_config(cfg: DeepSpeedConfig, micro_batch: int, on_gpu: bool) -> di
     return out
 
 
+def build_deepspeed_engine(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: DeepSpeedConfig,
+                           micro_batch: int, on_gpu: bool) -> Any:
+    """`model` and our optimiser wrapped by DeepSpeed (torch.distributed must be initialised); the engine's
+    `.optimizer` is DeepSpeed's wrapper, whose param groups the schedules set."""
+    import deepspeed
+
+    config = deepspeed_config(cfg, micro_batch, on_gpu)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=False)
+    return engine
+
+
 def is_partitioned(param: Tensor) -> bool:
     return hasattr(param, "ds_tensor")
 

@@ -1,14 +1,13 @@
 """Single-process trainer of the GPFM objective on an in-memory uint8 tile tensor (CPU or one device).
 
-Used by the objective's training test, by `benchmarks/bench_objective.py`, and as the in-process baseline of the
-distributed job. Each step: sample B tiles -> multi-crop + iBOT masks + collate (CPU) -> expert targets from the
-in-process experts on the uint8 global crops -> forward/backward -> clip the backbone's and the DINO head's gradients
-(each by its own norm, as the distributed worker does) -> AdamW step
-with the scheduled lr / weight decay -> EMA teacher update with the scheduled momentum.
+Used by the objective's training test and the fidelity benchmark. Each step: sample B tiles -> multi-crop + iBOT
+masks + collate (CPU) -> expert targets from the in-process experts on the uint8 global crops -> `train_step`
+(the distributed worker's step: forward/backward, per-module clipping, AdamW with the scheduled lr / weight
+decay, EMA teacher update) on a `LocalEngine`.
 
 Reproducibility: the model is initialised from `seed` (unless a warm-start model is passed); step t draws its
-tiles, crops and masks from a seed derived from (seed, t) only, so the same arguments give the same run and a
-run can be replayed from any step.
+tiles, crops and masks, and its drop-path, from seeds derived from (seed, t) only (`step_seed`, rank 0), so the
+same arguments give the same run and a run can be replayed from any step.
 """
 
 from __future__ import annotations
@@ -31,16 +30,12 @@ from gpfm_scale.models.config import ExpertConfig
 from gpfm_scale.models.experts import Expert, build_expert
 from gpfm_scale.models.meta_arch import SSLMetaArch
 from gpfm_scale.models.objective_config import ObjectiveConfig
+from gpfm_scale.train.build import build_local_trainer, build_model, student_grid
 from gpfm_scale.train.config import OptimConfig, ScheduleConfig
-from gpfm_scale.train.engine import clip_grad_norms
-from gpfm_scale.train.param_groups import apply_schedule, build_param_groups
-from gpfm_scale.train.schedules import ScheduleValues, build_schedules
+from gpfm_scale.train.step import step_seed, train_step
 from gpfm_scale.train.warm_start import InitConfig, init_unless_resuming
 
 logger = logging.getLogger(__name__)
-
-_STEP_SEED_STRIDE = 1_000_003  # a prime: (seed, step) -> distinct per-step seeds for any realistic run length
-
 
 @dataclass(frozen=True)
 class LocalRun:
@@ -63,55 +58,19 @@ def expert_targets(
     return {name: expert(global_crops_uint8, grid) for name, expert in experts.items()}
 
 
-def student_grid(objective_cfg: ObjectiveConfig, crop_cfg: CropConfig) -> tuple[int, int]:
-    """(h, w) patches of a global crop for the student; the crop must be a whole number of patches."""
-    patch = objective_cfg.model.backbone.patch_size
-    if crop_cfg.global_size % patch:
-        raise ConfigError(f"crop.global_size {crop_cfg.global_size} is not a multiple of the patch size {patch}")
-    side = crop_cfg.global_size // patch
-    return side, side
-
-
 def sample_batch(
     images: Tensor,
     batch_size: int,
     transform: MultiCropTransform,
     mask_cfg: MaskConfig,
     grid: tuple[int, int],
-    step_seed: int,
+    batch_seed: int,
 ) -> dict[str, Any]:
     """B tiles drawn with replacement from images uint8 [n, 3, H, W] -> collated multi-crop batch (CPU)."""
-    generator = torch.Generator().manual_seed(step_seed)
+    generator = torch.Generator().manual_seed(batch_seed)
     indices = torch.randint(0, images.shape[0], (batch_size,), generator=generator).tolist()
     samples = [transform(images[i], generator=generator) for i in indices]
-    return collate_multicrop(samples, mask_cfg, grid, rng=np.random.default_rng(step_seed))
-
-
-def build_optimizer(model: SSLMetaArch, optim_cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over the student's parameter groups (lr and weight decay are set per step by `apply_schedule`)."""
-    groups = build_param_groups(model.student, optim_cfg)
-    return torch.optim.AdamW(groups, lr=0.0, betas=optim_cfg.betas, eps=optim_cfg.eps)
-
-
-def train_step(
-    model: SSLMetaArch,
-    optimizer: torch.optim.Optimizer,
-    batch: Mapping[str, Any],
-    targets: Mapping[str, Mapping[str, Tensor | None]] | None,
-    values: ScheduleValues,
-    clip_grad: float,
-) -> dict[str, float]:
-    """One optimiser step on `batch`; returns the loss/health floats plus the scheduled values and the
-    pre-clipping gradient norm of each clipped module (`grad_norm/<module>`)."""
-    apply_schedule(optimizer, values)
-    optimizer.zero_grad(set_to_none=True)
-    logs = model.forward_backward(batch, targets, values.teacher_temp)
-    norms = clip_grad_norms(model.clipped_modules(), clip_grad, partitioned=False)
-    logs.update({f"grad_norm/{name}": float(norm) for name, norm in norms.items()})
-    optimizer.step()
-    model.update_teacher(values.momentum)
-    logs.update(lr=values.lr, wd=values.wd, momentum=values.momentum, teacher_temp=values.teacher_temp)
-    return logs
+    return collate_multicrop(samples, mask_cfg, grid, rng=np.random.default_rng(batch_seed))
 
 
 def train_local(
@@ -140,23 +99,23 @@ def train_local(
     """
     if not crop_cfg.normalize:
         raise ConfigError("crop.normalize must be true for train_local: the student takes the float crops")
-    torch.manual_seed(seed)
-    model = SSLMetaArch(objective_cfg) if model is None else model
-    if init is not None:
+    if model is None:
+        model = build_model(objective_cfg, seed, init)
+    elif init is not None:
         init_unless_resuming(model, init, resuming=False)
     model.train()
     experts = build_experts(objective_cfg.model.experts) if experts is None else experts
     if sorted(experts) != sorted(model.expert_names):
         raise ConfigError(f"experts given {sorted(experts)} but the objective names {sorted(model.expert_names)}")
-    optimizer = build_optimizer(model, optim_cfg)
-    schedules = build_schedules(schedule_cfg, total_batch=batch_size, total_iters=steps)
+    trainer = build_local_trainer(model, optim_cfg, schedule_cfg, seed=seed, total_batch=batch_size,
+                                  total_iters=steps)
     transform, grid = MultiCropTransform(crop_cfg), student_grid(objective_cfg, crop_cfg)
     history: list[dict[str, float]] = []
     for step in range(steps):
         start = time.perf_counter()
-        batch = sample_batch(images, batch_size, transform, mask_cfg, grid, seed * _STEP_SEED_STRIDE + step)
+        batch = sample_batch(images, batch_size, transform, mask_cfg, grid, step_seed(seed, 0, step))
         targets = expert_targets(experts, batch["global_crops_uint8"], grid) if experts else None
-        logs = train_step(model, optimizer, batch, targets, schedules.at(step), optim_cfg.clip_grad)
+        logs = train_step(trainer, batch, targets, step).logs()
         history.append({"step": float(step), **logs, "step_seconds": time.perf_counter() - start})
         if step % 50 == 0 or step == steps - 1:
             logger.info("step %d/%d: total %.4f", step, steps, logs["total"])

@@ -13,6 +13,7 @@ run that carried on.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -65,12 +66,33 @@ def read_run_config(path: str) -> PretrainConfig:
     except ConfigError as err:  # YAML's report spans lines: its first two say what and where
         what, *where = str(err).splitlines()
         raise ConfigError(f"cannot read the run's config: {what}{f' ({where[0].strip()})' if where else ''}") from None
+    data = _drop_moved_copies(data, path)
     try:
         return build_config(PretrainConfig, data, path)
     except ConfigError as err:
         problems = str(err).splitlines()
         raise ConfigError(f"{path} is not a pretraining config ({problems[0]}{' ...' if len(problems) > 1 else ''})"
                           "; is --out another stage's output directory?") from None
+
+
+def _drop_moved_copies(data: dict[str, Any], path: str) -> dict[str, Any]:
+    """A config.yaml from before a value got one owner (`PretrainConfig.moved_keys`, e.g. loader.seed -> run.seed)
+    holds both: the old key goes when it equals its owner (the trajectory is the same), else the run is refused."""
+    data, flat = copy.deepcopy(data), dict(flatten(data))
+    defaults = dict(flatten(PretrainConfig().model_dump(mode="json")))
+    for old_key, owner in PretrainConfig.moved_keys.items():
+        if old_key not in flat:
+            continue
+        value = flat.get(owner, defaults[owner])
+        if flat[old_key] != value:
+            raise ConfigError(f"{path}: {old_key} {flat[old_key]!r} != {owner} {value!r}; this version has one "
+                              f"value for both ({owner}), so it cannot continue that run")
+        *parents, leaf = old_key.split(".")
+        node = data
+        for key in parents:
+            node = node[key]
+        del node[leaf]
+    return data
 
 
 def check_out(out: str, cfg: PretrainConfig, resume: bool) -> None:

@@ -26,6 +26,7 @@ from pydantic import Field
 
 from gpfm_scale.atomic import save_safetensors_atomic
 from gpfm_scale.config import StrictModel
+from gpfm_scale.contracts.export import CONFIG_FILE, EXPORT_FORMAT, WEIGHTS_FILE
 from gpfm_scale.errors import CheckpointMismatchError, ConfigError
 from gpfm_scale.models.experts.weights import load_strict, load_weight_file, name_list, strict_problems
 from gpfm_scale.models.init_keys import HEAD_PARTS, dinov2_to_ours, is_dinov2_layout, resample_pos_embed, timm_to_ours
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 InitFormat = Literal["auto", "gpfm_export", "dinov2", "timm"]
-EXPORT_FORMAT = "gpfm-scale teacher backbone"  # config.json "format" of an export (train/checkpoint.py)
 WARM_START_FILE = "warm_start.safetensors"
 _WRAPPERS = ("teacher", "model", "state_dict")  # DINOv2 eval / training checkpoints, generic trainers
 
@@ -78,7 +78,7 @@ def resolve_format(cfg: InitConfig) -> InitFormat:
     if path.is_dir():
         if cfg.format not in ("auto", "gpfm_export"):
             raise ConfigError(f"init.weights: {path} is a directory (an export) but init.format is {cfg.format}")
-        for name in ("model.safetensors", "config.json"):
+        for name in (WEIGHTS_FILE, CONFIG_FILE):
             if not (path / name).is_file():
                 raise ConfigError(f"init.weights: {path} is not a `gpfm-scale pretrain` export (no {name})")
         return "gpfm_export"
@@ -90,10 +90,10 @@ def resolve_format(cfg: InitConfig) -> InitFormat:
 
 
 def _read_export(directory: Path, source: str) -> dict[str, torch.Tensor]:
-    config = json.loads((directory / "config.json").read_text())
+    config = json.loads((directory / CONFIG_FILE).read_text())
     if config.get("format") != EXPORT_FORMAT:
-        raise CheckpointMismatchError(f"{source}: config.json format is {config.get('format')!r}, not an export")
-    state = timm_to_ours(_read(directory / "model.safetensors", source))
+        raise CheckpointMismatchError(f"{source}: {CONFIG_FILE} format is {config.get('format')!r}, not an export")
+    state = timm_to_ours(_read(directory / WEIGHTS_FILE, source))
     extras = directory / WARM_START_FILE
     if extras.is_file():
         state.update(_read(extras, source))

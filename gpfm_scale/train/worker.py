@@ -1,10 +1,9 @@
 """The Ray Train worker: one function, `train_loop_per_worker(config)`, handed to `TorchTrainer`.
 
-Per step: take the next batch (its expert targets were requested one step earlier, so the experts compute while
-the previous step runs), set lr / wd / temperature / momentum from the schedules, forward through the DeepSpeed
-engine, backward, clip the backbone and the DINO head each by its own norm, step, EMA-update the fp32 teacher from
-the optimiser's fp32 master weights, report. Everything a resumed run needs is in the checkpoint or is a pure
-function of the step (schedules, data order).
+A thin loop over `train_step` (step.py, the step every trainer shares), built by `build_pretrain_trainer` with
+DeepSpeed: take the next batch (its expert targets were requested one step earlier, so the experts compute while
+the previous step runs), run the step, report. Everything a resumed run needs is in the checkpoint or is a pure
+function of the step (schedules, data order, the step's seed).
 
 Writes into --out (metrics rows, checkpoints, the export) each check the run's fencing generation first
 (`fencing.RunFence`): a worker whose driver died and whose --out a newer run took over stops without writing.
@@ -19,7 +18,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
@@ -28,12 +27,10 @@ from gpfm_scale.train.fencing import RunFence
 from gpfm_scale.train.pretrain_config import PretrainConfig
 from gpfm_scale.train.resume import METRICS_NAME, truncate_metrics
 
+if TYPE_CHECKING:  # step.py imports the model code (timm): the driver, which imports this module, never needs it
+    from gpfm_scale.train.step import StepResult
+
 log = logging.getLogger(__name__)
-
-
-def step_seed(seed: int, rank: int, step: int) -> int:
-    """The torch seed of one rank's step: randomness never depends on how the run got there (exact resume)."""
-    return (seed * 1_000_003 + rank * 10_007 + step) % 2**63
 
 
 @dataclass
@@ -49,33 +46,6 @@ def _device() -> torch.device:
 
         return ray.train.torch.get_device()
     return torch.device("cpu")
-
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def _build(cfg: PretrainConfig, device: torch.device, world: int) -> tuple[Any, Any, Any, Any]:
-    import deepspeed
-    import ray.train
-
-    from gpfm_scale.models.meta_arch import SSLMetaArch
-    from gpfm_scale.train.engine import deepspeed_config
-    from gpfm_scale.train.param_groups import build_param_groups
-    from gpfm_scale.train.schedules import build_schedules
-    from gpfm_scale.train.warm_start import init_unless_resuming
-
-    torch.manual_seed(cfg.run.seed)  # identical init on every rank
-    model = SSLMetaArch(cfg.objective).to(device)
-    init_unless_resuming(model, cfg.init, resuming=ray.train.get_checkpoint() is not None)
-    groups = build_param_groups(model.student, cfg.optim)
-    optimizer = torch.optim.AdamW(groups, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-    ds_cfg = deepspeed_config(cfg.deepspeed, cfg.loader.batch_size, device.type == "cuda")
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg,
-                                                   dist_init_required=False)
-    schedules = build_schedules(cfg.schedule, total_batch=cfg.loader.batch_size * world,
-                                total_iters=cfg.run.total_iters)
-    return model, engine, optimizer, schedules
 
 
 def _expert_stream(cfg: PretrainConfig, loader: Iterator[dict], grid: tuple[int, int], device: torch.device,
@@ -106,13 +76,12 @@ def _report_every(cfg: PretrainConfig, step: int) -> tuple[bool, bool]:
     return ckpt or (step + 1) % cfg.run.log_every == 0, ckpt
 
 
-def _metrics(step: int, terms: dict[str, Any], sched: Any, times: StepTimes, images: int, world: int,
-             corrupt: int) -> dict[str, float]:
-    out = {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in terms.items()}
+def _metrics(result: StepResult, times: StepTimes, images: int, world: int, corrupt: int) -> dict[str, float]:
+    out = result.logs()
     per_worker = images / times.step_s if times.step_s > 0 else 0.0
-    out.update(step=step + 1, lr=sched.lr, wd=sched.wd, momentum=sched.momentum, teacher_temp=sched.teacher_temp,
-               step_s=times.step_s, data_wait_s=times.data_wait_s, expert_wait_s=times.expert_wait_s,
-               images_per_s_worker=per_worker, images_per_s=per_worker * world, corrupt_samples=corrupt)
+    out.update(step=result.step + 1, step_s=times.step_s, data_wait_s=times.data_wait_s,
+               expert_wait_s=times.expert_wait_s, images_per_s_worker=per_worker, images_per_s=per_worker * world,
+               corrupt_samples=corrupt)
     return out
 
 
@@ -181,56 +150,46 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
     from gpfm_scale.data.shard_stream import build_loader
-    from gpfm_scale.train.engine import clip_grad_norms, fp32_master
-    from gpfm_scale.train.param_groups import apply_schedule
+    from gpfm_scale.train.build import build_pretrain_trainer, student_grid
+    from gpfm_scale.train.step import to_device, train_step
 
     cfg = PretrainConfig.model_validate(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = _device()
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
-    model, engine, optimizer, schedules = _build(cfg, device, world)
-    start = _resume(engine)
+    trainer = build_pretrain_trainer(cfg, device, rank=rank, world=world,
+                                     resuming=ray.train.get_checkpoint() is not None)
+    start = _resume(trainer.engine)
     fence = RunFence(config["out"], config["generation"]) if config.get("out") else None
     if fence and rank == 0:  # rows past the checkpoint are computed again from here: one row per step
         fence.check("metrics.jsonl")
         truncate_metrics(os.path.join(fence.out, METRICS_NAME), start)
     recorder, published_corrupt = AgentRecorder(), 0
-    side = cfg.objective.model.backbone.grid_size
-    grid = (side, side)
-    loader = build_loader(cfg.loader, cfg.crops, cfg.masks, grid, rank, world, start_step=start)
+    grid = student_grid(cfg.objective, cfg.crops)
+    loader = build_loader(cfg.loader_config(), cfg.crops, cfg.masks, grid, rank, world, start_step=start)
     stream = _expert_stream(cfg, loader, grid, device, config.get("expert_directory"))
-    clipped, partitioned = model.clipped_modules(), engine.zero_optimization_stage() > 0
     corrupt = 0
     for step in range(start, _last_step(cfg)):
         t0 = time.perf_counter()
         batch, targets, data_wait, expert_wait = next(stream)
-        torch.manual_seed(step_seed(cfg.run.seed, rank, step))  # drop-path: a function of the step, for resume
         corrupt += int(batch.get("stats", {}).get("corrupt", 0))
-        sched = schedules.at(step)
-        apply_schedule(optimizer, sched)
-        terms = engine(_to_device(batch, device), targets, teacher_temp=sched.teacher_temp)
-        engine.backward(terms["total"])
-        norms = clip_grad_norms(clipped, cfg.optim.clip_grad, partitioned)
-        terms.update({f"grad_norm/{name}": norm for name, norm in norms.items()})  # read only when reported
-        engine.step()
-        model.update_teacher(sched.momentum, fp32_master)
+        result = train_step(trainer, to_device(batch, device), targets, step)
         report, ckpt = _report_every(cfg, step)
         if not report:
             continue
         if device.type == "cuda":  # kernels are queued asynchronously: the step ends when they have run
             torch.cuda.synchronize(device)
         times = StepTimes(data_wait, expert_wait, time.perf_counter() - t0)
-        metrics = _metrics(step, {k: v for k, v in terms.items() if not k.startswith("_")}, sched, times,
-                           cfg.loader.batch_size, world, corrupt)
+        metrics = _metrics(result, times, cfg.loader.batch_size, world, corrupt)
         metrics["resumed_from"] = start
         _publish(recorder, metrics, rank, corrupt - published_corrupt, fence)
         published_corrupt = corrupt
         if ckpt:  # metrics alone go to metrics.jsonl and Prometheus: a bare ray.train.report cost 1-2 s here
-            _save_and_report(engine, metrics, step, fence)
+            _save_and_report(trainer.engine, metrics, step, fence)
     if fence and _last_step(cfg) == cfg.run.total_iters:
         from gpfm_scale.train.checkpoint import export_teacher
 
         fence.check("the exported teacher")
-        export_teacher(model, cfg.objective.model.backbone, os.path.join(fence.out, "export"),
-                       cfg.run.total_iters, is_writer=rank == 0)
+        export_teacher(trainer.model, cfg.objective.model.backbone, os.path.join(fence.out, "export"),
+                       cfg.run.total_iters, is_writer=rank == 0, crops=cfg.crops)

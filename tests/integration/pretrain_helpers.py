@@ -9,8 +9,8 @@ import numpy as np
 import simplejpeg
 
 from gpfm_scale.config import apply_overrides, build_config, read_yaml
+from gpfm_scale.contracts.shards import ShardWriter
 from gpfm_scale.data.synthetic_tiles import make_two_class_tiles
-from gpfm_scale.tiling.shards import ShardWriter
 from gpfm_scale.train.pretrain_config import PretrainConfig
 
 TINY_YAML = Path(__file__).resolve().parents[2] / "gpfm_scale" / "configs" / "tiny.yaml"

@@ -22,8 +22,8 @@ from gpfm_scale.evaluate.results import read_results_json
 
 MODELS = ("teacher:pretrain@step4", "teacher:random-init@step0", "expert:tiny_a")
 SMALL = DemoConfig(n_synthetic_slides=2, slide_width=2048, slide_height=1536, tissue_classes=list(TISSUE_CLASSES[:2]),
-                   include_real_slide=False, use_hgsc=False, max_tiles_per_slide=40, pretrain_steps=4,
-                   patches_per_class=20, bootstrap=20, batch_size=32)
+                   include_real_slide=False, use_hgsc=False, tiling={"grid": {"max_tiles_per_slide": 40}},
+                   pretrain_steps=4, patches_per_class=20, bootstrap=20, batch_size=32)
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 

@@ -16,8 +16,7 @@ import pytest
 import torch
 
 from gpfm_scale.config import apply_overrides, build_config, read_yaml
-from gpfm_scale.embed.config import EmbedConfig
-from gpfm_scale.embed.stage import run
+from gpfm_scale.embed_command import EmbedCommandConfig, run
 from gpfm_scale.errors import ConfigError
 from gpfm_scale.models.config import ExpertConfig
 from gpfm_scale.models.experts import build_expert
@@ -30,11 +29,11 @@ TILE = 32  # px: tiny_a's and the tiny teacher's input size, so tiles reach the 
 FP16 = {"rtol": 2e-3, "atol": 2e-3}
 
 
-def _cfg(**overrides) -> EmbedConfig:
+def _cfg(**overrides) -> EmbedCommandConfig:
     base = {"batch_size": 16, "num_actors": 1, "read_tasks": 2, "decode_batch": 16, "images_per_task": 400,
             "tiling": {"grid": {"tile_px": TILE, "max_tiles_per_slide": 24, "min_tissue_fraction": 0.25},
                        "workers": 2, "encoding": "png", "thumbnails": False}}
-    return build_config(EmbedConfig, apply_overrides(base, overrides))
+    return build_config(EmbedCommandConfig, apply_overrides(base, overrides))
 
 
 @pytest.fixture(scope="module")
@@ -155,9 +154,11 @@ def _corrupt_first_png(shard: Path) -> str:
 
 
 def test_exported_teacher_on_tiler_shards_counts_a_corrupt_tile(embedded, tmp_path):
+    from gpfm_scale.contracts.export import load_exported
+    from gpfm_scale.data.config import CropConfig
     from gpfm_scale.models.meta_arch import SSLMetaArch
     from gpfm_scale.models.objective_config import ObjectiveConfig
-    from gpfm_scale.train.checkpoint import export_teacher, load_exported
+    from gpfm_scale.train.checkpoint import export_teacher
     from tests.integration.pretrain_helpers import TINY_YAML
 
     root, _ = embedded
@@ -168,7 +169,7 @@ def test_exported_teacher_on_tiler_shards_counts_a_corrupt_tile(embedded, tmp_pa
     objective = build_config(ObjectiveConfig, apply_overrides(read_yaml(TINY_YAML)["objective"],
                                                               {"model.experts": []}))
     export = tmp_path / "run7" / "export"  # as `gpfm-scale pretrain` writes it: the label is the run's folder
-    export_teacher(SSLMetaArch(objective).eval(), objective.model.backbone, export, 5, True)
+    export_teacher(SSLMetaArch(objective).eval(), objective.model.backbone, export, 5, True, crops=CropConfig())
     result = run(_cfg(), str(export), str(tiles_dir), str(tmp_path / "out"))
     assert (result.n_done, result.n_corrupt) == (3, 1) and result.n_failed == 1  # + the slide that failed tiling
     plain, config = load_exported(export)

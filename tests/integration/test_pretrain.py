@@ -10,7 +10,7 @@ import torch
 
 from gpfm_scale.errors import ConfigError
 from gpfm_scale.metrics import CATALOGUE
-from gpfm_scale.train.checkpoint import load_exported
+from gpfm_scale.contracts.export import load_exported
 from gpfm_scale.train.stage import run
 from tests.integration.pretrain_helpers import read_metrics, tiny_config, write_tile_shards
 from tests.integration.scrape_helpers import ray_agent_url, value, wait_for

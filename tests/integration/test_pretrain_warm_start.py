@@ -23,7 +23,8 @@ def test_phase_2_workers_start_from_the_phase_1_export(tmp_path):
     phase1_cfg = load_config(PretrainConfig, TINY_YAML.parent / "tiny_phase1.yaml")
     torch.manual_seed(3)
     phase1 = SSLMetaArch(phase1_cfg.objective)
-    export_teacher(phase1, phase1_cfg.objective.model.backbone, tmp_path / "phase1" / "export", 20, is_writer=True)
+    export_teacher(phase1, phase1_cfg.objective.model.backbone, tmp_path / "phase1" / "export", 20, is_writer=True,
+                   crops=phase1_cfg.crops)
     shards = write_tile_shards(tmp_path / "tiles", n_shards=2, per_shard=16)
     # teacher momentum held at 1: whatever the student learns, the teacher exported after 2 steps is still phase 1's
     cfg = tiny_config(**{"init.weights": str(tmp_path / "phase1" / "export"), "run.num_workers": 1,

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from gpfm_scale.config import build_config
+from gpfm_scale.contracts.run_manifest import read_state
 from gpfm_scale.tiling import stage
 from gpfm_scale.tiling.config import TilingConfig
-from gpfm_scale.tiling.manifest import read_state
 from gpfm_scale.tiling.slide_job import SlideTask
 from gpfm_scale.tiling.worker import TileWorker
 from tests.integration.tiling_helpers import make_cohort, tile_set

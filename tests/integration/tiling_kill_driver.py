@@ -14,7 +14,7 @@ import sys
 
 from gpfm_scale.config import build_config
 from gpfm_scale.tiling.config import TilingConfig
-from gpfm_scale.tiling.shards import SealedShard
+from gpfm_scale.contracts.shards import SealedShard
 from gpfm_scale.tiling.stage import run
 
 

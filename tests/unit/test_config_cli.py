@@ -56,21 +56,21 @@ def test_version_and_python_dash_m(capsys):
 
 @pytest.mark.parametrize("cmd", ["tile", "mix", "embed", "evaluate"])
 def test_print_config_needs_no_run_inputs_but_a_run_does(cmd, capsys):
-    from gpfm_scale.cli import RUN_INPUTS
+    from gpfm_scale.cli import STAGES
 
     assert main([cmd, "--print-config"]) == 0
     assert isinstance(yaml.safe_load(capsys.readouterr().out), dict)
     assert main([cmd]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and all(flag in err for flag in RUN_INPUTS[cmd]), err
+    assert err.count("\n") == 1 and all(flag in err for flag in STAGES[cmd].required), err
 
 
 def test_each_set_example_names_a_key_of_its_own_config(capsys):
     """The `--set` help of each sub-command shows a key that exists there (one example for all named a tiling key)."""
-    from gpfm_scale.cli import SET_EXAMPLES, build_parser
+    from gpfm_scale.cli import STAGES, build_parser
 
     parser = build_parser()
-    for cmd, example in SET_EXAMPLES.items():
+    for cmd, example in ((cmd, stage.set_example) for cmd, stage in STAGES.items()):
         key, _, value = example.partition("=")
         assert main([cmd, "--set", example, "--print-config"]) == 0, (cmd, capsys.readouterr().err)
         printed = yaml.safe_load(capsys.readouterr().out)

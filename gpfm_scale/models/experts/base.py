@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpfm_scale.contracts.model_input import IMAGENET_MEAN, IMAGENET_STD, InputContract
 from gpfm_scale.errors import ConfigError
 from gpfm_scale.models.config import ExpertConfig, Preprocessing
 from gpfm_scale.models.losses.expert_distill import resample_patch_grid
@@ -32,8 +33,6 @@ from gpfm_scale.registry import Registry
 
 logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -51,6 +50,11 @@ class ExpertSpec:
     has_patch_tokens: bool
     weights_note: str  # where the weights come from and under which licence
     needs_weights: bool = True  # False only for random-init test experts
+
+    @property
+    def native_contract(self) -> InputContract:
+        """The expert's own input contract (what `native` preprocessing and embedding with the expert use)."""
+        return InputContract(self.input_size, self.mean, self.std)
 
     def input_contract(self, preprocessing: Preprocessing) -> tuple[int | None, tuple[float, ...], tuple[float, ...]]:
         """(size px, mean, std) the crops are brought to before the forward pass; size None: kept as given."""

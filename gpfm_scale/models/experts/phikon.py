@@ -43,7 +43,8 @@ from torch import nn
 
 from gpfm_scale.errors import CheckpointMismatchError
 from gpfm_scale.models.config import Preprocessing
-from gpfm_scale.models.experts.base import EXPERTS, IMAGENET_MEAN, IMAGENET_STD, Expert, ExpertSpec
+from gpfm_scale.contracts.model_input import IMAGENET_MEAN, IMAGENET_STD
+from gpfm_scale.models.experts.base import EXPERTS, Expert, ExpertSpec
 from gpfm_scale.models.experts.weights import name_list
 from gpfm_scale.models.vit import create_vit
 

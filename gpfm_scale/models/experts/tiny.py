@@ -13,11 +13,10 @@ from __future__ import annotations
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from gpfm_scale.contracts.model_input import IMAGENET_MEAN, IMAGENET_STD
 from gpfm_scale.models.config import Preprocessing
 from gpfm_scale.models.experts.base import (
     EXPERTS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     Expert,

@@ -19,7 +19,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from gpfm_scale.models.config import Preprocessing
-from gpfm_scale.models.experts.base import EXPERTS, IMAGENET_MEAN, IMAGENET_STD, Expert, ExpertSpec
+from gpfm_scale.contracts.model_input import IMAGENET_MEAN, IMAGENET_STD
+from gpfm_scale.models.experts.base import EXPERTS, Expert, ExpertSpec
 from gpfm_scale.models.vit import create_vit
 
 UNI_TIMM_ARCH = "vit_large_patch16_224"

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -83,11 +83,27 @@ def whiten_outside(
 
 
 class BackendReader(SlideReader):
-    """Common part of the cuCIM, OpenSlide and tiffslide readers: argument checks, raw tiles, closing."""
+    """Common part of the cuCIM, OpenSlide and tiffslide readers: level geometry, argument checks, raw tiles,
+    closing. A backend calls `set_levels` once when it opens the slide."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
         self._raw: RawTileSource | None = None
+        self._dims: list[tuple[int, int]] = []
+        self._downsamples: list[float] = []
+
+    def set_levels(self, dimensions: Iterable[Sequence[float]], downsamples: Iterable[float]) -> None:
+        """Record each level's (width, height) in px and downsample vs level 0, as the library reports them."""
+        self._dims = [(int(w), int(h)) for w, h in dimensions]
+        self._downsamples = [float(d) for d in downsamples]
+
+    @property
+    def level_dimensions(self) -> list[tuple[int, int]]:
+        return list(self._dims)
+
+    @property
+    def level_downsamples(self) -> list[float]:
+        return list(self._downsamples)
 
     def check_request(self, level: int, size: tuple[int, int]) -> None:
         """Raise SlideReadError for a level that does not exist or a size that is not positive."""

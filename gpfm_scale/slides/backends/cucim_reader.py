@@ -69,8 +69,7 @@ class CucimReader(BackendReader):
         with backend_errors(self.name, self.path, "open"):
             self._image = CuImage(self.path)
             res = self._image.resolutions
-            self._dims = [(int(w), int(h)) for w, h in res["level_dimensions"]]
-            self._downsamples = [float(d) for d in res["level_downsamples"]]
+            self.set_levels(res["level_dimensions"], res["level_downsamples"])
             metadata = self._image.metadata
             self._metadata = json.loads(metadata) if isinstance(metadata, str) else dict(metadata)
         if device == "cuda":
@@ -94,14 +93,6 @@ class CucimReader(BackendReader):
 
             return cupy.asnumpy(cupy.asarray(image))
         return np.array(image, copy=True)
-
-    @property
-    def level_dimensions(self) -> list[tuple[int, int]]:
-        return list(self._dims)
-
-    @property
-    def level_downsamples(self) -> list[float]:
-        return list(self._downsamples)
 
     @property
     def mpp(self) -> float | None:

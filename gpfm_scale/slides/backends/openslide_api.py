@@ -30,8 +30,7 @@ class OpenSlideApiReader(BackendReader):
         self._slide: Any = None  # the library is imported lazily, so its type is not named here
         with backend_errors(self.name, self.path, "open"):
             self._slide = self._open(self.path)
-            self._dims = [(int(w), int(h)) for w, h in self._slide.level_dimensions]
-            self._downsamples = [float(d) for d in self._slide.level_downsamples]
+            self.set_levels(self._slide.level_dimensions, self._slide.level_downsamples)
             self._props = dict(self._slide.properties)
 
     @abc.abstractmethod
@@ -41,14 +40,6 @@ class OpenSlideApiReader(BackendReader):
     @abc.abstractmethod
     def _read(self, loc: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         """RGB uint8 [H, W, 3] as the library returns it, before `finish` whitens the outside."""
-
-    @property
-    def level_dimensions(self) -> list[tuple[int, int]]:
-        return list(self._dims)
-
-    @property
-    def level_downsamples(self) -> list[float]:
-        return list(self._downsamples)
 
     @property
     def mpp(self) -> float | None:

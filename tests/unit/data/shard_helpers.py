@@ -10,8 +10,8 @@ import numpy as np
 import simplejpeg
 import torch
 
+from gpfm_scale.contracts.shards import ShardWriter
 from gpfm_scale.data.synthetic_tiles import make_two_class_tiles
-from gpfm_scale.tiling.shards import ShardWriter
 
 
 def encode_jpeg(tile: torch.Tensor) -> bytes:

@@ -18,7 +18,8 @@ from gpfm_scale.data.augmentations import (
     sample_crop_box,
     sample_hed_params,
 )
-from gpfm_scale.data.config import IMAGENET_MEAN, IMAGENET_STD, CropConfig
+from gpfm_scale.contracts.model_input import IMAGENET_MEAN, IMAGENET_STD
+from gpfm_scale.data.config import CropConfig
 from gpfm_scale.data.synthetic_tiles import make_two_class_tiles
 from gpfm_scale.errors import ConfigError
 

@@ -33,7 +33,7 @@ SEED = 7
 
 def _cfg(shards, **overrides) -> LoaderConfig:
     base = {"shards": shards, "backend": "dali", "batch_size": 4, "num_workers": 0, "shuffle_buffer": 4,
-            "decode_threads": 1, "seed": SEED}
+            "decode_threads": 1, "seed": SEED, "epoch_length": 1250}
     return LoaderConfig(**{**base, **overrides})
 
 

@@ -14,13 +14,13 @@ import pytest
 
 from gpfm_scale.atomic import default_file_mode
 from gpfm_scale.cli import main
+from gpfm_scale.contracts.shards import ShardWriter
 from gpfm_scale.data.config import CropConfig, MaskConfig
 from gpfm_scale.data.loader_config import LoaderConfig
 from gpfm_scale.data.mixing import MixConfig, bucket_of, run
 from gpfm_scale.data.shard_stream import build_loader
 from gpfm_scale.data.tar_samples import iter_raw_samples
 from gpfm_scale.errors import ConfigError
-from gpfm_scale.tiling.shards import ShardWriter
 from tests.unit.data.shard_helpers import batch_keys, make_cohort
 
 CROPS = CropConfig(global_size=16, local_size=8, n_local=1)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import logging
 import tarfile
 import uuid
@@ -14,7 +13,7 @@ import torch
 
 from gpfm_scale.data.augmentations import MultiCropTransform
 from gpfm_scale.data.config import CropConfig, MaskConfig
-from gpfm_scale.data.loader_config import LoaderConfig
+from gpfm_scale.data.loader_config import LoaderConfig, LoaderSettings
 from gpfm_scale.data.masking import MaskGenerator, sample_masks
 from gpfm_scale.data.shard_stream import (
     _shard_cycle,
@@ -235,10 +234,18 @@ def test_all_corrupt_stops_instead_of_spinning(tmp_path):
 
 def test_config_rejects_unknown_keys_and_auto_resolves_here():
     with pytest.raises(ValueError, match="extra"):
-        LoaderConfig(shard="x")  # type: ignore[call-arg]
+        LoaderSettings(shard="x")  # type: ignore[call-arg]
     cuda_and_dali = torch.cuda.is_available() and _dali_imports()
-    assert resolve_backend(LoaderConfig(backend="auto")) == ("dali" if cuda_and_dali else "torch")
-    assert json.loads(LoaderConfig().model_dump_json())["epoch_length"] == 1250
+    assert resolve_backend(_cfg([], backend="auto")) == ("dali" if cuda_and_dali else "torch")
+
+
+def test_the_seed_and_epoch_length_are_handed_down_not_settings():
+    """The loader's seed and epoch length belong to the run (pretraining: run.seed, schedule.iters_per_epoch)."""
+    assert {"seed", "epoch_length"}.isdisjoint(LoaderSettings.model_fields)
+    bound = LoaderSettings(batch_size=5).bind(seed=11, epoch_length=7)
+    assert (bound.seed, bound.epoch_length, bound.batch_size) == (11, 7, 5)
+    with pytest.raises(ValueError, match="seed"):
+        LoaderConfig(epoch_length=7)  # type: ignore[call-arg]
 
 
 def _dali_imports() -> bool:

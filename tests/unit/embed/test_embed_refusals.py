@@ -79,10 +79,24 @@ def test_tiler_manifest_rows_with_unsafe_slide_ids_or_shard_names_fail_alone(tmp
 
 
 def test_the_feature_writer_refuses_a_slide_id_that_is_not_one_component(tmp_path):
-    from gpfm_scale.embed.store import write_slide_features
+    from gpfm_scale.contracts.features import write_slide_features
     from gpfm_scale.errors import UnsafeNameError
 
     for sid in ("../x", "..", "a/b", ""):
         with pytest.raises(UnsafeNameError):
             write_slide_features(tmp_path, sid, np.zeros((1, 2), np.float32), np.zeros((1, 2), np.int64), "m")
     assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_the_stage_alone_refuses_slides_it_has_no_tiler_for(tmp_path):
+    """Slides reach the embedding stage only with a tiler handed in (`embed_command` passes the tiling stage): the
+    stage itself does not import another stage, and refuses before locking or writing --out."""
+    from gpfm_scale.embed.config import EmbedConfig
+    from gpfm_scale.embed.stage import run
+    from gpfm_scale.errors import ConfigError
+
+    (tmp_path / "wsi").mkdir()
+    (tmp_path / "wsi" / "a.svs").write_bytes(b"not read")
+    with pytest.raises(ConfigError, match="must be tiled first"):
+        run(EmbedConfig(), "expert:tiny_a", str(tmp_path / "wsi"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

@@ -8,10 +8,11 @@ import shutil
 import pytest
 
 from gpfm_scale.config import apply_overrides, build_config, read_yaml
+from gpfm_scale.contracts.export import load_exported
+from gpfm_scale.data.config import CropConfig
 from gpfm_scale.embed.config import EmbedConfig
 from gpfm_scale.embed.models import describe_model
 from gpfm_scale.errors import ConfigError
-from gpfm_scale.train.checkpoint import load_exported
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def export(tmp_path_factory):
 
     cfg = build_config(ObjectiveConfig, apply_overrides(read_yaml(TINY_YAML)["objective"], {"model.experts": []}))
     directory = tmp_path_factory.mktemp("run") / "export"
-    export_teacher(SSLMetaArch(cfg).eval(), cfg.model.backbone, directory, step=1, is_writer=True)
+    export_teacher(SSLMetaArch(cfg).eval(), cfg.model.backbone, directory, step=1, is_writer=True, crops=CropConfig())
     return directory
 
 

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from gpfm_scale.config import apply_overrides, build_config, read_yaml
+from gpfm_scale.data.config import CropConfig
 from gpfm_scale.embed.config import EmbedConfig
 from gpfm_scale.embed.models import describe_model, load_model
 from gpfm_scale.errors import ConfigError
@@ -68,7 +69,7 @@ def test_exported_teacher_features_are_its_normalised_cls(tmp_path):
 
     cfg = build_config(ObjectiveConfig, apply_overrides(read_yaml(TINY_YAML)["objective"], {"model.experts": []}))
     arch = SSLMetaArch(cfg).eval()
-    export_teacher(arch, cfg.model.backbone, tmp_path / "run" / "export", step=3, is_writer=True)
+    export_teacher(arch, cfg.model.backbone, tmp_path / "run" / "export", step=3, is_writer=True, crops=CropConfig())
     model, contract = load_model(str(tmp_path / "run" / "export"), EmbedConfig())
     info = describe_model(str(tmp_path / "run" / "export"), EmbedConfig())
     assert info.name == "teacher:run@step3" and info.dim == 64 and contract.size == 32

@@ -11,7 +11,7 @@ import pytest
 
 from gpfm_scale.atomic import current_umask
 from gpfm_scale.cli import main
-from gpfm_scale.embed.store import write_image_features, write_index, write_slide_features
+from gpfm_scale.contracts.features import write_image_features, write_index, write_slide_features
 from gpfm_scale.errors import GpfmError
 from gpfm_scale.evaluate import stage
 from gpfm_scale.evaluate.config import EvaluateConfig

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gpfm_scale.embed.store import load_image_features, write_image_features, write_index
+from gpfm_scale.contracts.features import load_image_features, write_image_features, write_index
 from gpfm_scale.errors import ConfigError
 from gpfm_scale.evaluate.config import EvaluateConfig, SplitConfig
 from gpfm_scale.evaluate.patch_tasks import (euclidean_neighbours, few_shot, knn, knn_scores, linear_probe,

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gpfm_scale.embed.store import write_image_features, write_index, write_slide_features
+from gpfm_scale.contracts.features import write_image_features, write_index, write_slide_features
 from gpfm_scale.errors import ConfigError
 from gpfm_scale.evaluate import stage
 from gpfm_scale.evaluate.config import EvaluateConfig
@@ -72,8 +72,8 @@ def test_report_files_exist_and_results_round_trip(tmp_path: Path):
     md = md_path.read_text()
     assert command in md.split("## Models")[0]
     linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert {Path(p).name for p in linked} == {"ranks.png", "roc_m1_linear-probe.png", "km_m1_survival.png",
-                                              "pca_m1.png"}
+    assert {Path(p).name for p in linked} == {"ranks.png", "roc_m1_linear-probe.png", "confusion_m1_linear-probe.png",
+                                              "km_m1_survival.png", "pca_m1.png"}
     for rel in linked:
         assert (tmp_path / rel).read_bytes()[:4] == b"\x89PNG"
     assert sorted(map(str, figures)) == sorted(str(tmp_path / p) for p in linked)
@@ -122,16 +122,16 @@ def test_stage_dispatches_slide_tasks_with_labels(tmp_path: Path, monkeypatch: p
                   "event": [1, 0, 1, 1]}).to_csv(labels, index=False)
     seen = {}
 
-    def fake(task, bags, cfg):
-        seen.update(task=task, times=[b.row["time"] for b in bags], cfg=type(cfg).__name__)
+    def fake(bags, cfg):
+        seen.update(times=[b.row["time"] for b in bags], cfg=type(cfg).__name__)
         return TaskResult({"c_index": Metric(0.75, 0.5, 1.0)}, times=np.array(seen["times"]),
                           events=np.array([1, 0, 1, 1]), risk=-np.array(seen["times"]))
 
     # a stand-in for the slide-task module: the dispatch contract is tested without training a MIL model
     monkeypatch.setitem(sys.modules, "gpfm_scale.evaluate.slide_tasks",
-                        types.SimpleNamespace(run_slide_task=fake))
+                        types.SimpleNamespace(run_survival=fake))
     res = stage.run(EvaluateConfig(), [str(emb)], ["survival"], str(tmp_path / "out"), labels=str(labels))
-    assert seen == {"task": "survival", "times": [4.0, 3.0, 2.0, 1.0], "cfg": "SlideTaskConfig"}
+    assert seen == {"times": [4.0, 3.0, 2.0, 1.0], "cfg": "EvaluateConfig"}
     doc = json.loads(Path(res.results_json).read_text())
     assert doc["results"]["tiny"]["survival"]["c_index"] == {"value": 0.75, "ci_low": 0.5, "ci_high": 1.0}
     assert any(Path(f).name == "km_tiny_survival.png" for f in res.figures)

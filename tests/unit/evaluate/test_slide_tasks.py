@@ -9,21 +9,28 @@ import numpy as np
 import pytest
 import torch
 
-from gpfm_scale.embed.store import Bag, iter_slide_bags, write_index, write_slide_features
-from gpfm_scale.errors import ConfigError, GpfmError
-from gpfm_scale.evaluate.slide_config import SlideTaskConfig
+from gpfm_scale.contracts.features import Bag, iter_slide_bags, write_index, write_slide_features
+from gpfm_scale.errors import GpfmError
+from gpfm_scale.evaluate.config import EvaluateConfig
 from gpfm_scale.evaluate.slide_tasks import (
     Fold,
     fold_mean_bootstrap,
     folds_from_split_column,
     kfold_by_case,
-    run_slide_task,
+    run_abmil,
+    run_survival,
 )
 from gpfm_scale.evaluate.synthetic_bags import make_survival_bags, make_two_class_bags
 
 torch.set_num_threads(1)
-FAST = {"num_folds": 3, "num_bootstrap": 50,
-        "train": {"max_epochs": 10, "min_epochs": 4, "patience": 3, "cox_batch_size": 16, "device": "cpu"}}
+FAST = {"bootstrap": 50, "slide": {"num_folds": 3, "train": {"max_epochs": 10, "min_epochs": 4, "patience": 3,
+                                                               "cox_batch_size": 16, "device": "cpu"}}}
+
+
+def fast(**slide) -> EvaluateConfig:
+    """FAST with `slide` keys replaced (train merged)."""
+    train = {**FAST["slide"]["train"], **slide.pop("train", {})}
+    return EvaluateConfig.model_validate({**FAST, "slide": {**FAST["slide"], **slide, "train": train}})
 
 
 def test_kfold_by_case_keeps_cases_whole_and_tests_every_slide_once():
@@ -71,12 +78,12 @@ def test_fold_mean_bootstrap_averages_folds_and_resamples_whole_cases():
         sizes.append(len(idx))
         return {"mean": float(x[idx].mean())}
 
-    cfg = SlideTaskConfig(num_bootstrap=200)
+    cfg = EvaluateConfig(bootstrap=200)
     out = fold_mean_bootstrap(stat, folds, cases, cfg)
     assert out["mean"].value == pytest.approx((5.5 + 17.5) / 2)
     assert out["mean"].ci_low < out["mean"].value < out["mean"].ci_high
     assert all(n % 2 == 0 and n == 12 for n in sizes)
-    assert fold_mean_bootstrap(stat, folds, cases, SlideTaskConfig(num_bootstrap=0))["mean"].ci_low is None
+    assert fold_mean_bootstrap(stat, folds, cases, EvaluateConfig(bootstrap=0))["mean"].ci_low is None
     undefined_on_fold_1 = fold_mean_bootstrap(lambda k, idx: {"m": float("nan") if k else 1.0}, folds, cases, cfg)
     assert (undefined_on_fold_1["m"].value, undefined_on_fold_1["m"].ci_low) == (1.0, 1.0)
 
@@ -89,14 +96,14 @@ def test_bags_read_back_from_an_embedding_directory(tmp_path):
         rows.append({**b.row, "file": rel, "row": -1, "n": len(b.features), "split": None})
     write_index(tmp_path, rows)
     bags = list(iter_slide_bags(tmp_path))
-    cfg = SlideTaskConfig.model_validate({**FAST, "train": {**FAST["train"], "max_epochs": 2, "min_epochs": 0}})
-    result = run_slide_task("survival", bags, cfg)
+    cfg = fast(train={"max_epochs": 2, "min_epochs": 0})
+    result = run_survival(bags, cfg)
     assert result.info["ids"] == [r["case_id"] for r in rows] and np.isfinite(result.metrics["c_index"].value)
 
 
 def test_abmil_task_over_folds():
     bags = make_two_class_bags(num_cases=40, dim=16, seed=2, slides_per_case=2)
-    result = run_slide_task("abmil", bags, SlideTaskConfig.model_validate({**FAST, "num_folds": 4}))
+    result = run_abmil(bags, fast(num_folds=4))
     assert set(result.metrics) == {"auc_macro", "balanced_accuracy", "f1_weighted", "f1_macro"}
     folds = result.info["folds"]
     assert len(folds) == 4 and sum(f["n_test"] for f in folds) == len(bags)
@@ -122,7 +129,7 @@ def _two_slides_per_case(bags: list[Bag]) -> list[Bag]:
 
 def test_survival_task_pools_slides_per_case_and_refuses_flipped_labels():
     bags = _two_slides_per_case(make_survival_bags(num_cases=60, dim=16, seed=1))
-    result = run_slide_task("survival", bags, SlideTaskConfig.model_validate(FAST))
+    result = run_survival(bags, fast())
     assert set(result.metrics) == {"c_index"} and result.metrics["c_index"].value > 0.65
     assert len(result.times) == 60 and result.info["ids"] == [f"case{i:03d}" for i in range(60)]
     assert result.info["censoring"]["suspect"] is False and result.info["unit"] == "case"
@@ -131,13 +138,14 @@ def test_survival_task_pools_slides_per_case_and_refuses_flipped_labels():
     json.dumps(result.info, allow_nan=False)
     flipped = [Bag(b.slide_id, b.features, b.coords, {**b.row, "event": 1 - b.row["event"]}) for b in bags]
     with pytest.raises(GpfmError, match="look flipped"):
-        run_slide_task("survival", flipped, SlideTaskConfig.model_validate(FAST))
+        run_survival(flipped, fast())
 
 
-def test_slides_of_a_case_must_agree_and_unknown_tasks_are_refused():
+def test_slides_of_a_case_must_agree_and_empty_bags_are_refused():
     bags = _two_slides_per_case(make_survival_bags(num_cases=6, dim=4, seed=0))
     bags[1] = Bag(bags[1].slide_id, bags[1].features, bags[1].coords, {**bags[1].row, "time": 999.0})
     with pytest.raises(GpfmError, match="disagree"):
-        run_slide_task("survival", bags, SlideTaskConfig.model_validate(FAST))
-    with pytest.raises(ConfigError, match="unknown slide task"):
-        run_slide_task("segmentation", bags, SlideTaskConfig())
+        run_survival(bags, fast())
+    empty = [Bag("s0", np.zeros((0, 4), np.float32), np.zeros((0, 2), np.int64), {"label": 1})]
+    with pytest.raises(GpfmError, match="no tiles"):
+        run_abmil(empty, fast())

@@ -12,7 +12,8 @@ from gpfm_scale.config import build_config
 from gpfm_scale.errors import CheckpointMismatchError, ConfigError
 from gpfm_scale.models.config import ExpertConfig, ModelConfig
 from gpfm_scale.models.experts import EXPERTS, build_expert
-from gpfm_scale.models.experts.base import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from gpfm_scale.contracts.model_input import IMAGENET_MEAN, IMAGENET_STD
+from gpfm_scale.models.experts.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from gpfm_scale.models.experts.tiny import TinyAExpert
 
 

@@ -12,7 +12,14 @@ import pytest
 from gpfm_scale.config import build_config
 from gpfm_scale.errors import ConfigError, SlideReadError
 from gpfm_scale.slides.config import GridConfig
-from gpfm_scale.slides.grid import TileGrid, plan_grid, raw_tile_index, stable_hash, zero_decode_compatible
+from gpfm_scale.slides.grid import (
+    TileGrid,
+    plan_grid,
+    raw_tile_index,
+    stable_hash,
+    within_level,
+    zero_decode_compatible,
+)
 from gpfm_scale.slides.reader import RawTileLayout
 
 PYRAMID = dict(level_dimensions=[(4000, 4000), (1000, 1000), (250, 250)], level_downsamples=[1.0, 4.0, 16.0])
@@ -23,13 +30,14 @@ def _full_mask(w: int, h: int) -> np.ndarray:
 
 
 def _plan(dims: tuple[int, int], mpp0: float = 0.25, slide_id: str = "s", **grid: object) -> TileGrid:
-    """Single-level slide of `dims` (w, h), all tissue, mask at level-0 resolution."""
-    cfg = GridConfig(**{"min_tissue_fraction": 0.0, "max_tiles_per_slide": None, **grid})
+    """Single-level slide of `dims` (w, h), all tissue, mask at level-0 resolution; edge 'drop' unless given."""
+    cfg = GridConfig(**{"min_tissue_fraction": 0.0, "max_tiles_per_slide": None, "edge": "drop", **grid})
     return plan_grid([dims], [1.0], mpp0, cfg, _full_mask(*dims), 1.0, slide_id)
 
 
 def _pyramid(target_mpp: float | None = None, **grid: object) -> TileGrid:
-    cfg = GridConfig(tile_px=256, target_mpp=target_mpp, min_tissue_fraction=0.0, max_tiles_per_slide=None, **grid)
+    cfg = GridConfig(**{"tile_px": 256, "target_mpp": target_mpp, "min_tissue_fraction": 0.0,
+                        "max_tiles_per_slide": None, "edge": "drop", **grid})
     return plan_grid(**PYRAMID, mpp0=0.25, cfg=cfg, mask=_full_mask(1000, 1000), mask_downsample=4.0, slide_id="p")
 
 
@@ -157,6 +165,34 @@ def test_zero_decode_native_grid() -> None:
     assert zero_decode_compatible(_plan((1024, 768), tile_px=256, edge="pad"), layout)  # nothing runs past
 
 
+def test_default_pads_edges_and_drop_records_the_untiled_tissue() -> None:
+    """CLAM's default: the partial last column/row is tiled (white outside); 'drop' says what it leaves out."""
+    assert GridConfig().edge == "pad"
+    cfg = GridConfig(tile_px=256, min_tissue_fraction=0.0, max_tiles_per_slide=None)
+    padded = plan_grid([(1000, 700)], [1.0], 0.25, cfg, _full_mask(1000, 700), 1.0, "s")
+    assert len(padded) == 4 * 3 and padded.untiled_tissue_fraction == 0.0
+    assert np.all(padded.coords < [1000, 700])  # every tile starts inside the slide
+    dropped = _plan((1000, 700), tile_px=256)
+    # tiled: [0, 768) x [0, 512) of a 1000 x 700 all-tissue slide
+    assert dropped.untiled_tissue_fraction == pytest.approx(1 - 768 * 512 / (1000 * 700))
+    mask = np.zeros((700, 1000), dtype=bool)
+    mask[100:300, 100:500] = True  # tissue only inside the tiled part
+    inner = plan_grid([(1000, 700)], [1.0], 0.25, GridConfig(tile_px=256, edge="drop"), mask, 1.0, "s")
+    assert inner.untiled_tissue_fraction == 0.0
+    blank = plan_grid([(1000, 700)], [1.0], 0.25, GridConfig(tile_px=256, edge="drop"), mask & False, 1.0, "s")
+    assert blank.untiled_tissue_fraction == 0.0
+
+
+def test_zero_decode_with_padded_edges_copies_the_inner_tiles() -> None:
+    grid = _plan((1000, 700), tile_px=256, edge="pad")
+    layout = RawTileLayout(level=0, tile_width=256, tile_height=256, compression="jpeg")
+    assert zero_decode_compatible(grid, layout)
+    inside = within_level(grid)
+    # 4 x 3 grid: the right column (x=768) and bottom row (y=512) run past the 1000 x 700 level
+    assert inside.tolist() == [True, True, True, False] * 2 + [False] * 4
+    assert within_level(_plan((1024, 768), tile_px=256, edge="pad")).all()
+
+
 @pytest.mark.parametrize(
     ("grid_kwargs", "layout_kwargs"),
     [
@@ -165,7 +201,6 @@ def test_zero_decode_native_grid() -> None:
         ({}, {"compression": "lzw"}),
         ({}, {"level": 1}),
         ({"stride_px": 128}, {}),
-        ({"edge": "pad", "dims": (1000, 700)}, {}),
         ({"target_mpp": 0.5}, {}),
     ],
 )
@@ -181,7 +216,7 @@ def test_zero_decode_incompatible(grid_kwargs: dict, layout_kwargs: dict) -> Non
 
 def test_zero_decode_on_a_lower_level_with_fractional_downsample() -> None:
     ds = 4001 / 1000
-    cfg = GridConfig(tile_px=256, target_mpp=1.0, min_tissue_fraction=0.0, max_tiles_per_slide=None)
+    cfg = GridConfig(tile_px=256, target_mpp=1.0, min_tissue_fraction=0.0, max_tiles_per_slide=None, edge="drop")
     grid = plan_grid([(4001, 3001), (1000, 750)], [1.0, ds], 0.25, cfg, _full_mask(100, 75), 40.01, "f")
     layout = RawTileLayout(level=1, tile_width=256, tile_height=256, compression="jpeg")
     assert grid.read_level == 1 and not grid.needs_resize and len(grid) == 3 * 2

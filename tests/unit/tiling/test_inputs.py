@@ -22,6 +22,15 @@ def test_folder_and_glob(tmp_path):
     assert load_slide_table(str(tmp_path / "*.svs"))["slide_id"].tolist() == ["b"]
 
 
+def test_a_folder_of_dcm_files_is_one_dicom_slide(tmp_path):
+    """IDC downloads a DICOM WSI as one folder per series (a .dcm per level): the folder is the slide."""
+    for name in ["TCGA-A1/level-0.dcm", "TCGA-A1/level-1.dcm", "TCGA-B2/x.DCM", "c.svs"]:
+        _touch(tmp_path / name)
+    df = load_slide_table(str(tmp_path))
+    assert df["slide_id"].tolist() == ["TCGA-A1", "TCGA-B2", "c"]
+    assert df["path"].tolist() == [str(tmp_path / "TCGA-A1"), str(tmp_path / "TCGA-B2"), str(tmp_path / "c.svs")]
+
+
 def test_manifest_relative_paths_mpp_and_clinical_columns(tmp_path):
     pd.DataFrame({"slide_id": ["s 1", "s2"], "path": ["x/one.svs", "/abs/two.svs"], "mpp": [0.5, None],
                   "label": ["tumour", "normal"]}).to_csv(tmp_path / "m.csv", index=False)

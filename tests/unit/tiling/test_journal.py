@@ -10,13 +10,14 @@ import random
 import pandas as pd
 import pytest
 
+from gpfm_scale.contracts.output_dir import OutputDir
+from gpfm_scale.contracts.run_manifest import MANIFEST_NAME, read_state, segments
+from gpfm_scale.contracts.shards import SealedShard
 from gpfm_scale.errors import ConfigError
 from gpfm_scale.tiling import journal
 from gpfm_scale.tiling.config import TilingConfig
-from gpfm_scale.tiling.manifest import MANIFEST_NAME, RunManifest, SlideOutcome, read_state
-from gpfm_scale.tiling.outputs import OutputDir
+from gpfm_scale.tiling.manifest import RunManifest, SlideOutcome
 from gpfm_scale.tiling.resume import reconcile, sweep_orphans
-from gpfm_scale.tiling.shards import SealedShard
 from gpfm_scale.tiling.slide_job import SlideTask
 from gpfm_scale.tiling.stage import _Driver
 
@@ -170,12 +171,12 @@ def test_on_an_object_store_each_record_is_its_own_object():
     log_.append(manifest.take_dirty())
     manifest.mark_failed(SlideOutcome("b", ok=False, reason="x"))
     log_.append(manifest.take_dirty())
-    assert sorted(journal.segments(out)) == [0, 1]
+    assert sorted(segments(out)) == [0, 1]
     _same(read_state(out), manifest.to_frame())
     through = log_.roll()
     manifest.save(out, through)
     log_.prune(through)
-    assert journal.segments(out) == {} and log_.seq == 2
+    assert segments(out) == {} and log_.seq == 2
     _same(read_state(out), manifest.to_frame())
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from gpfm_scale.contracts.output_dir import OutputDir
 from gpfm_scale.errors import ConfigError
 from gpfm_scale.tiling.config import TilingConfig
 from gpfm_scale.tiling.manifest import RunManifest, SlideOutcome
-from gpfm_scale.tiling.outputs import OutputDir
 from gpfm_scale.tiling.resume import check_layout, reconcile
 
 

@@ -11,9 +11,11 @@ import os
 import stat
 
 import pytest
+import yaml
 
 from gpfm_scale.cli import main
 from gpfm_scale.config import apply_overrides, build_config, dump_config, read_yaml
+from gpfm_scale.data.config import CropConfig
 from gpfm_scale.errors import ConfigError
 from gpfm_scale.models.meta_arch import SSLMetaArch
 from gpfm_scale.models.objective_config import ObjectiveConfig
@@ -107,6 +109,21 @@ def test_resume_accepts_changes_that_keep_the_trajectory(shards, tmp_path):
     assert read_yaml(tmp_path / "config.yaml")["run"]["log_every"] == 5
 
 
+@pytest.mark.parametrize(("loader_seed", "refused"), [(0, False), (5, True)])
+def test_resume_reads_a_run_saved_with_the_loader_seed_copy(shards, tmp_path, loader_seed, refused):
+    """A config.yaml written when the loader had its own seed and epoch length: an agreeing copy resumes, a
+    differing one (another data order than run.seed gives now) is refused naming both keys."""
+    cfg = _saved_run(shards, tmp_path)
+    old = read_yaml(tmp_path / "config.yaml")
+    old["loader"].update(seed=loader_seed, epoch_length=cfg.schedule.iters_per_epoch)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    if refused:
+        with pytest.raises(ConfigError, match=r"loader\.seed 5 != run\.seed 0"):
+            check_out(str(tmp_path), cfg, resume=True)
+    else:
+        check_out(str(tmp_path), cfg, resume=True)
+
+
 def test_fresh_run_refuses_an_out_holding_another_run(shards, tmp_path):
     _saved_run(shards, tmp_path, **{"run.name": "other"})
     with pytest.raises(ConfigError, match="holds the run 'other'"):
@@ -116,7 +133,7 @@ def test_fresh_run_refuses_an_out_holding_another_run(shards, tmp_path):
 def test_non_trajectory_keys_are_config_keys():
     keys = dict(flatten(PretrainConfig().model_dump(mode="json")))
     assert NON_TRAJECTORY_KEYS <= set(keys)
-    for refused in ("run.num_workers", "loader.num_workers", "run.seed", "loader.seed", "run.total_iters",
+    for refused in ("run.num_workers", "loader.num_workers", "run.seed", "run.total_iters",
                     "deepspeed.zero_stage", "run.name"):
         assert refused not in NON_TRAJECTORY_KEYS
 
@@ -155,7 +172,8 @@ def test_published_files_get_the_umask_mode(tmp_path):
     cfg = build_config(ObjectiveConfig, apply_overrides(read_yaml(TINY_YAML)["objective"], {"model.experts": []}))
     old = os.umask(0o002)
     try:
-        export_teacher(SSLMetaArch(cfg), cfg.model.backbone, tmp_path / "export", step=1, is_writer=True)
+        export_teacher(SSLMetaArch(cfg), cfg.model.backbone, tmp_path / "export", step=1, is_writer=True,
+                       crops=CropConfig())
         write_run_config(str(tmp_path), tiny_config())
         RunFence.start(str(tmp_path))
         worker._append_metrics(RunFence(str(tmp_path), (tmp_path / ".generation").read_text()), {"step": 1})

@@ -59,7 +59,8 @@ def test_tiny_phase_1_export_starts_tiny_phase_2(tmp_path: Path) -> None:
     assert phase1_cfg.objective.model.experts == [] and phase2_cfg.objective.model.experts
     torch.manual_seed(0)
     phase1 = SSLMetaArch(phase1_cfg.objective)
-    export_teacher(phase1, phase1_cfg.objective.model.backbone, tmp_path / "export", step=20, is_writer=True)
+    export_teacher(phase1, phase1_cfg.objective.model.backbone, tmp_path / "export", step=20, is_writer=True,
+                   crops=phase1_cfg.crops)
     torch.manual_seed(1)
     phase2 = SSLMetaArch(phase2_cfg.objective)
     apply_init(phase2, InitConfig(weights=tmp_path / "export"))

@@ -46,7 +46,7 @@ def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 @pytest.fixture
 def phase1(tmp_path: Path) -> tuple[SSLMetaArch, Path]:
     model = _model(seed=0)
-    export_teacher(model, model.cfg.model.backbone, tmp_path / "export", step=250, is_writer=True)
+    export_teacher(model, model.cfg.model.backbone, tmp_path / "export", step=250, is_writer=True, crops=CropConfig())
     return model, tmp_path / "export"
 
 

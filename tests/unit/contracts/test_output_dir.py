@@ -8,7 +8,7 @@ import tempfile
 
 import pytest
 
-from gpfm_scale.tiling.outputs import OutputDir
+from gpfm_scale.contracts.output_dir import OutputDir
 
 
 @pytest.fixture(params=[0o022, 0o002])

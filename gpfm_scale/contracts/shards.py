@@ -1,4 +1,9 @@
-"""A tar writer for WebDataset shards that can take back a half-written slide.
+"""The shard contract (DESIGN.md "Shards"): what a sample is, and the tar writer that makes whole-slide shards.
+
+A shard is a WebDataset tar `shards/{run}-{NNNNNN}.tar` (`shard_name`). One sample per tile: key
+`{slide_id}/{x}_{y}` (`sample_key`; x, y the level-0 top-left pixel, as CLAM/TRIDENT use), an image member
+(`jpg` from the tiler, `png` when configured; readers take any of `IMAGE_EXTS`) and a `json` member with
+`SAMPLE_FIELDS`. The tiler and the mix stage write it; the data loader and `embed` read it.
 
 Why not `webdataset.ShardWriter`: a slide that fails half-way (truncated file, decode error) must leave no tile
 behind, and a shard must only ever hold whole slides so that a rerun redoes exactly the slides that were not
@@ -12,10 +17,38 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import tarfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+
+SHARD_RE = re.compile(r"^(?P<run>.+)-(?P<index>\d{6})\.tar$")
+IMAGE_EXTS = ("jpg", "jpeg", "png")
+META_EXT = "json"
+SAMPLE_FIELDS = ("slide_id", "x", "y", "level", "tile_px", "mpp", "magnification", "tissue_fraction", "reader")
+"""The keys of a tile's json member: level-0 (x, y) px, read level, tile side px, µm/px and magnification of the
+tile, tissue fraction of its area in [0, 1], the slide reader that produced it."""
+
+
+def shard_name(run: str, index: int) -> str:
+    """`{run}-{index:06d}.tar`, the name a finished shard is published under in `shards/` (SHARD_RE reads it)."""
+    return f"{run}-{index:06d}.tar"
+
+
+def sample_key(slide_id: str, x: int, y: int) -> str:
+    """The WebDataset key of the tile at level-0 (x, y) px of `slide_id` (a safe file-name component)."""
+    return f"{slide_id}/{x}_{y}"
+
+
+def parse_sample_key(key: str) -> tuple[str, tuple[int, int] | None]:
+    """`{slide_id}/{x}_{y}` -> (slide_id, (x, y)); coordinates None when the key does not follow the contract."""
+    slide_id, _, tail = key.rpartition("/")
+    x, _, y = tail.partition("_")
+    try:
+        return slide_id, (int(x), int(y))
+    except ValueError:
+        return slide_id, None
 
 _BLOCK = tarfile.BLOCKSIZE  # 512
 _END_OF_ARCHIVE = b"\0" * (2 * _BLOCK)

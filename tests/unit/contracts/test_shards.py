@@ -6,7 +6,7 @@ import tarfile
 import pytest
 import webdataset as wds
 
-from gpfm_scale.tiling.shards import ShardWriter
+from gpfm_scale.contracts.shards import ShardWriter
 
 
 def _write_slide(w: ShardWriter, sid: str, n: int, size: int = 1000) -> None:
@@ -68,8 +68,16 @@ def test_add_outside_slide_is_an_error(tmp_path):
 
 
 def test_fast_tar_header_is_byte_identical_to_tarfile():
-    from gpfm_scale.tiling.shards import _slow_header, tar_header
+    from gpfm_scale.contracts.shards import _slow_header, tar_header
 
     names = [(f"slide_{i % 7}/{i * 256}_{i * 3}.jpg", 1000 + i * 37) for i in range(2000)]
     names += [("x" * 99 + ".json", 5), ("long/" + "y" * 120 + ".jpg", 10)]  # the last one falls back
     assert all(tar_header(n, size) == _slow_header(n, size) for n, size in names)
+
+
+def test_sample_key_round_trips_and_a_foreign_key_has_no_coordinates():
+    from gpfm_scale.contracts.shards import SHARD_RE, parse_sample_key, sample_key, shard_name
+
+    assert parse_sample_key(sample_key("TCGA-01.a", 1024, 0)) == ("TCGA-01.a", (1024, 0))
+    assert parse_sample_key("s1/tile7") == ("s1", None)
+    assert SHARD_RE.match(shard_name("run_a", 12)).group("run", "index") == ("run_a", "000012")

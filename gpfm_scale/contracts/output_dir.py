@@ -23,8 +23,8 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from gpfm_scale import atomic
+from gpfm_scale.contracts.shards import SHARD_RE
 
-SHARD_RE = re.compile(r"^(?P<run>.+)-(?P<index>\d{6})\.tar$")
 TMP_RE = re.compile(r"^([0-9a-f]{32}\.tar|tmp\w+\.(h5|png))(\.partial)?$")
 """Names of the temporary files tiling makes in shards/.tmp (ShardWriter's uuid shards, mkstemp's coords and
 thumbnails, and their remote `.partial` uploads): the only files a run removes there."""
