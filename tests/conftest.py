@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -12,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.ports import free_port
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -38,12 +39,6 @@ def real_svs(shared_data: Path) -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class _Head:
     """The session's Ray head: a `ray start --head --block` process, as on a cluster."""
@@ -63,13 +58,13 @@ def _start_head() -> _Head:
     other forever. `test_gpu` stands in for GPUs where placement is tested. The metrics agent exports every second
     (10 s by default) so that tests scraping it wait less.
     """
-    gcs_port, dashboard_port = _free_port(), _free_port()
+    gcs_port, dashboard_port = free_port(), free_port()
     cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--disable-usage-stats",
            f"--temp-dir={tempfile.mkdtemp(prefix='gpfm-ray-', dir='/tmp')}", "--node-ip-address=127.0.0.1",
            f"--port={gcs_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-           f"--dashboard-port={dashboard_port}", f"--dashboard-agent-listen-port={_free_port()}",
-           f"--dashboard-agent-grpc-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-           f"--runtime-env-agent-port={_free_port()}", "--num-cpus=4", '--resources={"test_gpu": 4}',
+           f"--dashboard-port={dashboard_port}", f"--dashboard-agent-listen-port={free_port()}",
+           f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
+           f"--runtime-env-agent-port={free_port()}", "--num-cpus=4", '--resources={"test_gpu": 4}',
            '--system-config={"metrics_report_interval_ms": 1000}']
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     return _Head(proc, f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}")

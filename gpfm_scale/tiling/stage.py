@@ -23,7 +23,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 from tqdm import tqdm
@@ -54,6 +54,11 @@ COMPACT_EVERY_S = 300.0
 COMPACT_EVERY_COMMITS = 20_000
 RESERVE_BLOCK = 256
 """Shard indices reserved per journal record: a reservation must be durable before an actor may use the name."""
+
+CommitHook = Callable[[SealedShard], None]
+"""Called in the driver with each shard right after its commit record is durable: the one point a rerun resumes
+from. For embedders (progress, notifications) and for tests, which interrupt a run at an exact commit instead of
+after a guessed delay. It runs inside the dispatch loop: it should return quickly."""
 
 
 @dataclass(frozen=True)
@@ -86,9 +91,9 @@ class _Driver:
     """Dispatch, commit and failure bookkeeping of one run (kept apart from `run` to stay readable)."""
 
     def __init__(self, cfg: TilingConfig, out: OutputDir, manifest: RunManifest, tasks: dict[str, SlideTask],
-                 next_shard: int, log_: journal.Journal) -> None:
+                 next_shard: int, log_: journal.Journal, on_commit: CommitHook | None = None) -> None:
         self.cfg, self.out, self.manifest, self.tasks, self.next_shard = cfg, out, manifest, tasks, next_shard
-        self.journal = log_
+        self.journal, self.on_commit = log_, on_commit
         self.uncommitted: dict[int, dict[str, SlideOutcome]] = collections.defaultdict(dict)
         self.queues: dict[int, collections.deque] = collections.defaultdict(collections.deque)
         self.names: dict[int, str] = {}
@@ -141,6 +146,8 @@ class _Driver:
         TILING.tiles_written.inc(sealed.num_samples)
         TILING.bytes_written.inc(sealed.num_bytes)
         TILING.shards_written.inc()
+        if self.on_commit is not None:
+            self.on_commit(sealed)
 
     def accept(self, actor: int, outcome: SlideOutcome, sealed: SealedShard | None) -> None:
         self.restarting.discard(actor)  # it answered: alive again
@@ -220,16 +227,18 @@ def _refuse_invalid(manifest: RunManifest, todo: list[str], invalid: dict[str, s
     return [sid for sid in todo if sid not in invalid]
 
 
-def run(cfg: TilingConfig, slides: str, out_url: str) -> TilingResult:
-    """Tile every slide of `slides` (manifest, folder or glob) into `out_url`, resuming what is already there."""
+def run(cfg: TilingConfig, slides: str, out_url: str, on_commit: CommitHook | None = None) -> TilingResult:
+    """Tile every slide of `slides` (manifest, folder or glob) into `out_url`, resuming what is already there;
+    `on_commit` sees each committed shard (`CommitHook`)."""
     start = time.perf_counter()
     out_url = storage.resolve_out(out_url)
     table = load_slide_table(slides)
     with OutputLock(out_url, "tile"):
-        return _run_locked(cfg, table, out_url, start)
+        return _run_locked(cfg, table, out_url, start, on_commit)
 
 
-def _run_locked(cfg: TilingConfig, table: pd.DataFrame, out_url: str, start: float) -> TilingResult:
+def _run_locked(cfg: TilingConfig, table: pd.DataFrame, out_url: str, start: float,
+                on_commit: CommitHook | None) -> TilingResult:
     out = OutputDir(out_url, cfg.staging_dir)
     out.makedirs()
     check_layout(out, cfg)
@@ -252,7 +261,7 @@ def _run_locked(cfg: TilingConfig, table: pd.DataFrame, out_url: str, start: flo
                     ", ".join(absent[:10]), " ..." if len(absent) > 10 else "")
     log.info("%d slide(s): %d to tile, %d done, %d failed", len(inputs), len(todo), manifest.counts["done"],
              manifest.counts["failed"])
-    driver = _Driver(cfg, out, manifest, tasks, next_shard, commit_log)
+    driver = _Driver(cfg, out, manifest, tasks, next_shard, commit_log, on_commit)
     try:
         if todo:
             if cfg.metrics_port is not None:

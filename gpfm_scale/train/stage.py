@@ -21,6 +21,7 @@ import logging
 import os
 import posixpath
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,7 +113,8 @@ def _place_experts(cfg: PretrainConfig) -> tuple[Any, str | None]:
     return start_expert_directory(experts, cfg.expert_placement)
 
 
-def _trainer(cfg: PretrainConfig, fence: RunFence, experts: str | None, use_gpu: bool) -> Any:
+def _trainer(cfg: PretrainConfig, fence: RunFence, experts: str | None, use_gpu: bool,
+             callbacks: Sequence[Any]) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -125,18 +127,19 @@ def _trainer(cfg: PretrainConfig, fence: RunFence, experts: str | None, use_gpu:
                                      resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
         run_config=RunConfig(name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_filesystem,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
-                             failure_config=FailureConfig(max_failures=cfg.run.max_failures)),
+                             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+                             callbacks=list(callbacks)),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
     )
 
 
-def _fit(cfg: PretrainConfig, fence: RunFence) -> Any:
+def _fit(cfg: PretrainConfig, fence: RunFence, callbacks: Sequence[Any]) -> Any:
     """Train under Ray Train with the driver-owned expert directory; returns Ray Train's Result."""
     ensure_ray(cfg.run.ray_address)
     use_gpu = await_workers(cfg)
     directory, directory_name = _place_experts(cfg)
     try:
-        return _trainer(cfg, fence, directory_name, use_gpu).fit()
+        return _trainer(cfg, fence, directory_name, use_gpu, callbacks).fit()
     finally:
         if directory is not None:
             from gpfm_scale.train.expert_directory import release_expert_directory
@@ -144,7 +147,12 @@ def _fit(cfg: PretrainConfig, fence: RunFence) -> Any:
             release_expert_directory(directory)
 
 
-def run(cfg: PretrainConfig, out: str, shards: str | None = None, resume: bool = False) -> PretrainResult:
+def run(cfg: PretrainConfig, out: str, shards: str | None = None, resume: bool = False,
+        callbacks: Sequence[Any] = ()) -> PretrainResult:
+    """Pretrain into `out` (see the module docstring). `callbacks`: `ray.train.UserCallback`s, run on Ray Train's
+    controller after each checkpoint it has registered (`after_report`, the point a restart resumes from) and after
+    a worker failed (`after_exception`): for embedders (notifications), and for tests, which act at those exact
+    points instead of polling Ray's internal files."""
     require("deepspeed", "train", "pretraining")  # here, not as a traceback from every Ray Train worker
     start = time.perf_counter()
     out = storage.resolve_out(out)
@@ -158,7 +166,7 @@ def run(cfg: PretrainConfig, out: str, shards: str | None = None, resume: bool =
         check_out(out, cfg, resume)
         write_run_config(out, cfg)
         fence = RunFence.start(out)
-        result = _fit(cfg, fence)
+        result = _fit(cfg, fence, callbacks)
     if result.error is not None:
         raise result.error
     checkpoint = result.checkpoint.path if result.checkpoint else None

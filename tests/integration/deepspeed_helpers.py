@@ -7,7 +7,6 @@ gradient fragments, ZeRO-3 parameter and gradient partitions) without spawning p
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -18,16 +17,11 @@ from torch import Tensor
 from gpfm_scale.models.config import BackboneConfig, ExpertConfig, HeadConfig, ModelConfig
 from gpfm_scale.models.meta_arch import SSLMetaArch
 from gpfm_scale.models.objective_config import ObjectiveConfig
+from tests.ports import free_port
 
 B, G, PATCH = 2, 16, 8
 GRID = (G // PATCH) ** 2
 TEACHER_TEMP = 0.05
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 _PORT: list[int] = []  # the one group's port, chosen at its creation
@@ -41,7 +35,7 @@ def single_rank_group() -> Iterator[None]:
     so destroying it and creating another breaks the next engine ("Group ... is not registered"). No other
     test initialises torch.distributed in the pytest process (multi-rank tests spawn their own processes)."""
     if not _PORT:
-        _PORT.append(_free_port())
+        _PORT.append(free_port())
     env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_PORT[0]), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

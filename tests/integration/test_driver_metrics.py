@@ -17,8 +17,9 @@ from gpfm_scale.metrics import CATALOGUE, serve_metrics
 from gpfm_scale.slides.synthetic import write_corrupt_slide
 from gpfm_scale.tiling.config import TilingConfig
 from gpfm_scale.tiling.stage import run as tile
-from tests.integration.scrape_helpers import free_port, scrape, value
+from tests.integration.scrape_helpers import scrape, value
 from tests.integration.tiling_helpers import make_cohort
+from tests.ports import free_port
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

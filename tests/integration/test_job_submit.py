@@ -18,8 +18,9 @@ from pathlib import Path
 import pandas as pd
 
 from tests.integration.pretrain_helpers import write_tile_shards
-from tests.integration.scrape_helpers import free_port, scrape
+from tests.integration.scrape_helpers import scrape
 from tests.integration.tiling_helpers import make_cohort
+from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).parent / "ray")

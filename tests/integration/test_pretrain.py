@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import threading
-import time
 
 import numpy as np
-import psutil
 import pytest
 import torch
 
@@ -19,6 +14,7 @@ from gpfm_scale.contracts.export import load_exported
 from gpfm_scale.train.stage import run
 from tests.integration.pretrain_helpers import read_metrics, tiny_config, write_tile_shards
 from tests.integration.scrape_helpers import ray_agent_url, value, wait_for
+from tests.integration.train_faults import KillAWorkerAtTheFirstCheckpoint
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -96,41 +92,23 @@ def test_stopped_and_resumed_run_matches_an_uninterrupted_one(shards, tmp_path):
         run(tiny_config(**base), str(tmp_path / "full"), shards=str(shards))
 
 
-def _checkpoint_registered(out) -> bool:
-    """Ray Train's controller has taken a checkpoint into its books (it then writes this snapshot, listing it):
-    a worker killed before that restarts from the previous one, however long ago the files were written."""
-    for snapshot in out.glob("**/checkpoint_manager_snapshot.json"):
-        try:
-            if json.loads(snapshot.read_text()).get("checkpoint_results"):
-                return True
-        except (OSError, ValueError):  # being written
-            pass
-    return False
-
-
-def _kill_a_worker_once_checkpointed(out, killed: list) -> None:
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if _checkpoint_registered(out):
-            for proc in psutil.process_iter(["pid", "cmdline"]):
-                title = " ".join(proc.info["cmdline"] or [])
-                if "RayTrainWorker" in title and proc.pid != os.getpid():
-                    os.kill(proc.pid, signal.SIGKILL)
-                    killed.append(proc.pid)
-                    return
-        time.sleep(0.1)
+def _events(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_killed_worker_is_recovered_from_the_checkpoint(shards, tmp_path):
     cfg = tiny_config(**{"run.total_iters": 24, "run.checkpoint_every": 6, "run.max_failures": 2})
-    killed: list[int] = []
-    killer = threading.Thread(target=_kill_a_worker_once_checkpointed, args=(tmp_path, killed))
-    killer.start()
-    result = run(cfg, str(tmp_path), shards=str(shards))
-    killer.join()
-    assert killed, "no training worker was found to kill"
-    rows = read_metrics(tmp_path)
+    events = tmp_path / "events.jsonl"
+    result = run(cfg, str(tmp_path / "out"), shards=str(shards),
+                 callbacks=[KillAWorkerAtTheFirstCheckpoint(str(events))])
+    seen = _events(events)
+    assert seen[0] == {"checkpoint": 6, "resumed_from": 0} and "killed" in seen[1]
+    failed = next(i for i, e in enumerate(seen) if "failed" in e)  # the controller saw the worker die
+    resumed = [e["checkpoint"] for e in seen[:failed] if "checkpoint" in e][-1]
+    # the restart resumed from the newest checkpoint the controller had registered when it saw the worker die
+    assert [e for e in seen[failed:] if "checkpoint" in e] == [
+        {"checkpoint": s, "resumed_from": resumed} for s in range(resumed + 6, 25, 6)]
+    rows = read_metrics(tmp_path / "out")
     assert [r["step"] for r in rows] == list(range(1, 25))  # the restart's repeated steps replaced, not appended
-    restarts = {r["resumed_from"] for r in rows} - {0}
-    assert len(restarts) == 1 and restarts <= {6, 12, 18}  # restarted from a checkpoint, not from scratch
+    assert [r["resumed_from"] for r in rows] == [0] * resumed + [resumed] * (24 - resumed)
     assert result.steps == 24

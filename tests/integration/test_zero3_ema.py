@@ -9,18 +9,13 @@ the step the teacher must equal m * teacher_before + (1 - m) * the whole fp32 ma
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.multiprocessing as mp
 
+from tests.ports import free_port
+
 MOMENTUM, CLIP, LOSS_SCALE = 0.995, 3.0, 300.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _full_norms(modules: dict) -> dict[str, float]:
@@ -70,7 +65,7 @@ def _rank_main(rank: int, port: int, results: dict) -> None:
 
 
 def test_two_ranks_clip_by_whole_module_norms_and_keep_the_fp32_ema_exact():
-    port = _free_port()
+    port = free_port()
     # spawn, not the default fork: a forked copy of this process (the test session's Ray driver) broke the
     # driver's connection to Ray's GCS, and every later actor creation in the session hung.
     with mp.get_context("spawn").Manager() as manager:

@@ -43,11 +43,6 @@ def _dali(cfg: LoaderConfig, rank: int = 0, world: int = 1):
     return build_dali_loader(cfg, CROPS, MASKS, GRID, rank, world, device_id=None)
 
 
-@pytest.fixture(scope="module")
-def good(tmp_path_factory):
-    return make_shards(tmp_path_factory.mktemp("dali_good"), n_shards=3, per_shard=6)
-
-
 def test_cpu_batch_has_the_structure_of_the_torch_batch(good):
     paths, jpgs = good
     cfg = _cfg(paths)

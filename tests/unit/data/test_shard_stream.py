@@ -55,11 +55,6 @@ def _assert_same_batch(a: dict, b: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def good(tmp_path_factory):
-    return make_shards(tmp_path_factory.mktemp("good"), n_shards=3, per_shard=6)
-
-
-@pytest.fixture(scope="module")
 def damaged(tmp_path_factory):
     return make_shards(tmp_path_factory.mktemp("damaged"), n_shards=2, per_shard=6,
                        damaged={"s0/2_0": "truncated_jpeg", "s1/3_0": "bad_json"})
