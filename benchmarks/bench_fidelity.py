@@ -60,6 +60,7 @@ from gpfm_scale.contracts.model_input import IMAGENET_MEAN, IMAGENET_STD
 from gpfm_scale.models.meta_arch import SSLMetaArch
 from gpfm_scale.models.objective_config import ObjectiveConfig
 from gpfm_scale.models.vit import create_vit
+from gpfm_scale.train.build import build_model
 from gpfm_scale.train.config import OptimConfig, ScheduleConfig
 from gpfm_scale.train.local import train_local
 
@@ -182,8 +183,7 @@ def shared_init(expert_cfg: ExpertConfig, seed: int) -> tuple[dict[str, SSLMetaA
     built after the backbone and DINO head, so they do not shift the shared part's initialisation."""
     models = {}
     for name, experts in zip(STUDENTS, ([expert_cfg], [])):
-        torch.manual_seed(seed)
-        models[name] = SSLMetaArch(objective(experts))
+        models[name] = build_model(objective(experts), seed)
     a, b = (m.state_dict() for m in models.values())
     shared = sorted(b)  # every tensor of the DINO-only model (the distilled one adds expert heads)
     differ = [k for k in shared if not torch.equal(a[k], b[k])]
