@@ -23,6 +23,7 @@ import yaml
 from gpfm_scale.config import StrictModel, describe_config, load_config
 from gpfm_scale.errors import GpfmError
 from gpfm_scale.evaluate.tasks import tasks_help
+from gpfm_scale.ray_utils import configure_logging
 
 log = logging.getLogger("gpfm_scale")
 
@@ -370,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     args.command = shlex.join(["gpfm-scale", *argv])
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     try:
         return _run_stage(args)
     except GpfmError as err:
