@@ -33,6 +33,7 @@ from gpfm_scale.models.meta_arch import SSLMetaArch
 from gpfm_scale.models.objective_config import ObjectiveConfig
 from gpfm_scale.train.build import build_local_trainer, build_model, student_grid
 from gpfm_scale.train.config import OptimConfig, ScheduleConfig
+from gpfm_scale.train.progress import show_metrics, step_bar
 from gpfm_scale.train.step import step_seed, train_step
 from gpfm_scale.train.warm_start import InitConfig, init_unless_resuming
 
@@ -112,12 +113,17 @@ def train_local(
                                   total_iters=steps)
     transform, grid = MultiCropTransform(crop_cfg), student_grid(objective_cfg, crop_cfg)
     history: list[dict[str, float]] = []
+    bar = step_bar(steps, 0, enabled=True)
     for step in range(steps):
         start = time.perf_counter()
         batch = sample_batch(images, batch_size, transform, mask_cfg, grid, step_seed(seed, 0, step))
         targets = expert_targets(experts, batch[GLOBAL_CROPS_UINT8], grid) if experts else None
         logs = train_step(trainer, batch, targets, step).logs()
-        history.append({"step": float(step), **logs, "step_seconds": time.perf_counter() - start})
+        seconds = time.perf_counter() - start
+        history.append({"step": float(step), **logs, "step_seconds": seconds})
+        show_metrics(bar, logs["total"], batch_size / seconds if seconds > 0 else 0.0)  # logs(): already floats
+        bar.update(1)
         if step % 50 == 0 or step == steps - 1:
             logger.info("step %d/%d: total %.4f", step, steps, logs["total"])
+    bar.close()
     return LocalRun(model, history)

@@ -27,6 +27,7 @@ from gpfm_scale.extras import require
 from gpfm_scale.metrics import PRETRAIN, AgentRecorder
 from gpfm_scale.train.fencing import RunFence
 from gpfm_scale.train.pretrain_config import PretrainConfig
+from gpfm_scale.train.progress import show_metrics, step_bar
 from gpfm_scale.train.resume import METRICS_NAME, truncate_metrics
 
 if TYPE_CHECKING:  # step.py imports the model code (timm): the driver, which imports this module, never needs it
@@ -170,13 +171,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     grid = student_grid(cfg.objective, cfg.crops)
     loader = build_loader(cfg.loader_config(), cfg.crops, cfg.masks, grid, rank, world, start_step=start)
     stream = _expert_stream(cfg, loader, grid, device, config.get("expert_directory"))
-    corrupt = 0
+    corrupt, bar = 0, step_bar(_last_step(cfg), start, enabled=rank == 0)
     for step in range(start, _last_step(cfg)):
         t0 = time.perf_counter()
         batch, targets, data_wait, expert_wait = next(stream)
         corrupt += int(batch.get(STATS, {}).get(STATS_CORRUPT, 0))
         result = train_step(trainer, to_device(batch, device), targets, step)
         report, ckpt = _report_every(cfg, step)
+        bar.update(1)
         if not report:
             continue
         if device.type == "cuda":  # kernels are queued asynchronously: the step ends when they have run
@@ -186,8 +188,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics["resumed_from"] = start
         _publish(recorder, metrics, rank, corrupt - published_corrupt, fence)
         published_corrupt = corrupt
+        show_metrics(bar, metrics["total"], metrics["images_per_s"])
         if ckpt:  # metrics alone go to metrics.jsonl and Prometheus: a bare ray.train.report cost 1-2 s here
             _save_and_report(trainer.engine, metrics, step, fence)
+    bar.close()
     if fence and _last_step(cfg) == cfg.run.total_iters:
         from gpfm_scale.train.checkpoint import export_teacher
 
