@@ -15,7 +15,7 @@ RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
 _QUIET_RAY_LEVEL, _QUIET_OTHER_LEVEL = logging.ERROR, logging.WARNING
 # the same for Ray's worker processes, which inherit the driver's environment when it starts a local instance
 # (not RAY_BACKEND_LOG_LEVEL: setting it makes every raylet and core worker log that it was set)
-_QUIET_RAY_ENV = {"RAY_LOGGER_LEVEL": "error", "RAY_DATA_LOG_LEVEL": "WARNING"}
+_QUIET_RAY_ENV = {"RAY_LOGGER_LEVEL": "error", "RAY_DATA_LOG_LEVEL": "ERROR"}
 _verbose = False
 
 

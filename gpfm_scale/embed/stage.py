@@ -36,7 +36,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from gpfm_scale import storage
 from gpfm_scale.config import dump_config
@@ -47,6 +46,7 @@ from gpfm_scale.embed.collect import ImageCollector, SlideCollector, SlideVerdic
 from gpfm_scale.embed.config import EmbedConfig
 from gpfm_scale.embed.inputs import TileSource, detect_kind, list_image_folder, load_tile_source, shard_names
 from gpfm_scale.embed.models import ModelInfo, describe_model
+from gpfm_scale.embed.progress import EmbedProgress
 from gpfm_scale.errors import ConfigError, GpfmError, UnsafeNameError
 from gpfm_scale.metrics import EMBED, serve_metrics
 from gpfm_scale.names import checked_component
@@ -161,11 +161,11 @@ def _stream(tasks: list[dict[str, Any]], info: ModelInfo, cfg: EmbedConfig, tota
 
     ensure_ray(cfg.ray_address)
     plan = plan_resources(cfg, wait_for_cluster(cfg))
-    log.info("%d inference actor(s) on %s (%g CPU, %g GPU each), batch %d", plan.num_actors, plan.device,
+    log.info("starting %d inference actor(s) on %s (%g CPU, %g GPU each), batch %d", plan.num_actors, plan.device,
              plan.cpus_per_actor, plan.gpus_per_actor, cfg.batch_size)
     embedded = corrupt = received = 0
-    t0, first = time.perf_counter(), None
-    bar = tqdm(total=total, unit="img", desc="embedding", dynamic_ncols=True)
+    first: float | None = None
+    bar = EmbedProgress(total)
     try:
         blocks = build_pipeline(tasks, info, cfg, plan, parts_out).iter_batches(batch_size=None,
                                                                                   batch_format="numpy")
@@ -176,10 +176,7 @@ def _stream(tasks: list[dict[str, Any]], info: ModelInfo, cfg: EmbedConfig, tota
             embedded, corrupt = embedded + n_ok, corrupt + n_bad
             EMBED.images.inc(n_ok)
             EMBED.corrupt_samples.inc(n_bad)
-            rate = embedded / max(time.perf_counter() - t0, 1e-9)
-            EMBED.images_per_second.set(rate)
-            bar.update(n_ok + n_bad)
-            bar.set_postfix_str(f"{rate:.0f} img/s {note}")
+            EMBED.images_per_second.set(bar.advance(n_ok, n_bad, note))
     except ray.exceptions.RayError as err:
         raise GpfmError(f"embedding pipeline failed: {root_cause(err)}") from err
     finally:
