@@ -37,6 +37,11 @@ def configure_logging(level: str) -> None:
     _apply_levels()
 
 
+def ray_level_name() -> str:
+    """The level for Ray's loggers as a name, for the Ray APIs that take one (Ray Train's LoggingConfig)."""
+    return logging.getLevelName(_ray_level())
+
+
 def _ray_level() -> int:
     return logging.INFO if _verbose else _QUIET_RAY_LEVEL  # INFO: Ray's own default for its "ray" logger
 

@@ -28,7 +28,7 @@ from typing import Any
 from gpfm_scale import storage
 from gpfm_scale.errors import ConfigError
 from gpfm_scale.extras import require
-from gpfm_scale.ray_utils import ensure_ray
+from gpfm_scale.ray_utils import ensure_ray, ray_level_name
 from gpfm_scale.resources import wait_for_resources
 from gpfm_scale.run_lock import OutputLock
 from gpfm_scale.train.fencing import RunFence
@@ -115,7 +115,7 @@ def _place_experts(cfg: PretrainConfig) -> tuple[Any, str | None]:
 
 def _trainer(cfg: PretrainConfig, fence: RunFence, experts: str | None, use_gpu: bool,
              callbacks: Sequence[Any]) -> Any:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     storage_path, storage_filesystem = storage.ray_storage(storage.join(fence.out, "checkpoints"))
@@ -128,7 +128,8 @@ def _trainer(cfg: PretrainConfig, fence: RunFence, experts: str | None, use_gpu:
         run_config=RunConfig(name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_filesystem,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-                             callbacks=list(callbacks)),
+                             callbacks=list(callbacks),
+                             logging_config=LoggingConfig(log_level=ray_level_name())),  # controller + workers
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
     )
 

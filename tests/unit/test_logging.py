@@ -50,7 +50,9 @@ def test_ray_and_numexpr_are_quiet_by_default_and_debug_brings_them_back() -> No
     assert not logging.getLogger("ray.train").isEnabledFor(logging.WARNING)  # PlacementGroupCleaner's warnings
     assert logging.getLogger("ray").isEnabledFor(logging.ERROR)
     assert os.environ["RAY_LOGGER_LEVEL"] == "error"  # Ray's worker processes (Train controller) too
+    assert ray_utils.ray_level_name() == "ERROR"  # Ray Train's LoggingConfig (controller and train workers)
 
     ray_utils.configure_logging("DEBUG")
     for name in THIRD_PARTY:
         assert logging.getLogger(name).isEnabledFor(logging.INFO), name
+    assert ray_utils.ray_level_name() == "INFO"
