@@ -44,7 +44,7 @@ from gpfm_scale.tiling.inputs import load_slide_table
 from gpfm_scale.tiling.manifest import RunManifest, SlideOutcome
 from gpfm_scale.tiling.resume import CONFIG_NAME, check_layout, reconcile, sweep_orphans
 from gpfm_scale.tiling.slide_job import SlideTask
-from gpfm_scale.tiling.worker import TileWorker
+from gpfm_scale.tiling.worker import FIRST, TileWorker
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,9 @@ COMPACT_EVERY_S = 300.0
 COMPACT_EVERY_COMMITS = 20_000
 RESERVE_BLOCK = 256
 """Shard indices reserved per journal record: a reservation must be durable before an actor may use the name."""
+
+GONE = "gone-"
+"""Prefix of the incarnation a driver assumes for an actor that did not answer after a death (`_Driver.died`)."""
 
 CommitHook = Callable[[SealedShard], None]
 """Called in the driver with each shard right after its commit record is durable: the one point a rerun resumes
@@ -97,12 +100,11 @@ class _Driver:
         self.queues: dict[int, collections.deque] = collections.defaultdict(collections.deque)
         self.names: dict[int, str] = {}
         self.reserved_hi = next_shard
-        self.alive: dict[int, str | None] = {}
-        """Per actor, the incarnation (`TileWorker.token`) last known alive: each task is tagged with it when sent
-        (None: not asked yet, i.e. the first process)."""
-        self.dead: set[tuple[int, str | None]] = set()
+        self.alive: dict[int, str] = collections.defaultdict(lambda: FIRST)
+        """Per actor, the incarnation (`TileWorker.token`) last known alive: each task is tagged with it when sent."""
+        self.dead: set[tuple[int, str]] = set()
         """(actor, incarnation) whose death is counted (in `restarts`): once, however many tasks it failed."""
-        self.charged: set[tuple[int, str | None]] = set()
+        self.charged: set[tuple[int, str]] = set()
         """Dead incarnations whose death is charged to a slide (`deaths`): the first of its failed tasks only."""
         self.deaths: collections.Counter[str] = collections.Counter()
         self.restarts = 0
@@ -152,7 +154,7 @@ class _Driver:
         if self.on_commit is not None:
             self.on_commit(sealed)
 
-    def accept(self, actor: int, outcome: SlideOutcome, sealed: SealedShard | None, ran_on: str | None,
+    def accept(self, actor: int, outcome: SlideOutcome, sealed: SealedShard | None, ran_on: str,
                pending: collections.deque) -> None:
         """A slide's result from incarnation `ran_on`. If that process's death was already counted, its open shard
         (and any shard it sealed here, now a reserved orphan) is lost with it: the slide is redone."""
@@ -178,30 +180,28 @@ class _Driver:
         elif settled:
             self._append()
 
-    def actor_died(self, actor: int, task: SlideTask, sent_to: str | None, pending: collections.deque,
-                   current: Callable[[int], str | None]) -> None:
-        """`task`, sent to incarnation `sent_to` of `actor`, failed because the process died: requeue it, and charge
-        the death to its slide only if it is the first failure seen from that incarnation.
+    def actor_died(self, actor: int, task: SlideTask, sent_to: str, pending: collections.deque,
+                   current: Callable[[int], str | None], running: SlideTask) -> None:
+        """`task`, sent to incarnation `sent_to` of `actor`, failed because the process died: requeue it; the first
+        time that incarnation's death is seen, charge it to `running`, the slide it was running.
 
         One death fails every task that reached the process: the one it was running and those queued behind it
         (`max_inflight_per_worker`), and tasks sent before Ray told the driver (they still reach the dead process).
-        Counting per incarnation charges the death once, to the slide of the first failure (with the default order
-        of results, the one the process was running), so a slide that kills every fresh process is still failed
-        after `max_worker_deaths_per_slide` deaths, and one death never fails a slide."""
-        if not self.died(actor, sent_to, current, pending) or (actor, sent_to) in self.charged:
+        Counted per incarnation, it is charged once, so one death never fails a slide, and a slide that kills every
+        fresh process is failed after `max_worker_deaths_per_slide` deaths."""
+        if self.died(actor, sent_to, current, pending) and (actor, sent_to) not in self.charged:
+            self.charged.add((actor, sent_to))
+            sid = running.slide_id
+            self.deaths[sid] += 1
+            if self.deaths[sid] >= self.cfg.max_worker_deaths_per_slide:
+                reason = f"WorkerDied: the tiling process died {self.deaths[sid]} times on this slide"
+                self.manifest.mark_failed(SlideOutcome(sid, ok=False, reason=reason))
+                TILING.slides.labels(status="failed").inc()
+                self._append()
+        if self.manifest.rows[task.slide_id]["status"] != "failed":
             pending.appendleft(task)
-            return
-        self.charged.add((actor, sent_to))
-        self.deaths[task.slide_id] += 1
-        if self.deaths[task.slide_id] >= self.cfg.max_worker_deaths_per_slide:
-            reason = f"WorkerDied: the tiling process died {self.deaths[task.slide_id]} times on this slide"
-            self.manifest.mark_failed(SlideOutcome(task.slide_id, ok=False, reason=reason))
-            TILING.slides.labels(status="failed").inc()
-            self._append()
-            return
-        pending.appendleft(task)
 
-    def died(self, actor: int, sent_to: str | None, current: Callable[[int], str | None],
+    def died(self, actor: int, sent_to: str, current: Callable[[int], str | None],
              pending: collections.deque) -> bool:
         """Whether incarnation `sent_to`, to which a failed task was sent, is dead; the first time, count the death
         and requeue the slides it held uncommitted. `current(actor)` is the actor's incarnation now, waiting until
@@ -218,19 +218,16 @@ class _Driver:
     def seen_alive(self, actor: int, now: str, pending: collections.deque) -> None:
         """`actor` answered from incarnation `now`. If that is not the process last known alive, that one died
         while no task of it failed (idle, or between tasks): count it, and redo what it held uncommitted."""
-        last = self.alive.get(actor)
-        if last is None or last == now:
+        last = self.alive[actor]
+        if last == now or last.startswith(GONE):  # a gone actor that answers again came back
             self.alive[actor] = now
         elif (actor, last) not in self.dead:  # its failed tasks, if any come, still charge its slide
             self._count_death(actor, last, now, pending)
 
-    def _count_death(self, actor: int, incarnation: str | None, now: str | None, pending: collections.deque) -> None:
-        """`now` None: the actor is gone for good; its next failures are from an unknown process and each counts."""
+    def _count_death(self, actor: int, incarnation: str, now: str | None, pending: collections.deque) -> None:
+        """`now` None: the actor is gone for good; each next failure is from an unknown process, and counts."""
         self.dead.add((actor, incarnation))
-        if now is None:
-            self.dead.discard((actor, None))
-            self.charged.discard((actor, None))
-        self.alive[actor] = now
+        self.alive[actor] = now if now is not None else f"{GONE}{len(self.dead)}"
         self.restarts += 1
         TILING.worker_restarts.inc()
         self.requeue_uncommitted(actor, pending)
@@ -334,7 +331,7 @@ def _actor_count(cfg: TilingConfig, n_slides: int) -> int:
 
 def _dispatch(cfg: TilingConfig, out: OutputDir, driver: _Driver, todo: list[str]) -> None:
     import ray
-    from ray.exceptions import ActorUnavailableError, RayActorError
+    from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
     ensure_ray(cfg.ray_address)
     n_workers = _actor_count(cfg, len(todo))
@@ -348,7 +345,7 @@ def _dispatch(cfg: TilingConfig, out: OutputDir, driver: _Driver, todo: list[str
               for i in range(n_workers)]
     log.info("tiling with %d actor(s)", n_workers)
     pending = collections.deque(driver.tasks[sid] for sid in todo)
-    inflight: dict[Any, tuple[int, SlideTask, str | None]] = {}  # ref -> actor, task, incarnation it was sent to
+    inflight: dict[Any, tuple[int, SlideTask, str]] = {}  # ref -> actor, task, incarnation it was sent to
 
     def current(i: int) -> str | None:
         while True:
@@ -358,6 +355,21 @@ def _dispatch(cfg: TilingConfig, out: OutputDir, driver: _Driver, todo: list[str
                 continue  # unreachable for a moment (Ray says it may come back): ask again
             except RayActorError:
                 return None
+
+    def running(i: int, failed: Any, sent_to: str) -> SlideTask:
+        """The slide incarnation `sent_to` of actor `i` ran when it died: an actor runs its tasks in the order
+        sent, so the first one sent to it that did not succeed (`failed`, or one sent before it whose failure is
+        not handled yet). A reply lost with a process killed the instant it finished a slide is not told apart."""
+        for ref in driver.queues[i]:
+            if ref is failed:
+                break
+            if inflight[ref][2] != sent_to:
+                continue
+            try:
+                ray.get(ref, timeout=0)  # no remote call: a finished task's result is here already
+            except (RayActorError, GetTimeoutError):
+                return inflight[ref][1]
+        return inflight[failed][1]
 
     bar = tqdm(total=len(todo), unit="slide", desc="tiling", dynamic_ncols=True)
     tiles_seen, t0 = 0, time.perf_counter()
@@ -370,20 +382,24 @@ def _dispatch(cfg: TilingConfig, out: OutputDir, driver: _Driver, todo: list[str
                         task = pending.popleft()
                         driver.manifest.count_attempt(task.slide_id)  # journaled with the next record
                         ref = actor.process.remote(task, driver.shard_name(i))
-                        inflight[ref] = (i, task, driver.alive.get(i))
+                        inflight[ref] = (i, task, driver.alive[i])
                         driver.queues[i].append(ref)
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
             quiet_since = _warn_if_stalled(ready, quiet_since, cfg)
             for ref in ready:
-                i, task, sent_to = inflight.pop(ref)
-                driver.queues[i].remove(ref)
+                i, task, sent_to = inflight[ref]
                 try:
                     outcome, sealed, ran_on = ray.get(ref)
                 except RayActorError:
+                    killer = running(i, ref, sent_to)
+                    del inflight[ref]
+                    driver.queues[i].remove(ref)
                     before = len(pending)
-                    driver.actor_died(i, task, sent_to, pending, current)
+                    driver.actor_died(i, task, sent_to, pending, current, killer)
                     bar.total += max(0, len(pending) - before - 1)
                     continue
+                del inflight[ref]
+                driver.queues[i].remove(ref)
                 before = len(pending)
                 driver.accept(i, outcome, sealed, ran_on, pending)
                 if len(pending) > before:  # a late answer of a process already counted dead: the slide is redone
@@ -430,7 +446,7 @@ def _flush(actors: list[Any], driver: _Driver, pending: collections.deque, actor
     for i, actor in enumerate(actors):
         sealed = None
         while True:
-            sent_to = driver.alive.get(i)
+            sent_to = driver.alive[i]
             try:
                 sealed, now = ray.get(actor.flush.remote(driver.shard_name(i)))
                 driver.seen_alive(i, now, pending)  # a process that died unseen took its open shard with it

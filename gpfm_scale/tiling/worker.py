@@ -22,6 +22,21 @@ def _worker_device(cfg: TilingConfig) -> str:
     return "cuda" if ray.is_initialized() and ray.get_gpu_ids() else "cpu"
 
 
+FIRST = "first"
+"""The incarnation of an actor's first process: known to the driver before it answers anything."""
+
+
+def _incarnation() -> str:
+    """`FIRST` for an actor's first process (and outside an actor), a fresh random token for each restart."""
+    import ray
+
+    if ray.is_initialized():
+        ctx = ray.get_runtime_context()
+        if ctx.get_actor_id() is not None and ctx.was_current_actor_reconstructed:
+            return uuid.uuid4().hex
+    return FIRST
+
+
 class TileWorker:
     """Plain class; the stage wraps it with `ray.remote`. State: the open shard of this process, and the shard
     names it already published (a queued task may still carry one: the shard then stays open past the soft cap
@@ -35,7 +50,7 @@ class TileWorker:
         self.writer = ShardWriter(self.out.local_tmp_dir(), self.cfg.shard_max_bytes)
         self.device = _worker_device(self.cfg)
         self.published: set[str] = set()
-        self.token = uuid.uuid4().hex
+        self.token = _incarnation()
         """This process's incarnation: new when Ray restarts the actor, so the driver counts one death once."""
 
     def pid(self) -> int:

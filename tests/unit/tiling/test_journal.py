@@ -20,6 +20,7 @@ from gpfm_scale.tiling.manifest import RunManifest, SlideOutcome
 from gpfm_scale.tiling.resume import reconcile, sweep_orphans
 from gpfm_scale.tiling.slide_job import SlideTask
 from gpfm_scale.tiling.stage import _Driver
+from gpfm_scale.tiling.worker import FIRST
 
 
 def _start(tmp_path, n: int = 6) -> tuple[OutputDir, _Driver]:
@@ -46,7 +47,7 @@ def _tiles(sid: str, n: int = 4) -> SlideOutcome:
 
 
 def _accept(driver: _Driver, actor: int, outcome: SlideOutcome, sealed: SealedShard | None,
-            ran_on: str = "p1", pending: collections.deque | None = None) -> None:
+            ran_on: str = FIRST, pending: collections.deque | None = None) -> None:
     """A result from the actor's process `ran_on` (the same one unless a test says otherwise)."""
     driver.accept(actor, outcome, sealed, ran_on, collections.deque() if pending is None else pending)
 
@@ -199,23 +200,24 @@ def test_one_death_is_counted_once_however_many_tasks_it_fails_but_a_poison_slid
         return next(incarnations[actor])
 
     pending = collections.deque()
-    _accept(driver, 0, _tiles("s5"), None, "p1")  # p1 holds s5 uncommitted
+    _accept(driver, 0, _tiles("s5"), None, FIRST)  # the first process holds s5 uncommitted
     s0, s1, s2 = (driver.tasks[s] for s in ("s0", "s1", "s2"))
-    driver.actor_died(0, s0, "p1", pending, current)  # p1 killed while tiling s0
-    driver.actor_died(0, s1, "p1", pending, current)  # queued behind s0 on p1
-    driver.actor_died(0, s0, "p1", pending, current)  # s0 re-sent before the driver knew: reached p1 too
-    driver.actor_died(0, s2, "p1", pending, current)
+    driver.actor_died(0, s1, FIRST, pending, current, s0)  # queued behind s0, which the process was running
+    driver.actor_died(0, s0, FIRST, pending, current, s0)
+    driver.actor_died(0, s2, FIRST, pending, current, s2)  # re-sent before the driver knew: reached it too
+    driver.actor_died(0, s2, FIRST, pending, current, s2)
     assert driver.restarts == 1 and asked == [0] and driver.alive[0] == "p2"
-    assert sorted(t.slide_id for t in pending) == ["s0", "s0", "s1", "s2", "s5"]
+    assert sorted(t.slide_id for t in pending) == ["s0", "s1", "s2", "s2", "s5"] and driver.deaths == {"s0": 1}
     assert all(driver.manifest.rows[s]["status"] == "pending" for s in ("s0", "s1", "s2", "s5"))
-    _accept(driver, 0, _tiles("s1"), None, "p1", pending)  # a late answer of p1: its open shard died with it
+    _accept(driver, 0, _tiles("s1"), None, FIRST, pending)  # a late answer of the dead process: redone
     assert 0 not in driver.uncommitted and list(pending)[0].slide_id == "s1"
-    driver.actor_died(0, s0, "p2", pending, current)  # the fresh process died on s0 too: a second death
+    driver.actor_died(0, s0, "p2", pending, current, s0)  # the fresh process died on s0 too: a second death
     assert driver.manifest.rows["s0"]["status"] == "failed" and driver.restarts == 2
     assert read_state(str(tmp_path)).set_index("slide_id").loc["s0", "status"] == "failed"
-    # an actor whose process was never asked (first process) is counted the same way
-    driver.actor_died(1, driver.tasks["s3"], None, pending, current)
-    driver.actor_died(1, driver.tasks["s4"], None, pending, current)
+    # actor 1: both tasks failed with its first process: one death
+    s3, s4 = driver.tasks["s3"], driver.tasks["s4"]
+    driver.actor_died(1, s4, FIRST, pending, current, s3)
+    driver.actor_died(1, s3, FIRST, pending, current, s3)
     assert driver.restarts == 3 and driver.manifest.counts["failed"] == 1
 
 
@@ -223,23 +225,25 @@ def test_a_death_seen_only_by_a_new_process_answering_is_counted_and_its_slides_
     """A process that died with no task of it failing (between tasks) is noticed when another one answers."""
     out, driver = _start(tmp_path)
     pending = collections.deque()
-    _accept(driver, 0, _tiles("s0"), None, "p1", pending)
-    _accept(driver, 0, _tiles("s1"), None, "p2", pending)  # s0 was in p1's open shard, lost with it
+    _accept(driver, 0, _tiles("s0"), None, FIRST, pending)
+    _accept(driver, 0, _tiles("s1"), None, "p2", pending)  # s0 was in the dead process's open shard
     assert driver.restarts == 1 and [t.slide_id for t in pending] == ["s0"]
     assert list(driver.uncommitted[0]) == ["s1"]
-    for sid in ("s2", "s3"):  # p1's failed tasks come after: the first is charged that death, not counted again
-        driver.actor_died(0, driver.tasks[sid], "p1", pending, lambda actor: pytest.fail("p1 is known dead"))
+    for sid in ("s2", "s3"):  # its failed tasks come after: charged to a slide once, not counted again
+        task = driver.tasks[sid]
+        driver.actor_died(0, task, FIRST, pending, lambda actor: pytest.fail("known dead: not asked"), task)
     assert driver.restarts == 1 and driver.deaths == {"s2": 1}
 
 
 def test_a_process_that_answers_again_is_not_dead_and_a_gone_actor_counts_every_failure(tmp_path):
     out, driver = _start(tmp_path)
     pending = collections.deque()
-    _accept(driver, 0, _tiles("s5"), None, "p1", pending)
-    driver.actor_died(0, driver.tasks["s0"], "p1", pending, lambda actor: "p1")  # unreachable a moment
+    _accept(driver, 0, _tiles("s5"), None, FIRST, pending)
+    s0 = driver.tasks["s0"]
+    driver.actor_died(0, s0, FIRST, pending, lambda actor: FIRST, s0)  # unreachable for a moment
     assert driver.restarts == 0 and list(driver.uncommitted[0]) == ["s5"]
-    for n in (1, 2):  # gone for good: nothing answers, each failure is a death, and the slide fails
-        driver.actor_died(0, driver.tasks["s0"], driver.alive[0], pending, lambda actor: None)
+    for _ in (1, 2):  # gone for good: nothing answers, each failure is a death, and the slide fails
+        driver.actor_died(0, s0, driver.alive[0], pending, lambda actor: None, s0)
     assert driver.restarts == 2 and driver.manifest.rows["s0"]["status"] == "failed"
 
 
