@@ -113,14 +113,17 @@ def test_actor_killed_after_publishing_is_recovered(cohort, reference, tmp_path,
 
 
 def _dies_on(slide_id: str, marker: Path | None) -> type[TileWorker]:
-    """The real tiling actor, except that its process SIGKILLs itself when it starts `slide_id`: once in the whole
-    run when `marker` is given (it is created exclusively), else every time (a slide that kills every process)."""
+    """The real tiling actor, except that its process SIGKILLs itself on `slide_id` after tiling it (as a slide
+    that exhausts memory would): once in the whole run when `marker` is given (it is created exclusively), else
+    every time (a slide that kills every process). The slide before it has answered by then: the driver can tell
+    which slide the process died on."""
 
     class DiesOn(_once(marker)):
         def process(self, task: SlideTask, shard_name: str):
+            result = super().process(task, shard_name)
             if task.slide_id == slide_id and self.first():
                 os.kill(os.getpid(), signal.SIGKILL)
-            return super().process(task, shard_name)
+            return result
 
     return DiesOn
 
