@@ -45,7 +45,7 @@ from gpfm_scale.tiling.inputs import load_slide_table
 from gpfm_scale.tiling.manifest import RunManifest, SlideOutcome
 from gpfm_scale.tiling.resume import CONFIG_NAME, check_layout, reconcile, sweep_orphans
 from gpfm_scale.tiling.slide_job import SlideTask
-from gpfm_scale.tiling.worker import TileWorker
+from gpfm_scale.tiling.worker import FIRST, TileWorker
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,9 @@ COMPACT_EVERY_S = 300.0
 COMPACT_EVERY_COMMITS = 20_000
 RESERVE_BLOCK = 256
 """Shard indices reserved per journal record: a reservation must be durable before an actor may use the name."""
+
+GONE = "gone-"
+"""Prefix of the incarnation a driver assumes for an actor that did not answer after a death (`_Driver.died`)."""
 
 CommitHook = Callable[[SealedShard], None]
 """Called in the driver with each shard right after its commit record is durable: the one point a rerun resumes
@@ -98,9 +101,12 @@ class _Driver:
         self.queues: dict[int, collections.deque] = collections.defaultdict(collections.deque)
         self.names: dict[int, str] = {}
         self.reserved_hi = next_shard
-        self.casualties: set[Any] = set()
-        self.restarting: set[int] = set()
-        """Actors that died and have not returned a result since (see `actor_died`)."""
+        self.alive: dict[int, str] = collections.defaultdict(lambda: FIRST)
+        """Per actor, the incarnation (`TileWorker.token`) last known alive: each task is tagged with it when sent."""
+        self.dead: set[tuple[int, str]] = set()
+        """(actor, incarnation) whose death is counted (in `restarts`): once, however many tasks it failed."""
+        self.charged: set[tuple[int, str]] = set()
+        """Dead incarnations whose death is charged to a slide (`deaths`): the first of its failed tasks only."""
         self.deaths: collections.Counter[str] = collections.Counter()
         self.restarts = 0
         self.tiles = 0
@@ -149,8 +155,17 @@ class _Driver:
         if self.on_commit is not None:
             self.on_commit(sealed)
 
-    def accept(self, actor: int, outcome: SlideOutcome, sealed: SealedShard | None) -> None:
-        self.restarting.discard(actor)  # it answered: alive again
+    def accept(self, actor: int, outcome: SlideOutcome, sealed: SealedShard | None, ran_on: str,
+               pending: collections.deque) -> None:
+        """A slide's result from incarnation `ran_on`. If that process's death was already counted, its open shard
+        (and any shard it sealed here, now a reserved orphan) is lost with it: the slide is redone."""
+        if (actor, ran_on) in self.dead:
+            sealed = None  # its slides were requeued when the death was counted; the shard is a reserved orphan
+            if outcome.ok and outcome.n_tiles:
+                pending.appendleft(self.tasks[outcome.slide_id])
+                return
+        else:
+            self.seen_alive(actor, ran_on, pending)
         settled = not outcome.ok or outcome.n_tiles == 0  # final now, not waiting for a shard
         if not outcome.ok:
             self.manifest.mark_failed(outcome)
@@ -166,32 +181,57 @@ class _Driver:
         elif settled:
             self._append()
 
-    def actor_died(self, actor: int, ref: Any, task: SlideTask, pending: collections.deque) -> None:
-        """Requeue what the dead actor held; charge the death only to the slide it was running.
+    def actor_died(self, actor: int, task: SlideTask, sent_to: str, pending: collections.deque,
+                   current: Callable[[int], str | None], running: SlideTask) -> None:
+        """`task`, sent to incarnation `sent_to` of `actor`, failed because the process died: requeue it; the first
+        time that incarnation's death is seen, charge it to `running`, the slide it was running.
 
-        Tasks sent just after a death can still reach the dead process and fail too (seen in the actor-kill test:
-        a slide re-sent at once was charged a second death and marked failed). So the first failure after a death,
-        before the actor returned anything, is not charged: at most one per death, so a slide that kills every
-        fresh process is still failed after `max_worker_deaths_per_slide` charged deaths."""
-        if ref not in self.casualties:
-            self.casualties.update(self.queues[actor])
-            self.casualties.add(ref)
-            self.requeue_uncommitted(actor, pending)
-            if actor in self.restarting:
-                self.restarting.discard(actor)
-                pending.appendleft(task)
-                return
-            self.restarting.add(actor)
-            self.restarts += 1
-            TILING.worker_restarts.inc()
-            self.deaths[task.slide_id] += 1
-            if self.deaths[task.slide_id] >= self.cfg.max_worker_deaths_per_slide:
-                reason = f"WorkerDied: the tiling process died {self.deaths[task.slide_id]} times on this slide"
-                self.manifest.mark_failed(SlideOutcome(task.slide_id, ok=False, reason=reason))
+        One death fails every task that reached the process: the one it was running and those queued behind it
+        (`max_inflight_per_worker`), and tasks sent before Ray told the driver (they still reach the dead process).
+        Counted per incarnation, it is charged once, so one death never fails a slide, and a slide that kills every
+        fresh process is failed after `max_worker_deaths_per_slide` deaths."""
+        if self.died(actor, sent_to, current, pending) and (actor, sent_to) not in self.charged:
+            self.charged.add((actor, sent_to))
+            sid = running.slide_id
+            self.deaths[sid] += 1
+            if self.deaths[sid] >= self.cfg.max_worker_deaths_per_slide:
+                reason = f"WorkerDied: the tiling process died {self.deaths[sid]} times on this slide"
+                self.manifest.mark_failed(SlideOutcome(sid, ok=False, reason=reason))
                 TILING.slides.labels(status="failed").inc()
                 self._append()
-                return
-        pending.appendleft(task)
+        if self.manifest.rows[task.slide_id]["status"] != "failed":
+            pending.appendleft(task)
+
+    def died(self, actor: int, sent_to: str, current: Callable[[int], str | None],
+             pending: collections.deque) -> bool:
+        """Whether incarnation `sent_to`, to which a failed task was sent, is dead; the first time, count the death
+        and requeue the slides it held uncommitted. `current(actor)` is the actor's incarnation now, waiting until
+        Ray has restarted it (one small call per death, none per success); None when the actor is gone for good:
+        each failure then counts, so its slides fail as before."""
+        if (actor, sent_to) in self.dead:
+            return True
+        now = current(actor)
+        if now is not None and now == sent_to:
+            return False  # the same process answers: it was unreachable for a moment, not dead
+        self._count_death(actor, sent_to, now, pending)
+        return True
+
+    def seen_alive(self, actor: int, now: str, pending: collections.deque) -> None:
+        """`actor` answered from incarnation `now`. If that is not the process last known alive, that one died
+        while no task of it failed (idle, or between tasks): count it, and redo what it held uncommitted."""
+        last = self.alive[actor]
+        if last == now or last.startswith(GONE):  # a gone actor that answers again came back
+            self.alive[actor] = now
+        elif (actor, last) not in self.dead:  # its failed tasks, if any come, still charge its slide
+            self._count_death(actor, last, now, pending)
+
+    def _count_death(self, actor: int, incarnation: str, now: str | None, pending: collections.deque) -> None:
+        """`now` None: the actor is gone for good; each next failure is from an unknown process, and counts."""
+        self.dead.add((actor, incarnation))
+        self.alive[actor] = now if now is not None else f"{GONE}{len(self.dead)}"
+        self.restarts += 1
+        TILING.worker_restarts.inc()
+        self.requeue_uncommitted(actor, pending)
 
     def requeue_uncommitted(self, actor: int, pending: collections.deque) -> int:
         """A dead actor's slides not yet journaled are redone; its name is retired (it may have published under it:
@@ -293,7 +333,7 @@ def _actor_count(cfg: TilingConfig, n_slides: int) -> int:
 
 def _dispatch(cfg: TilingConfig, out: OutputDir, driver: _Driver, todo: list[str]) -> None:
     import ray
-    from ray.exceptions import RayActorError
+    from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
     ensure_ray(cfg.ray_address)
     n_workers = _actor_count(cfg, len(todo))
@@ -307,7 +347,32 @@ def _dispatch(cfg: TilingConfig, out: OutputDir, driver: _Driver, todo: list[str
               for i in range(n_workers)]
     log.info("tiling with %d actor(s)", n_workers)
     pending = collections.deque(driver.tasks[sid] for sid in todo)
-    inflight: dict[Any, tuple[int, SlideTask]] = {}
+    inflight: dict[Any, tuple[int, SlideTask, str]] = {}  # ref -> actor, task, incarnation it was sent to
+
+    def current(i: int) -> str | None:
+        while True:
+            try:
+                return ray.get(actors[i].incarnation.remote())
+            except ActorUnavailableError:
+                continue  # unreachable for a moment (Ray says it may come back): ask again
+            except RayActorError:
+                return None
+
+    def running(i: int, failed: Any, sent_to: str) -> SlideTask:
+        """The slide incarnation `sent_to` of actor `i` ran when it died: an actor runs its tasks in the order
+        sent, so the first one sent to it that did not succeed (`failed`, or one sent before it whose failure is
+        not handled yet). A reply lost with a process killed the instant it finished a slide is not told apart."""
+        for ref in driver.queues[i]:
+            if ref is failed:
+                break
+            if inflight[ref][2] != sent_to:
+                continue
+            try:
+                ray.get(ref, timeout=0)  # no remote call: a finished task's result is here already
+            except (RayActorError, GetTimeoutError):
+                return inflight[ref][1]
+        return inflight[failed][1]
+
     bar = tqdm(total=len(todo), unit="slide", desc="tiling", dynamic_ncols=True)
     tiles_seen, t0 = 0, time.perf_counter()
     quiet_since = t0
@@ -319,21 +384,29 @@ def _dispatch(cfg: TilingConfig, out: OutputDir, driver: _Driver, todo: list[str
                         task = pending.popleft()
                         driver.manifest.count_attempt(task.slide_id)  # journaled with the next record
                         ref = actor.process.remote(task, driver.shard_name(i))
-                        inflight[ref] = (i, task)
+                        inflight[ref] = (i, task, driver.alive[i])
                         driver.queues[i].append(ref)
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
             quiet_since = _warn_if_stalled(ready, quiet_since, cfg)
             for ref in ready:
-                i, task = inflight.pop(ref)
-                driver.queues[i].remove(ref)
+                i, task, sent_to = inflight[ref]
                 try:
-                    outcome, sealed = ray.get(ref)
+                    outcome, sealed, ran_on = ray.get(ref)
                 except RayActorError:
+                    killer = running(i, ref, sent_to)
+                    del inflight[ref]
+                    driver.queues[i].remove(ref)
                     before = len(pending)
-                    driver.actor_died(i, ref, task, pending)
+                    driver.actor_died(i, task, sent_to, pending, current, killer)
                     bar.total += max(0, len(pending) - before - 1)
                     continue
-                driver.accept(i, outcome, sealed)
+                del inflight[ref]
+                driver.queues[i].remove(ref)
+                before = len(pending)
+                driver.accept(i, outcome, sealed, ran_on, pending)
+                if len(pending) > before:  # a late answer of a process already counted dead: the slide is redone
+                    bar.total += 1
+                    continue
                 tiles_seen += outcome.n_tiles
                 elapsed = time.perf_counter() - t0
                 TILING.tiles_per_second.set(tiles_seen / elapsed if elapsed else 0.0)
@@ -341,7 +414,7 @@ def _dispatch(cfg: TilingConfig, out: OutputDir, driver: _Driver, todo: list[str
                 bar.set_postfix(tiles=tiles_seen, tiles_per_s=f"{tiles_seen / max(elapsed, 1e-9):.0f}",
                                 failed=driver.manifest.counts["failed"])
             if not pending and not inflight:
-                _flush(actors, driver, pending, RayActorError)
+                _flush(actors, driver, pending, RayActorError, current)
     finally:
         bar.close()
         for actor in actors:
@@ -366,17 +439,23 @@ def _warn_if_stalled(ready: list[Any], quiet_since: float, cfg: TilingConfig) ->
     return now
 
 
-def _flush(actors: list[Any], driver: _Driver, pending: collections.deque, actor_error: type) -> None:
-    """Seal every actor's open shard; an actor that dies here sends its uncommitted slides back to `pending`."""
+def _flush(actors: list[Any], driver: _Driver, pending: collections.deque, actor_error: type,
+           current: Callable[[int], str | None]) -> None:
+    """Seal every actor's open shard; an actor that dies here sends its uncommitted slides back to `pending` (the
+    death counted once per incarnation, as in the dispatch loop; no slide is charged: none was running)."""
     import ray
 
     for i, actor in enumerate(actors):
-        try:
-            sealed = ray.get(actor.flush.remote(driver.shard_name(i)))
-        except actor_error:
-            driver.restarts += 1
-            TILING.worker_restarts.inc()
-            driver.requeue_uncommitted(i, pending)
-            continue
+        sealed = None
+        while True:
+            sent_to = driver.alive[i]
+            try:
+                sealed, now = ray.get(actor.flush.remote(driver.shard_name(i)))
+                driver.seen_alive(i, now, pending)  # a process that died unseen took its open shard with it
+                break
+            except actor_error:
+                if driver.died(i, sent_to, current, pending):
+                    break  # its open shard died with it: the slides are back in `pending`
+                # else the same process answers again (it was unreachable for a moment) and still holds the shard
         if sealed is not None:
             driver.commit_shard(i, sealed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from typing import Any
 
 from gpfm_scale import atomic
@@ -21,6 +22,21 @@ def _worker_device(cfg: TilingConfig) -> str:
     return "cuda" if ray.is_initialized() and ray.get_gpu_ids() else "cpu"
 
 
+FIRST = "first"
+"""The incarnation of an actor's first process: known to the driver before it answers anything."""
+
+
+def _incarnation() -> str:
+    """`FIRST` for an actor's first process (and outside an actor), a fresh random token for each restart."""
+    import ray
+
+    if ray.is_initialized():
+        ctx = ray.get_runtime_context()
+        if ctx.get_actor_id() is not None and ctx.was_current_actor_reconstructed:
+            return uuid.uuid4().hex
+    return FIRST
+
+
 class TileWorker:
     """Plain class; the stage wraps it with `ray.remote`. State: the open shard of this process, and the shard
     names it already published (a queued task may still carry one: the shard then stays open past the soft cap
@@ -34,9 +50,15 @@ class TileWorker:
         self.writer = ShardWriter(self.out.local_tmp_dir(), self.cfg.shard_max_bytes)
         self.device = _worker_device(self.cfg)
         self.published: set[str] = set()
+        self.token = _incarnation()
+        """This process's incarnation: new when Ray restarts the actor, so the driver counts one death once."""
 
     def pid(self) -> int:
         return os.getpid()
+
+    def incarnation(self) -> str:
+        """Asked by the driver after a task failed: answers only once Ray has restarted the actor."""
+        return self.token
 
     def _ship(self, sealed: SealedShard | None, name: str) -> SealedShard | None:
         """Publish a sealed shard under the final name the driver reserved: a rename when local, one upload (no
@@ -61,14 +83,16 @@ class TileWorker:
             return False
         return self.writer.size < self.cfg.shard_max_bytes or not self.out.exists("shards", shard_name)
 
-    def process(self, task: SlideTask, shard_name: str) -> tuple[SlideOutcome, SealedShard | None]:
+    def process(self, task: SlideTask, shard_name: str) -> tuple[SlideOutcome, SealedShard | None, str]:
+        """The slide's outcome, the shard sealed at its end if any, and the incarnation that holds the rest."""
         outcome = tile_slide(task, self.cfg, self.writer, self.out, self.device)
         if not outcome.ok:
-            return outcome, None
+            return outcome, None, self.token
         sealed = self.writer.commit_slide(task.slide_id, outcome.n_tiles, self.may_seal(shard_name))
-        return outcome, self._ship(sealed, shard_name)
+        return outcome, self._ship(sealed, shard_name), self.token
 
-    def flush(self, shard_name: str) -> SealedShard | None:
+    def flush(self, shard_name: str) -> tuple[SealedShard | None, str]:
+        """Seal the open shard, if any; with this process's incarnation, as `process`."""
         if self.writer.size and self.out.exists("shards", shard_name):
             raise FileExistsError(f"shard name {shard_name} is taken: refusing to overwrite it")
-        return self._ship(self.writer.seal(), shard_name)
+        return self._ship(self.writer.seal(), shard_name), self.token

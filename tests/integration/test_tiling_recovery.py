@@ -66,21 +66,34 @@ def test_driver_killed_at_its_second_commit_then_rerun(cohort, reference, tmp_pa
     assert tile_set(tmp_path) == reference
 
 
+def _once(marker: Path | None) -> type[TileWorker]:
+    """The real tiling actor with `first()`: True for the one caller in the whole run (processes and restarts
+    included) that creates `marker`; always True without one. Made here, not imported: Ray ships it by value."""
+
+    class Once(TileWorker):
+        def first(self) -> bool:
+            if marker is None:
+                return True
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return False
+            return True
+
+    return Once
+
+
 def _dies_after_publishing(marker: Path) -> type[TileWorker]:
     """The real tiling actor, except that the first of its processes to publish a shard SIGKILLs itself before
     returning it: that shard is on disk under a reserved name but never committed, and the slides it holds are
     lost with the process. `marker`, created exclusively, makes it one death in the whole run, restarts included."""
 
-    class DiesAfterPublishing(TileWorker):
+    class DiesAfterPublishing(_once(marker)):
         def process(self, task: SlideTask, shard_name: str):
-            outcome, sealed = super().process(task, shard_name)
-            if sealed is not None:
-                try:
-                    os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-                except FileExistsError:
-                    return outcome, sealed
+            outcome, sealed, token = super().process(task, shard_name)
+            if sealed is not None and self.first():
                 os.kill(os.getpid(), signal.SIGKILL)
-            return outcome, sealed
+            return outcome, sealed, token
 
     return DiesAfterPublishing
 
@@ -89,16 +102,50 @@ def test_actor_killed_after_publishing_is_recovered(cohort, reference, tmp_path,
     marker = tmp_path / "died"
     monkeypatch.setattr(stage, "TileWorker", _dies_after_publishing(marker))
     commits: list[str] = []
-    # One process dies here. The driver may still count 2 restarts (and charge the slide twice, failing it at
-    # the default of 2): tasks it re-sends before Ray has told it of the death reach the dead process, and it
-    # excuses only the first such failure (`_Driver.actor_died`; seen 2 runs in 6). Until that is fixed, the
-    # death budget is raised and the count is a lower bound: the recovery below is what this test is about.
-    settings = {**SETTINGS, "max_worker_deaths_per_slide": 5}
-    result = stage.run(build_config(TilingConfig, settings), str(cohort), str(tmp_path / "out"),
+    result = stage.run(build_config(TilingConfig, SETTINGS), str(cohort), str(tmp_path / "out"),
                        on_commit=lambda sealed: commits.append(sealed.name))
-    assert marker.exists() and result.worker_restarts >= 1
+    assert marker.exists() and result.worker_restarts == 1
     assert result.ok and result.n_done == 8
     assert tile_set(tmp_path / "out") == reference  # the uncommitted shard was swept: no tile twice, none lost
     # the hook saw each commit once, and only commits: the published-but-uncommitted shard is not among them
     assert sorted(commits) == sorted(_committed(tmp_path / "out"))
     assert set(commits) == {p.name for p in (tmp_path / "out" / "shards").glob("*.tar")}
+
+
+def _dies_on(slide_id: str, marker: Path | None) -> type[TileWorker]:
+    """The real tiling actor, except that its process SIGKILLs itself on `slide_id` after tiling it (as a slide
+    that exhausts memory would): once in the whole run when `marker` is given (it is created exclusively), else
+    every time (a slide that kills every process). The slide before it has answered by then: the driver can tell
+    which slide the process died on."""
+
+    class DiesOn(_once(marker)):
+        def process(self, task: SlideTask, shard_name: str):
+            result = super().process(task, shard_name)
+            if task.slide_id == slide_id and self.first():
+                os.kill(os.getpid(), signal.SIGKILL)
+            return result
+
+    return DiesOn
+
+
+# One actor with 4 slides queued on it: one death fails all 4, and the driver re-sends them at once.
+CROWDED = {**SETTINGS, "workers": 1, "max_inflight_per_worker": 4}
+
+
+def test_one_death_with_many_tasks_in_flight_is_counted_once(cohort, reference, tmp_path, monkeypatch):
+    """Every task that reached the dead process fails with it; it is still one death, charged to no slide twice:
+    at the default budget of 2 deaths per slide, none fails."""
+    marker = tmp_path / "died"
+    monkeypatch.setattr(stage, "TileWorker", _dies_on("s01", marker))
+    result = stage.run(build_config(TilingConfig, CROWDED), str(cohort), str(tmp_path / "out"))
+    assert marker.exists() and result.worker_restarts == 1
+    assert result.ok and result.n_done == 8
+    assert tile_set(tmp_path / "out") == reference
+
+
+def test_a_slide_that_kills_every_process_fails_after_the_death_budget(cohort, tmp_path, monkeypatch):
+    monkeypatch.setattr(stage, "TileWorker", _dies_on("s01", None))
+    result = stage.run(build_config(TilingConfig, CROWDED), str(cohort), str(tmp_path / "out"))
+    assert result.worker_restarts == 2  # the default max_worker_deaths_per_slide
+    assert [sid for sid, _ in result.failed] == ["s01"] and "died 2 times" in result.failed[0][1]
+    assert result.n_done == 7

@@ -20,6 +20,7 @@ from gpfm_scale.tiling.manifest import RunManifest, SlideOutcome
 from gpfm_scale.tiling.resume import reconcile, sweep_orphans
 from gpfm_scale.tiling.slide_job import SlideTask
 from gpfm_scale.tiling.stage import _Driver
+from gpfm_scale.tiling.worker import FIRST
 
 
 def _start(tmp_path, n: int = 6) -> tuple[OutputDir, _Driver]:
@@ -45,6 +46,12 @@ def _tiles(sid: str, n: int = 4) -> SlideOutcome:
     return SlideOutcome(sid, ok=True, n_tiles=n, bytes=100 * n, mpp=0.5, reader="openslide")
 
 
+def _accept(driver: _Driver, actor: int, outcome: SlideOutcome, sealed: SealedShard | None,
+            ran_on: str = FIRST, pending: collections.deque | None = None) -> None:
+    """A result from the actor's process `ran_on` (the same one unless a test says otherwise)."""
+    driver.accept(actor, outcome, sealed, ran_on, collections.deque() if pending is None else pending)
+
+
 def _same(a: pd.DataFrame, b: pd.DataFrame) -> None:
     pd.testing.assert_frame_equal(a.reset_index(drop=True), b.reset_index(drop=True), check_dtype=False)
 
@@ -54,9 +61,9 @@ def test_a_commit_appends_a_record_and_replay_equals_the_state(tmp_path):
     parquet = (tmp_path / MANIFEST_NAME).read_bytes()
     for sid in ("s0", "s1", "s2"):
         driver.manifest.count_attempt(sid)
-    driver.accept(0, _tiles("s0"), None)
-    driver.accept(0, SlideOutcome("s1", ok=False, reason="SlideReadError: bad"), None)
-    driver.accept(0, _tiles("s2"), _seal(tmp_path, driver, 0, ["s0", "s2"]))
+    _accept(driver, 0, _tiles("s0"), None)
+    _accept(driver, 0, SlideOutcome("s1", ok=False, reason="SlideReadError: bad"), None)
+    _accept(driver, 0, _tiles("s2"), _seal(tmp_path, driver, 0, ["s0", "s2"]))
     assert (tmp_path / MANIFEST_NAME).read_bytes() == parquet  # no rewrite per commit
     state = read_state(str(tmp_path))
     _same(state, driver.manifest.to_frame())
@@ -68,7 +75,7 @@ def test_a_commit_appends_a_record_and_replay_equals_the_state(tmp_path):
 
 def test_a_torn_last_line_is_ignored_and_a_damaged_one_refused(tmp_path):
     out, driver = _start(tmp_path)
-    driver.accept(0, _tiles("s0"), _seal(tmp_path, driver, 0, ["s0"]))
+    _accept(driver, 0, _tiles("s0"), _seal(tmp_path, driver, 0, ["s0"]))
     before = driver.manifest.to_frame()
     segment = tmp_path / "journal" / "000000000.jsonl"
     with open(segment, "ab") as f:  # a driver killed while writing the next commit
@@ -82,13 +89,13 @@ def test_a_torn_last_line_is_ignored_and_a_damaged_one_refused(tmp_path):
 
 def test_compaction_holds_the_journal_and_is_atomic(tmp_path, monkeypatch):
     out, driver = _start(tmp_path)
-    driver.accept(0, _tiles("s0"), _seal(tmp_path, driver, 0, ["s0"]))
+    _accept(driver, 0, _tiles("s0"), _seal(tmp_path, driver, 0, ["s0"]))
     through = driver.journal.roll()
     driver.manifest.save(out, through)  # a driver killed here, before pruning: the old segment stays...
     (tmp_path / "journal" / f"{through:09d}.jsonl").open("ab").write(
         journal.encode({"set": {"s0": {"status": "failed"}}}))
     _same(read_state(str(tmp_path)), driver.manifest.to_frame())  # ...and is never replayed over the parquet
-    driver.accept(1, _tiles("s1"), _seal(tmp_path, driver, 1, ["s1"]))
+    _accept(driver, 1, _tiles("s1"), _seal(tmp_path, driver, 1, ["s1"]))
     committed = driver.manifest.to_frame()
 
     def killed(*_args):
@@ -126,7 +133,7 @@ def test_reserved_orphans_are_deleted_and_nothing_referenced_is(tmp_path):
     is an orphan even when older than a committed one; an unreserved stray is still refused."""
     out, driver = _start(tmp_path)
     orphan = _seal(tmp_path, driver, 0, ["s0"])  # actor 0 published, its result never came back
-    driver.accept(1, _tiles("s1"), _seal(tmp_path, driver, 1, ["s1"]))  # actor 1 committed a newer index
+    _accept(driver, 1, _tiles("s1"), _seal(tmp_path, driver, 1, ["s1"]))  # actor 1 committed a newer index
     assert orphan.name < "tiles-000001.tar"
     state = RunManifest.load(out)
     manifest = RunManifest.from_inputs(pd.DataFrame({"slide_id": ["s0", "s1"], "path": ["/x/s0", "/x/s1"]}), state)
@@ -142,7 +149,7 @@ def test_end_of_run_sweep_removes_a_lost_actors_shard_only(tmp_path):
     out, driver = _start(tmp_path)
     lost = _seal(tmp_path, driver, 0, ["s0"])
     driver.requeue_uncommitted(0, collections.deque())  # actor 0 died after publishing: its name is retired
-    driver.accept(0, _tiles("s0"), _seal(tmp_path, driver, 0, ["s0"]))  # redone under a fresh name
+    _accept(driver, 0, _tiles("s0"), _seal(tmp_path, driver, 0, ["s0"]))  # redone under a fresh name
     assert sweep_orphans(out, driver.manifest) == 1
     assert not (tmp_path / "shards" / lost.name).exists()
     assert (tmp_path / "shards" / driver.manifest.rows["s0"]["shards"][0]).exists()
@@ -152,7 +159,7 @@ def test_embed_reads_the_journaled_state_not_the_lagging_parquet(tmp_path):
     from gpfm_scale.embed.inputs import load_tile_source
 
     out, driver = _start(tmp_path)
-    driver.accept(0, _tiles("s0"), _seal(tmp_path, driver, 0, ["s0"]))  # committed by journal record only
+    _accept(driver, 0, _tiles("s0"), _seal(tmp_path, driver, 0, ["s0"]))  # committed by journal record only
     source = load_tile_source(str(tmp_path))
     assert [p.rsplit("/", 1)[-1] for p in source.shards] == ["tiles-000000.tar"]
     assert source.manifest.set_index("slide_id").loc["s0", "status"] == "done"
@@ -180,21 +187,64 @@ def test_on_an_object_store_each_record_is_its_own_object():
     _same(read_state(out), manifest.to_frame())
 
 
-def test_a_task_sent_to_a_just_dead_actor_is_not_a_second_death_but_a_poison_slide_still_fails(tmp_path):
-    """The first failure after a death, before the actor answers, is not charged (it can be a task Ray still sent
-    to the dead process); the next one is, so a slide that kills every fresh process fails after 2 deaths."""
+def test_one_death_is_counted_once_however_many_tasks_it_fails_but_a_poison_slide_still_fails(tmp_path):
+    """One process death fails every task that reached it: the one it ran, those queued behind it, and tasks the
+    driver re-sent before Ray told it (they reach the dead process too). Counted per incarnation, it is one death,
+    charged once; a slide that kills every fresh process still fails after `max_worker_deaths_per_slide` (2)."""
+    out, driver = _start(tmp_path)
+    incarnations = {0: iter(["p2", "p3"]), 1: iter(["q2", "q3"])}
+    asked: list[int] = []
+
+    def current(actor: int) -> str:  # the actor's process now, as Ray has restarted it
+        asked.append(actor)
+        return next(incarnations[actor])
+
+    pending = collections.deque()
+    _accept(driver, 0, _tiles("s5"), None, FIRST)  # the first process holds s5 uncommitted
+    s0, s1, s2 = (driver.tasks[s] for s in ("s0", "s1", "s2"))
+    driver.actor_died(0, s1, FIRST, pending, current, s0)  # queued behind s0, which the process was running
+    driver.actor_died(0, s0, FIRST, pending, current, s0)
+    driver.actor_died(0, s2, FIRST, pending, current, s2)  # re-sent before the driver knew: reached it too
+    driver.actor_died(0, s2, FIRST, pending, current, s2)
+    assert driver.restarts == 1 and asked == [0] and driver.alive[0] == "p2"
+    assert sorted(t.slide_id for t in pending) == ["s0", "s1", "s2", "s2", "s5"] and driver.deaths == {"s0": 1}
+    assert all(driver.manifest.rows[s]["status"] == "pending" for s in ("s0", "s1", "s2", "s5"))
+    _accept(driver, 0, _tiles("s1"), None, FIRST, pending)  # a late answer of the dead process: redone
+    assert 0 not in driver.uncommitted and list(pending)[0].slide_id == "s1"
+    driver.actor_died(0, s0, "p2", pending, current, s0)  # the fresh process died on s0 too: a second death
+    assert driver.manifest.rows["s0"]["status"] == "failed" and driver.restarts == 2
+    assert read_state(str(tmp_path)).set_index("slide_id").loc["s0", "status"] == "failed"
+    # actor 1: both tasks failed with its first process: one death
+    s3, s4 = driver.tasks["s3"], driver.tasks["s4"]
+    driver.actor_died(1, s4, FIRST, pending, current, s3)
+    driver.actor_died(1, s3, FIRST, pending, current, s3)
+    assert driver.restarts == 3 and driver.manifest.counts["failed"] == 1
+
+
+def test_a_death_seen_only_by_a_new_process_answering_is_counted_and_its_slides_redone(tmp_path):
+    """A process that died with no task of it failing (between tasks) is noticed when another one answers."""
     out, driver = _start(tmp_path)
     pending = collections.deque()
-    task = driver.tasks["s0"]
-    driver.actor_died(0, "ref1", task, pending)  # killed while tiling s0
-    driver.actor_died(0, "ref2", task, pending)  # s0 re-sent at once, reached the dead process
-    assert driver.manifest.rows["s0"]["status"] == "pending" and list(pending) == [task, task]
-    driver.actor_died(0, "ref3", task, pending)  # the fresh process died on it too
-    assert driver.manifest.rows["s0"]["status"] == "failed" and driver.restarts == 2
-    driver.actor_died(1, "ref4", driver.tasks["s1"], pending)
-    driver.accept(1, _tiles("s2"), None)  # actor 1 answered: alive, so its next death is charged again
-    driver.actor_died(1, "ref5", driver.tasks["s1"], pending)
-    assert read_state(str(tmp_path)).set_index("slide_id").loc["s1", "status"] == "failed"
+    _accept(driver, 0, _tiles("s0"), None, FIRST, pending)
+    _accept(driver, 0, _tiles("s1"), None, "p2", pending)  # s0 was in the dead process's open shard
+    assert driver.restarts == 1 and [t.slide_id for t in pending] == ["s0"]
+    assert list(driver.uncommitted[0]) == ["s1"]
+    for sid in ("s2", "s3"):  # its failed tasks come after: charged to a slide once, not counted again
+        task = driver.tasks[sid]
+        driver.actor_died(0, task, FIRST, pending, lambda actor: pytest.fail("known dead: not asked"), task)
+    assert driver.restarts == 1 and driver.deaths == {"s2": 1}
+
+
+def test_a_process_that_answers_again_is_not_dead_and_a_gone_actor_counts_every_failure(tmp_path):
+    out, driver = _start(tmp_path)
+    pending = collections.deque()
+    _accept(driver, 0, _tiles("s5"), None, FIRST, pending)
+    s0 = driver.tasks["s0"]
+    driver.actor_died(0, s0, FIRST, pending, lambda actor: FIRST, s0)  # unreachable for a moment
+    assert driver.restarts == 0 and list(driver.uncommitted[0]) == ["s5"]
+    for _ in (1, 2):  # gone for good: nothing answers, each failure is a death, and the slide fails
+        driver.actor_died(0, s0, driver.alive[0], pending, lambda actor: None, s0)
+    assert driver.restarts == 2 and driver.manifest.rows["s0"]["status"] == "failed"
 
 
 def test_an_actor_never_publishes_over_an_existing_shard(tmp_path):
