@@ -8,7 +8,7 @@ run commits at its end, so this includes the whole slide), and `wall_s`, the who
 (Ray's shutdown included). `--in-process always` vs `never`: the same code path with and without a Ray instance.
 
 `--big WxH` also synthesizes one slide of that size (`slides/synthetic.py`, reused when present) and compares the
-whole-command tiles/s of the in-process run with the OpenSlide + PIL baseline script of `bench_tiling.py` (one
+whole-command tiles/s of the in-process and the Ray run with the OpenSlide + PIL baseline script of `bench_tiling.py` (one
 process: imports, OpenSlide read_region, PIL JPEG encode, one file per tile) on the same grid.
 
 Run: PYTHONPATH=. python benchmarks/bench_startup.py [--slide SVS] [--repeats 3] [--big 40000x30000] [--json PATH]
@@ -118,12 +118,17 @@ def main() -> None:
 
         w, h = (int(v) for v in args.big.lower().split("x"))
         big = work / f"big{w}x{h}.svs"
-        if not big.exists():
-            write_synthetic_slide(big, w, h, mpp=0.25, tile=256, levels=4, seed=0)
+        if not big.exists():  # written aside, then renamed: an interrupted write is never reused
+            partial = big.with_name(f".{big.stem}.partial.svs")
+            write_synthetic_slide(partial, w, h, mpp=0.25, tile=256, levels=4, seed=0)
+            os.replace(partial, big)
         ours = time_command("always", str(big), work / "big_ours")
+        ray_run = time_command("never", str(big), work / "big_ray")
         base = time_baseline(str(big), work)
-        report["big"] = {"size": args.big, "ours": ours, "baseline": base,
-                         "whole_command_x": (ours["tiles"] / ours["wall_s"]) / (base["tiles"] / base["wall_s"])}
+        rate = {k: r["tiles"] / r["wall_s"] for k, r in (("ours", ours), ("ray", ray_run), ("baseline", base))}
+        report["big"] = {"size": args.big, "ours": ours, "ours_ray": ray_run, "baseline": base,
+                         "whole_command_x": rate["ours"] / rate["baseline"],
+                         "whole_command_x_ray": rate["ray"] / rate["baseline"]}
     report["machine"]["load_avg_end"] = os.getloadavg()
     text = json.dumps(report, indent=2)
     print(text)
