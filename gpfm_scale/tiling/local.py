@@ -15,22 +15,35 @@ import logging
 import os
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from tqdm import tqdm
 
 from gpfm_scale.contracts.output_dir import OutputDir
+from gpfm_scale.contracts.shards import SealedShard
 from gpfm_scale.metrics import TILING
 from gpfm_scale.tiling.config import TilingConfig
+from gpfm_scale.tiling.manifest import RunManifest, SlideOutcome
+from gpfm_scale.tiling.slide_job import SlideTask
 from gpfm_scale.tiling.worker import TileWorker
-
-if TYPE_CHECKING:
-    from gpfm_scale.tiling.stage import _Driver
 
 log = logging.getLogger(__name__)
 
 ONLY = 0
 """The driver's index for the one in-process worker (its actor index on the Ray path)."""
+
+
+class Driver(Protocol):
+    """What this loop uses of `stage._Driver` (named here, not imported: `stage` imports this module)."""
+
+    tasks: dict[str, SlideTask]
+    manifest: RunManifest
+
+    def shard_name(self, actor: int) -> str: ...
+    def accept(self, actor: int, outcome: SlideOutcome, sealed: SealedShard | None, ran_on: str,
+               pending: collections.deque) -> None: ...
+    def seen_alive(self, actor: int, now: str, pending: collections.deque) -> None: ...
+    def commit_shard(self, actor: int, sealed: SealedShard) -> None: ...
 
 
 def runs_in_process(cfg: TilingConfig, n_todo: int) -> bool:
@@ -48,7 +61,7 @@ def runs_in_process(cfg: TilingConfig, n_todo: int) -> bool:
             and (cfg.workers == 1 or n_todo == 1))
 
 
-def dispatch_in_process(cfg: TilingConfig, out: OutputDir, driver: _Driver, todo: list[str]) -> None:
+def dispatch_in_process(cfg: TilingConfig, out: OutputDir, driver: Driver, todo: list[str]) -> None:
     """Tile `todo` in order with one `TileWorker` in this process; results go through `driver` as an actor's do."""
     log.info("tiling in this process (one worker, no Ray)")
     worker = TileWorker(cfg.model_dump(mode="json"), out.url)  # umask None: this process's own is the user's
