@@ -15,7 +15,9 @@ from gpfm_scale.config import build_config
 from gpfm_scale.tiling.config import TilingConfig
 from gpfm_scale.tiling.local import runs_in_process
 from gpfm_scale.tiling.stage import run
+from tests.integration.scrape_helpers import scrape
 from tests.integration.tiling_helpers import make_cohort, tile_set
+from tests.ports import free_port
 
 VOLATILE = ["seconds", "updated_at"]
 """Manifest columns that time the run: the only ones that may differ between two runs of the same input."""
@@ -54,6 +56,28 @@ def test_in_process_run_writes_the_ray_runs_tiles_with_slides_in_flight(cohort, 
     for mode in ("always", "never"):
         run(_cfg(mode), str(cohort), str(tmp_path / mode))
     assert tile_set(tmp_path / "always") == tile_set(tmp_path / "never") != {}
+
+
+def _total(samples, name: str, **labels: str) -> float:
+    found = [s.value for s in samples.get(name, []) if all(s.labels.get(k) == v for k, v in labels.items())]
+    return found[0] if found else 0.0
+
+
+def test_in_process_run_serves_its_metrics(cohort, tmp_path):
+    """The run's own endpoint counts what it wrote, as on the Ray path (counters are process-wide: differences)."""
+    port = free_port()
+    result = run(_cfg("always", metrics_port=port), str(cohort), str(tmp_path / "a"))
+    url = f"http://127.0.0.1:{port}/metrics"
+    after = scrape(url)
+    result2 = run(_cfg("always", metrics_port=port), str(cohort), str(tmp_path / "b"))
+    again = scrape(url)
+    assert result.n_tiles == result2.n_tiles > 0
+    grown = {name: _total(again, name) - _total(after, name)
+             for name in ("gpfm_tiling_tiles_written_total", "gpfm_tiling_written_bytes_total")}
+    assert grown == {"gpfm_tiling_tiles_written_total": result2.n_tiles,
+                     "gpfm_tiling_written_bytes_total": result2.n_bytes}
+    assert _total(again, "gpfm_tiling_slides_total", status="done") - _total(after, "gpfm_tiling_slides_total",
+                                                                              status="done") == 3
 
 
 def test_auto_keeps_actors_inside_a_running_ray_session(ray_session, monkeypatch):
