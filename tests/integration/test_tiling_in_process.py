@@ -99,3 +99,27 @@ def test_the_cli_tiles_without_starting_ray(cohort, tmp_path):
     assert "RAY_UP False" in proc.stdout
     assert "tiling in this process" in proc.stderr
     assert pd.read_parquet(tmp_path / "o" / "manifest.parquet")["status"].tolist() == ["done"]
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_a_crash_in_process_ends_the_run_and_a_rerun_resumes(cohort, tmp_path):
+    """No actor to restart: the error ends the command after the first commit; the rerun keeps that shard, redoes
+    only the rest, and ends with the tiles of an uninterrupted run, each once (`tile_set` fails on a duplicate)."""
+    committed = []
+
+    def crash_after_first(sealed):
+        committed.append(sealed.name)
+        raise _Crash(sealed.name)
+
+    with pytest.raises(_Crash):
+        run(_cfg("always"), str(cohort), str(tmp_path / "out"), on_commit=crash_after_first)
+    first = (tmp_path / "out" / "shards" / committed[0]).read_bytes()
+    seen = []
+    rerun = run(_cfg("always"), str(cohort), str(tmp_path / "out"), on_commit=lambda s: seen.append(s.name))
+    assert rerun.n_done == 3 and committed[0] not in seen
+    assert (tmp_path / "out" / "shards" / committed[0]).read_bytes() == first
+    run(_cfg("always"), str(cohort), str(tmp_path / "clean"))
+    assert tile_set(tmp_path / "out") == tile_set(tmp_path / "clean")
