@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from gpfm_scale.config import DriverSettings, StrictModel
 from gpfm_scale.slides.config import GridConfig, TissueConfig
@@ -42,6 +42,11 @@ class TilingSettings(StrictModel):
         default=1_000_000_000, ge=1, description="Soft cap: a shard is closed at the first slide boundary past it.")
     workers: int | None = Field(
         default=None, ge=1, description="Tiling actors; default: the cluster's CPUs / cpus_per_worker.")
+    in_process: Literal["auto", "always", "never"] = Field(
+        default="auto", description="Run the one tiling worker inside the command's process, with no Ray at all "
+        "(saves Ray's 3-10 s start-up). auto: when no Ray address is given (ray_address, RAY_ADDRESS), no Ray "
+        "session is up, no GPU or custom resource is asked per worker, and one worker would run (workers: 1, or "
+        "one slide to tile); always: whenever workers is 1 or unset; never: always through Ray actors.")
     cpus_per_worker: float = Field(default=1.0, gt=0, description="Logical CPUs reserved per tiling actor.")
     gpus_per_worker: float = Field(default=0.0, ge=0, description="GPUs per actor (for device=cuda decode).")
     actor_resources: dict[str, float] = Field(
@@ -88,6 +93,14 @@ class TilingSettings(StrictModel):
             raise ValueError(f"grid.stride_px {stride} is below tile_px / {MAX_OVERLAP} "
                              f"({g.tile_px / MAX_OVERLAP:g}): more than {MAX_OVERLAP}x overlap per axis")
         return g
+
+    @model_validator(mode="after")
+    def _one_worker_in_process(self) -> "TilingSettings":
+        """A process runs one worker: more in-process workers would be a silent downgrade to one."""
+        if self.in_process == "always" and (self.workers or 1) > 1:
+            raise ValueError(f"in_process 'always' runs one worker, got workers={self.workers}: set workers 1 "
+                             "or in_process auto/never")
+        return self
 
     def layout_key(self) -> dict:
         """The settings that decide which tiles exist and their bytes: a rerun must agree on these to resume."""

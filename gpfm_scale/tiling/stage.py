@@ -1,4 +1,5 @@
-"""`run(cfg, slides, out) -> TilingResult`: the tiling stage, driven from one process over a pool of Ray actors.
+"""`run(cfg, slides, out) -> TilingResult`: the tiling stage, driven from one process over a pool of Ray actors
+(or, for a one-worker local run, one worker in the driver's own process: `local.py`).
 
 The driver is the only writer of the run manifest and the only one that names shards; it holds the output lock
 (`gpfm_scale.run_lock`) on `out` from before it reads anything there to the end, so a second run into the same
@@ -42,6 +43,7 @@ from gpfm_scale.slides.mpp import parse_manifest_mpp
 from gpfm_scale.tiling import journal
 from gpfm_scale.tiling.config import TilingConfig
 from gpfm_scale.tiling.inputs import load_slide_table
+from gpfm_scale.tiling.local import dispatch_in_process, runs_in_process
 from gpfm_scale.tiling.manifest import RunManifest, SlideOutcome
 from gpfm_scale.tiling.resume import CONFIG_NAME, check_layout, reconcile, sweep_orphans
 from gpfm_scale.tiling.slide_job import SlideTask
@@ -306,7 +308,10 @@ def _run_locked(cfg: TilingConfig, table: pd.DataFrame, out_url: str, start: flo
         if todo:
             if cfg.metrics_port is not None:
                 serve_metrics(cfg.metrics_port, cfg.metrics_host)
-            _dispatch(cfg, out, driver, todo)
+            if runs_in_process(cfg, len(todo)):
+                dispatch_in_process(cfg, out, driver, todo)
+            else:
+                _dispatch(cfg, out, driver, todo)
         out.clear_tmp()
         sweep_orphans(out, manifest)
         driver.compact()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from typing import Any
 
@@ -14,12 +15,18 @@ from gpfm_scale.tiling.manifest import SlideOutcome
 from gpfm_scale.tiling.slide_job import SlideTask, tile_slide
 
 
+def _ray_session() -> Any:
+    """The `ray` module when this process is in a Ray session, else None; never imports Ray (~1 s), so an
+    in-process run (`local.py`) stays free of it."""
+    ray = sys.modules.get("ray")
+    return ray if ray is not None and ray.is_initialized() else None
+
+
 def _worker_device(cfg: TilingConfig) -> str:
     if cfg.device != "auto":
         return cfg.device
-    import ray
-
-    return "cuda" if ray.is_initialized() and ray.get_gpu_ids() else "cpu"
+    ray = _ray_session()
+    return "cuda" if ray is not None and ray.get_gpu_ids() else "cpu"
 
 
 FIRST = "first"
@@ -28,9 +35,8 @@ FIRST = "first"
 
 def _incarnation() -> str:
     """`FIRST` for an actor's first process (and outside an actor), a fresh random token for each restart."""
-    import ray
-
-    if ray.is_initialized():
+    ray = _ray_session()
+    if ray is not None:
         ctx = ray.get_runtime_context()
         if ctx.get_actor_id() is not None and ctx.was_current_actor_reconstructed:
             return uuid.uuid4().hex
@@ -38,7 +44,7 @@ def _incarnation() -> str:
 
 
 class TileWorker:
-    """Plain class; the stage wraps it with `ray.remote`. State: the open shard of this process, and the shard
+    """Plain class; the stage wraps it with `ray.remote`, or runs one in its own process (`local.py`). State: the open shard of this process, and the shard
     names it already published (a queued task may still carry one: the shard then stays open past the soft cap
     until a task brings a fresh name)."""
 
