@@ -18,6 +18,7 @@ driver called at every shard commit and failure) timed `--old-samples` times, an
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ from gpfm_scale.tiling.manifest import RunManifest, SlideOutcome
 from gpfm_scale.tiling.resume import sweep_orphans
 from gpfm_scale.tiling.slide_job import SlideTask
 from gpfm_scale.tiling.stage import _Driver
+from gpfm_scale.tiling.worker import FIRST
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,7 @@ def measure_new(root: Path, n_slides: int, per_shard: int, actors: int) -> dict[
     tasks = {sid: SlideTask(sid, manifest.rows[sid]["path"]) for sid in manifest.rows}
     driver = _Driver(cfg, out, manifest, tasks, 0, journal.Journal(out, 0))
     held: dict[int, list[str]] = {a: [] for a in range(actors)}
+    pending: collections.deque = collections.deque()  # nothing is redone: no actor dies here
     per_slide, commit_s, failed_seen = [], [], 0
     for i, sid in enumerate(manifest.rows):
         actor = i % actors
@@ -103,7 +106,7 @@ def measure_new(root: Path, n_slides: int, per_shard: int, actors: int) -> dict[
                 sealed = SealedShard(str(root / "shards" / name), "ab" * 32, 3, held[actor], 7500, name)
                 held[actor] = []
         t = time.perf_counter()
-        driver.accept(actor, outcome, sealed)
+        driver.accept(actor, outcome, sealed, FIRST, pending)  # each fake actor's first process, never dies
         failed_seen = manifest.counts["failed"]  # the progress bar's postfix
         took = time.perf_counter() - t + dispatch
         per_slide.append(took)
