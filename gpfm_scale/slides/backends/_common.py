@@ -7,6 +7,8 @@ TIFF with tifffile, see `raw_tiles.py`) live here once.
 
 from __future__ import annotations
 
+import abc
+
 import contextlib
 import logging
 import math
@@ -120,6 +122,22 @@ class BackendReader(SlideReader):
         if x >= w or y >= h or x + size[0] <= 0 or y + size[1] <= 0:
             return np.full((size[1], size[0], 3), 255, np.uint8)
         return None
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """The request checked, all white without a backend call when it misses the level, else the backend's
+        `_read` with its errors named, whitened outside the level (`finish`)."""
+        self.check_request(level, size)
+        loc = (int(location[0]), int(location[1]))
+        blank = self.blank_if_outside(loc, level, size)
+        if blank is not None:
+            return blank
+        with backend_errors(self.name, self.path, f"read level {level} at {loc}"):
+            region = self._read(loc, level, (int(size[0]), int(size[1])))
+        return self.finish(region, loc, level)
+
+    @abc.abstractmethod
+    def _read(self, loc: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """RGB uint8 [H, W, 3] of `level` at level-0 `loc`, as the library returns it, before `finish`."""
 
     def finish(self, region: np.ndarray, location: tuple[int, int], level: int) -> np.ndarray:
         """White outside the level; every backend passes its output through here."""

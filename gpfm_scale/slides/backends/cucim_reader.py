@@ -113,17 +113,8 @@ class CucimReader(BackendReader):
     def magnification(self) -> float | None:
         return positive_float((self._metadata.get("aperio") or {}).get("AppMag"))
 
-    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
-        self.check_request(level, size)
-        loc = (int(location[0]), int(location[1]))
-        blank = self.blank_if_outside(loc, level, size)
-        if blank is not None:
-            return blank
-        with backend_errors(self.name, self.path, f"read level {level} at {loc}"):
-            region = self._to_host(
-                self._image.read_region(loc, (int(size[0]), int(size[1])), level, device=self.device)
-            )
-        return self.finish(region[..., :3], loc, level)
+    def _read(self, loc: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        return self._to_host(self._image.read_region(loc, size, level, device=self.device))[..., :3]
 
     def read_regions(
         self, locations: Sequence[tuple[int, int]], level: int, size: tuple[int, int], batch_size: int = 32

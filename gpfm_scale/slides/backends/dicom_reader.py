@@ -138,21 +138,16 @@ class DicomReader(BackendReader):
     def magnification(self) -> float | None:
         return self._magnification
 
-    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
-        self.check_request(level, size)
-        loc = (int(location[0]), int(location[1]))
-        blank = self.blank_if_outside(loc, level, size)
-        if blank is not None:
-            return blank
+    def _read(self, loc: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """wsidicom reads only inside the level: the part inside is read and placed on white."""
         ds = self._downsamples[level]
         x, y = math.floor(loc[0] / ds), math.floor(loc[1] / ds)
         width, height = self._dims[level]
         x0, y0 = max(x, 0), max(y, 0)
         x1, y1 = min(x + int(size[0]), width), min(y + int(size[1]), height)
         out = np.full((int(size[1]), int(size[0]), 3), 255, np.uint8)
-        with backend_errors(self.name, self.path, f"read level {level} at {loc}"):
-            part = np.asarray(self._wsi.read_region((x0, y0), self._level_numbers[level], (x1 - x0, y1 - y0),
-                                                    as_array=True))
+        part = np.asarray(self._wsi.read_region((x0, y0), self._level_numbers[level], (x1 - x0, y1 - y0),
+                                                as_array=True))
         if part.ndim == 2:  # a grey (MONOCHROME2) slide
             part = np.repeat(part[..., None], 3, axis=2)
         out[y0 - y:y1 - y, x0 - x:x1 - x] = part[..., :3]

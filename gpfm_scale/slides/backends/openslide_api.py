@@ -13,7 +13,6 @@ import logging
 import os
 from typing import Any
 
-import numpy as np
 
 from gpfm_scale.slides.backends._common import BackendReader, backend_errors, positive_float
 
@@ -37,10 +36,6 @@ class OpenSlideApiReader(BackendReader):
     def _open(self, path: str) -> Any:
         """The library's slide object (raises SlideReadError when the library is missing)."""
 
-    @abc.abstractmethod
-    def _read(self, loc: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
-        """RGB uint8 [H, W, 3] as the library returns it, before `finish` whitens the outside."""
-
     @property
     def mpp(self) -> float | None:
         return positive_float(self._props.get(f"{self.name}.mpp-x"))
@@ -48,16 +43,6 @@ class OpenSlideApiReader(BackendReader):
     @property
     def magnification(self) -> float | None:
         return positive_float(self._props.get(f"{self.name}.objective-power"))
-
-    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
-        self.check_request(level, size)
-        loc = (int(location[0]), int(location[1]))
-        blank = self.blank_if_outside(loc, level, size)
-        if blank is not None:
-            return blank
-        with backend_errors(self.name, self.path, f"read level {level} at {loc}"):
-            region = self._read(loc, level, (int(size[0]), int(size[1])))
-        return self.finish(region, loc, level)
 
     def close_backend(self) -> None:
         slide = getattr(self, "_slide", None)
