@@ -99,6 +99,7 @@ class PretrainMetrics:
     momentum: MetricSpec
     teacher_temperature: MetricSpec
     corrupt_samples: MetricSpec
+    damaged_shards: MetricSpec
 
 
 PRETRAIN = PretrainMetrics(
@@ -118,6 +119,9 @@ PRETRAIN = PretrainMetrics(
     teacher_temperature=_worker("gpfm_pretrain_teacher_temperature", "gauge", "Teacher softmax temperature."),
     corrupt_samples=_worker("gpfm_pretrain_corrupt_samples", "counter", "Samples skipped as undecodable.",
                             ("rank",)),
+    damaged_shards=_worker("gpfm_pretrain_damaged_shards", "counter",
+                           "Shards found truncated or malformed (their samples before the damage were used).",
+                           ("rank",)),
 )
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 
 from gpfm_scale import storage
-from gpfm_scale.data.batch_keys import STATS, STATS_CORRUPT
+from gpfm_scale.data.batch_keys import STATS, STATS_CORRUPT, STATS_SHARD_ERRORS
 from gpfm_scale.extras import require
 from gpfm_scale.metrics import PRETRAIN, AgentRecorder
 from gpfm_scale.train.fencing import RunFence
@@ -41,6 +41,28 @@ class StepTimes:
     data_wait_s: float
     expert_wait_s: float
     step_s: float
+
+
+@dataclass
+class DataProblems:
+    """What this rank's loader skipped, from its batches' `stats`: corrupt samples and damaged shards (a shard cut
+    short or with a bad header: its samples before the damage were used). Totals since the run (re)started, and
+    the increments not yet added to the Prometheus counters."""
+
+    corrupt_samples: int = 0
+    damaged_shards: int = 0
+    _published: tuple[int, int] = (0, 0)
+
+    def add(self, stats: dict[str, int]) -> None:
+        self.corrupt_samples += int(stats.get(STATS_CORRUPT, 0))
+        self.damaged_shards += int(stats.get(STATS_SHARD_ERRORS, 0))
+
+    def take_new(self) -> tuple[int, int]:
+        """(corrupt samples, damaged shards) since the last call."""
+        now = (self.corrupt_samples, self.damaged_shards)
+        new = (now[0] - self._published[0], now[1] - self._published[1])
+        self._published = now
+        return new
 
 
 def _device() -> torch.device:
@@ -79,12 +101,13 @@ def _report_every(cfg: PretrainConfig, step: int) -> tuple[bool, bool]:
     return ckpt or (step + 1) % cfg.run.log_every == 0, ckpt
 
 
-def _metrics(result: StepResult, times: StepTimes, images: int, world: int, corrupt: int) -> dict[str, float]:
+def _metrics(result: StepResult, times: StepTimes, images: int, world: int, problems: DataProblems
+             ) -> dict[str, float]:
     out = result.logs()
     per_worker = images / times.step_s if times.step_s > 0 else 0.0
     out.update(step=result.step + 1, step_s=times.step_s, data_wait_s=times.data_wait_s,
                expert_wait_s=times.expert_wait_s, images_per_s_worker=per_worker, images_per_s=per_worker * world,
-               corrupt_samples=corrupt)
+               corrupt_samples=problems.corrupt_samples, damaged_shards=problems.damaged_shards)
     return out
 
 
@@ -94,7 +117,7 @@ def _append_metrics(fence: RunFence, row: dict[str, float]) -> None:
     storage.append_bytes(storage.join(fence.out, METRICS_NAME), (json.dumps(row) + "\n").encode())
 
 
-def _publish(recorder: AgentRecorder, metrics: dict[str, float], rank: int, new_corrupt: int,
+def _publish(recorder: AgentRecorder, metrics: dict[str, float], rank: int, problems: DataProblems,
              fence: RunFence | None) -> None:
     """Every rank records its own step timing through Ray's metrics agent; rank 0 also the run's figures and the
     metrics.jsonl row."""
@@ -103,7 +126,9 @@ def _publish(recorder: AgentRecorder, metrics: dict[str, float], rank: int, new_
     recorder.set(PRETRAIN.data_wait_seconds, metrics["data_wait_s"], rank=r)
     recorder.set(PRETRAIN.expert_wait_seconds, metrics["expert_wait_s"], rank=r)
     recorder.set(PRETRAIN.worker_images_per_second, metrics["images_per_s_worker"], rank=r)
+    new_corrupt, new_damaged = problems.take_new()
     recorder.inc(PRETRAIN.corrupt_samples, new_corrupt, rank=r)
+    recorder.inc(PRETRAIN.damaged_shards, new_damaged, rank=r)
     if rank != 0:
         return
     recorder.set(PRETRAIN.step, metrics["step"])
@@ -167,15 +192,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if fence and rank == 0:  # rows past the checkpoint are computed again from here: one row per step
         fence.check("metrics.jsonl")
         truncate_metrics(storage.join(fence.out, METRICS_NAME), start)
-    recorder, published_corrupt = AgentRecorder(), 0
+    recorder, problems = AgentRecorder(), DataProblems()
     grid = student_grid(cfg.objective, cfg.crops)
     loader = build_loader(cfg.loader_config(), cfg.crops, cfg.masks, grid, rank, world, start_step=start)
     stream = _expert_stream(cfg, loader, grid, device, config.get("expert_directory"))
-    corrupt, bar = 0, step_bar(_last_step(cfg), start, enabled=rank == 0)
+    bar = step_bar(_last_step(cfg), start, enabled=rank == 0)
     for step in range(start, _last_step(cfg)):
         t0 = time.perf_counter()
         batch, targets, data_wait, expert_wait = next(stream)
-        corrupt += int(batch.get(STATS, {}).get(STATS_CORRUPT, 0))
+        problems.add(batch.get(STATS, {}))
         result = train_step(trainer, to_device(batch, device), targets, step)
         report, ckpt = _report_every(cfg, step)
         bar.update(1)
@@ -184,10 +209,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if device.type == "cuda":  # kernels are queued asynchronously: the step ends when they have run
             torch.cuda.synchronize(device)
         times = StepTimes(data_wait, expert_wait, time.perf_counter() - t0)
-        metrics = _metrics(result, times, cfg.loader.batch_size, world, corrupt)
+        metrics = _metrics(result, times, cfg.loader.batch_size, world, problems)
         metrics["resumed_from"] = start
-        _publish(recorder, metrics, rank, corrupt - published_corrupt, fence)
-        published_corrupt = corrupt
+        _publish(recorder, metrics, rank, problems, fence)
         show_metrics(bar, metrics["total"], metrics["images_per_s"])
         if ckpt:  # metrics alone go to metrics.jsonl and Prometheus: a bare ray.train.report cost 1-2 s here
             _save_and_report(trainer.engine, metrics, step, fence)
