@@ -26,9 +26,13 @@ a resumed run sees exactly the batches of an uninterrupted one):
     skipped and the next one fills its place, so batches keep a fixed size).
   - Crops of sample i of the batch at step k use a torch.Generator seeded from (seed, rank, k, i); its iBOT masks
     a numpy Generator seeded from (seed, rank, k).
-  The rank's world size plays no part: ranks differ by their seeds. Shards are read by our own small pipeline
-  (`tar_samples.py`) rather than `webdataset` stages: truncation is detected reliably, nothing is substituted,
-  and every random draw is ours to seed.
+  The rank's world size plays no part: ranks differ by their seeds.
+Why our own small pipeline (`tar_samples.py` and the stages below) and not webdataset's (ResampledShards ->
+tarfile_to_samples -> shuffle -> decode, issue 13.4): measured on the same shards (benchmarks/bench_shard_reader.py,
+RESULTS.md "Shard reader"), webdataset's delivers decoded tiles at 0.63x this rate with its PIL decoder and 0.84x
+with ours plugged in; it ends a shard cut at a member boundary silently (tests/unit/data/test_webdataset_interop.py);
+it cannot start a shard at a random byte; its default decoders unpickle `.pkl`/`.pyd` members (unless
+WDS_SECURE=1). Here truncation is always reported, nothing is substituted, and every random draw is ours to seed.
 
 Errors: a corrupt sample (undecodable image, no image, missing/bad json) is skipped, counted and logged; never
 replaced by another image. A damaged shard: the samples read before the damage are used, the error is counted and
@@ -69,7 +73,7 @@ def first_step_in_epoch(stream: int, epoch: int, num_streams: int, epoch_length:
 
 
 @dataclass
-class _Counters:
+class Counters:
     """Problems met since the last batch; `take` hands them to the batch and resets."""
 
     corrupt: int = 0
@@ -101,7 +105,7 @@ def _shard_cycle(url: str, start_fraction: float | None) -> Iterator[RawSample]:
     yield from iter_raw_samples(url, stop_byte=first)
 
 
-def _resampled_raw(urls: list[str], rng: np.random.Generator, counters: _Counters, cfg: LoaderConfig
+def _resampled_raw(urls: list[str], rng: np.random.Generator, counters: Counters, cfg: LoaderConfig
                    ) -> Iterator[RawSample]:
     """Endless raw samples from `cfg.open_shards` open shards drawn with replacement, each next sample from a
     random one of them (a shard holds whole slides, so reading one at a time would fill a batch from one or two
@@ -153,7 +157,7 @@ def _shuffled(items: Iterator[T], size: int, rng: np.random.Generator) -> Iterat
         yield buffer[i]
 
 
-def _decoded(raws: Iterator[RawSample], counters: _Counters, limit: int) -> Iterator[dict[str, Any]]:
+def _decoded(raws: Iterator[RawSample], counters: Counters, limit: int) -> Iterator[dict[str, Any]]:
     """Decoded samples; corrupt ones are counted, logged and dropped (nothing takes their place)."""
     bad_in_a_row = 0
     for raw in raws:
@@ -168,6 +172,15 @@ def _decoded(raws: Iterator[RawSample], counters: _Counters, limit: int) -> Iter
             continue
         bad_in_a_row = 0
         yield sample
+
+
+def decoded_samples(urls: list[str], cfg: LoaderConfig, key: tuple[int, ...], counters: Counters
+                    ) -> Iterator[dict[str, Any]]:
+    """One stream's endless decoded samples for one data epoch: resampled shards, shuffle buffer, decode, all drawn
+    from generators seeded by `key` (seed, rank, stream, epoch). Problems met are added to `counters`."""
+    raws = _resampled_raw(urls, np.random.default_rng([*key, TAG_SHARDS]), counters, cfg)
+    raws = _shuffled(raws, cfg.shuffle_buffer, np.random.default_rng([*key, TAG_SHUFFLE]))
+    return _decoded(raws, counters, cfg.max_consecutive_corrupt)
 
 
 class ShardStream(IterableDataset):
@@ -196,7 +209,7 @@ class ShardStream(IterableDataset):
         step = first_step
         while True:
             epoch = step // length
-            counters = _Counters()
+            counters = Counters()
             samples = self._epoch_samples(stream, epoch, counters)
             skip = (step - first_step_in_epoch(stream, epoch, num_streams, length)) // num_streams
             collections.deque(itertools.islice(samples, skip * batch_size), maxlen=0)
@@ -207,12 +220,8 @@ class ShardStream(IterableDataset):
                 step += num_streams
             samples.close()
 
-    def _epoch_samples(self, stream: int, epoch: int, counters: _Counters) -> Iterator[dict[str, Any]]:
-        cfg = self.cfg
-        key = (cfg.seed, self.rank, stream, epoch)
-        raws = _resampled_raw(self.urls, np.random.default_rng([*key, TAG_SHARDS]), counters, cfg)
-        raws = _shuffled(raws, cfg.shuffle_buffer, np.random.default_rng([*key, TAG_SHUFFLE]))
-        return _decoded(raws, counters, cfg.max_consecutive_corrupt)
+    def _epoch_samples(self, stream: int, epoch: int, counters: Counters) -> Iterator[dict[str, Any]]:
+        return decoded_samples(self.urls, self.cfg, (self.cfg.seed, self.rank, stream, epoch), counters)
 
     def _make_batch(self, samples: list[dict[str, Any]], step: int, stats: dict[str, int]) -> dict[str, Any]:
         seed, rank = self.cfg.seed, self.rank

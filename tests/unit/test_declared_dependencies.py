@@ -1,5 +1,6 @@
-"""Every package gpfm_scale imports is declared in pyproject.toml (issue 13.4/13.5), and the ones that come from an
-extra are imported only where the feature runs, so the core install imports everything it ships.
+"""Every package gpfm_scale imports is declared in pyproject.toml (issue 13.4/13.5), every declared package is used,
+and the ones that come from an extra are imported only where the feature runs, so the core install imports
+everything it ships.
 
 Imports are read with `ast` from every module, top-level and inside functions; a module is mapped to the
 distributions that provide it by `importlib.metadata.packages_distributions()` (the test venv holds `.[all,test]`).
@@ -65,6 +66,26 @@ def _imports() -> list[tuple[str, str, bool]]:
     return found
 
 
+def _required() -> set[str]:
+    """Top-level modules named by `require("module", ...)` calls (gpfm_scale/extras.py imports them by name)."""
+    found = set()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "require"
+                    and node.args and isinstance(node.args[0], ast.Constant)):
+                found.add(str(node.args[0].value).split(".")[0])
+    return found
+
+
+USED_WITHOUT_AN_IMPORT = {
+    "openslide-bin": "the OpenSlide C library that openslide-python loads",
+    "imagecodecs": "tifffile's JPEG/LZW codecs for TIFF tiles",
+    "s3fs": "fsspec's s3:// implementation, loaded by fsspec from the URL's protocol",
+    "gcsfs": "fsspec's gs:// implementation, loaded by fsspec from the URL's protocol",
+}
+"""Declared packages that gpfm_scale never imports by name, with the reason each one is still needed."""
+
+
 @functools.cache
 def _distributions() -> dict[str, list[str]]:
     return importlib.metadata.packages_distributions()
@@ -80,6 +101,17 @@ def test_every_imported_package_is_declared_in_core_or_an_extra():
     undeclared = sorted({f"{module} ({where}; provided by {sorted(_providers(module)) or 'nothing installed'})"
                          for module, where, _ in _imports() if not _providers(module) & declared})
     assert not undeclared, "imported but not declared in pyproject.toml: " + "; ".join(undeclared)
+
+
+def test_every_declared_package_is_used():
+    """A dependency nothing imports is install time and size for nothing (`webdataset` was one: issue 13.4)."""
+    used = {d for module, _, _ in _imports() for d in _providers(module)}
+    used |= {d for module in _required() for d in _providers(module)}
+    groups = _groups()
+    declared = set().union(*(names for g, names in groups.items() if g not in ("test", "all")))
+    unused = sorted(declared - used - set(USED_WITHOUT_AN_IMPORT) - {"gpfm-scale"})
+    assert not unused, "declared in pyproject.toml but imported nowhere in gpfm_scale: " + ", ".join(unused)
+    assert not set(USED_WITHOUT_AN_IMPORT) & used, "listed as used without an import, but imported"
 
 
 def test_packages_from_extras_are_imported_only_where_the_feature_runs():
