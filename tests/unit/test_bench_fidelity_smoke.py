@@ -11,21 +11,20 @@ by far. Whether the distilled student is closer to the expert is the full run's 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import safetensors.torch
 
-BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
+from tests.benchmark_scripts import import_benchmark
+
 
 
 def _ci_holds(metric: dict) -> bool:
     return metric["ci_low"] <= metric["value"] <= metric["ci_high"]
 
 
-def test_smoke_run_trains_expert_and_two_students_and_writes_json(shared_data, tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH_DIR))
-    import bench_fidelity
+def test_smoke_run_trains_expert_and_two_students_and_writes_json(shared_data, tmp_path):
+    bench_fidelity = import_benchmark("bench_fidelity")
 
     out = tmp_path / "run"
     result = bench_fidelity.main(["--smoke", "--data", str(shared_data / "hgsc-nuclei"), "--out", str(out)])
@@ -56,10 +55,9 @@ def test_smoke_run_trains_expert_and_two_students_and_writes_json(shared_data, t
                                        "linear_probe_gap_smaller_with_distillation", "cka_higher_with_distillation"}
 
 
-def test_students_share_their_initialisation(monkeypatch):
+def test_students_share_their_initialisation():
     """The check itself: same seed -> equal tensors; the expert heads come after and change nothing shared."""
-    monkeypatch.syspath_prepend(str(BENCH_DIR))
-    import bench_fidelity
+    bench_fidelity = import_benchmark("bench_fidelity")
     from gpfm_scale.models.config import ExpertConfig
 
     cfg = ExpertConfig(name=bench_fidelity.EXPERT_NAME, patch_weight=0.25)
@@ -74,8 +72,7 @@ def test_students_share_their_initialisation(monkeypatch):
 
 def test_differing_initialisations_are_refused(monkeypatch):
     """If the two builds drew different weights, the benchmark stops instead of comparing unlike students."""
-    monkeypatch.syspath_prepend(str(BENCH_DIR))
-    import bench_fidelity
+    bench_fidelity = import_benchmark("bench_fidelity")
     import torch
 
     from gpfm_scale.models.config import ExpertConfig

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import json
 import statistics
-from pathlib import Path
 
 import pytest
 
-BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
+from tests.benchmark_scripts import import_benchmark
+
 
 
 @pytest.mark.slow  # Ray Train worker start-up + DeepSpeed init: ~45 s on 2 cores
-def test_quick_run_compares_the_same_training_and_writes_json(ray_session, tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH_DIR))
-    import bench_pretrain
+def test_quick_run_compares_the_same_training_and_writes_json(ray_session, tmp_path):
+    bench_pretrain = import_benchmark("bench_pretrain")
 
     out = tmp_path / "bench.json"
     bench_pretrain.main(["--quick", "--no-gpu", "--experts", "remote", "--stand-in", "test_gpu",

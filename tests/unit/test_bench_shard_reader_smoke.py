@@ -7,18 +7,13 @@ checks each is a uint8 RGB tensor with its json) and the JSON summary is written
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
+from tests.benchmark_scripts import import_benchmark
+
 
 
 def test_shard_reader_benchmark_runs_every_reader(tmp_path):
-    sys.path.insert(0, str(BENCH_DIR))
-    try:
-        import bench_shard_reader as bench
-    finally:
-        sys.path.remove(str(BENCH_DIR))
+    bench = import_benchmark("bench_shard_reader")
     summary = bench.main(["--samples", "150", "--repeats", "1", "--shards", "2", "--tiles-per-shard", "100",
                           "--tile", "32", "--work", str(tmp_path / "w"), "--json", str(tmp_path / "s.json")])
     assert len(summary["runs"]) == 4

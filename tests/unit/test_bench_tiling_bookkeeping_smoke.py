@@ -7,18 +7,13 @@ itself asserts the replayed state equals the driver's), the counters add up, and
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
+from tests.benchmark_scripts import import_benchmark
+
 
 
 def test_bookkeeping_benchmark_runs_and_accounts_for_every_slide(tmp_path):
-    sys.path.insert(0, str(BENCH_DIR))
-    try:
-        import bench_tiling_bookkeeping as bench
-    finally:
-        sys.path.remove(str(BENCH_DIR))
+    bench = import_benchmark("bench_tiling_bookkeeping")
     summary = bench.main(["--slides", "200", "--per-shard", "3", "--actors", "4", "--old-samples", "2",
                           "--dir", str(tmp_path), "--json", str(tmp_path / "s.json")])
     new = summary["new"]

@@ -7,23 +7,19 @@ summary's ratios are ours / baseline, and the CLI writes its JSON.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
+from tests.benchmark_scripts import import_benchmark
+
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCH_DIR))  # kept while testing: spawned pool workers re-import the module by name
-    import bench_tiling
-
-    yield bench_tiling
-    sys.path.remove(str(BENCH_DIR))
+    return import_benchmark("bench_tiling")
 
 
 @pytest.fixture(scope="module")
