@@ -17,11 +17,16 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import posixpath
 import re
 import tarfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from fsspec.implementations.local import LocalFileSystem
+
+from gpfm_scale import storage
 
 SHARD_RE = re.compile(r"^(?P<run>.+)-(?P<index>\d{6})\.tar$")
 IMAGE_EXTS = ("jpg", "jpeg", "png")
@@ -29,6 +34,23 @@ META_EXT = "json"
 SAMPLE_FIELDS = ("slide_id", "x", "y", "level", "tile_px", "mpp", "magnification", "tissue_fraction", "reader")
 """The keys of a tile's json member: level-0 (x, y) px, read level, tile side px, µm/px and magnification of the
 tile, tissue fraction of its area in [0, 1], the slide reader that produced it."""
+
+
+def list_shards(location: str) -> list[str]:
+    """The shards at `location`, sorted: a tiler output directory (its `shards/`), a folder of `.tar` files, a glob,
+    or one shard file; local paths absolute, objects in a bucket as URLs. Empty when nothing is there: the caller
+    names its option in the error. Hidden names (a tool's in-flight file) are never shards."""
+    fs, path = storage.url_to_fs(location)
+    if fs.isdir(posixpath.join(path, "shards")):
+        path = posixpath.join(path, "shards")
+    if any(ch in path for ch in "*?["):
+        found = fs.glob(path)
+    elif fs.isdir(path):
+        found = [p for p in fs.ls(path, detail=False) if p.endswith(".tar")]
+    else:
+        found = [path] if fs.isfile(path) else []
+    found = [p for p in found if not posixpath.basename(p).startswith(".")]
+    return sorted(p if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(p) for p in found)
 
 
 def shard_name(run: str, index: int) -> str:

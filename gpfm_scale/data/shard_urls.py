@@ -5,8 +5,9 @@ Kept apart from the loaders so that both backends and the shard mixer use it wit
 
 from __future__ import annotations
 
-import fsspec
 from braceexpand import braceexpand
+
+from gpfm_scale.contracts.shards import list_shards
 
 from gpfm_scale.errors import ConfigError
 
@@ -17,13 +18,8 @@ def expand_shard_urls(spec: str | list[str]) -> list[str]:
     urls: list[str] = []
     for entry in entries:
         for pattern in braceexpand(entry):
-            urls.extend(_glob(pattern) if any(c in pattern for c in "*?[") else [pattern])
+            urls.extend(list_shards(pattern) if any(c in pattern for c in "*?[") else [pattern])
     if not urls:
         raise ConfigError(f"loader.shards: no shard found for {spec!r}")
     return urls
 
-
-def _glob(pattern: str) -> list[str]:
-    fs, path = fsspec.core.url_to_fs(pattern)
-    found = sorted(fs.glob(path))
-    return found if "://" not in pattern else [fs.unstrip_protocol(p) for p in found]

@@ -21,9 +21,9 @@ from pathlib import Path
 import fsspec
 import pandas as pd
 import pyarrow.parquet as pq
-from fsspec.implementations.local import LocalFileSystem
 
 from gpfm_scale.contracts.run_manifest import MANIFEST_NAME, extra_columns, read_state
+from gpfm_scale.contracts.shards import list_shards
 from gpfm_scale.embed.config import InputKind
 from gpfm_scale.errors import ConfigError, UnsafeNameError
 from gpfm_scale.names import checked_component
@@ -91,18 +91,6 @@ def _isfile(url: str) -> bool:
     return fs.isfile(local)
 
 
-def _glob(pattern: str) -> list[str]:
-    fs, local = fsspec.core.url_to_fs(pattern)
-    if any(ch in local for ch in "*?["):
-        found = fs.glob(local)
-    elif fs.isdir(local):
-        found = [p for p in fs.ls(local, detail=False) if p.endswith(".tar")]
-    else:
-        found = [local] if fs.isfile(local) else []
-    is_local = isinstance(fs, LocalFileSystem)
-    return sorted(p if is_local else fs.unstrip_protocol(p) for p in found)
-
-
 def _read_manifest(url: str) -> pd.DataFrame:
     """The tiler's current state: its compacted manifest.parquet plus the journal records after it (a tiling run
     commits by journal append, so the parquet alone can lag behind what is done)."""
@@ -123,7 +111,7 @@ def load_tile_source(path: str) -> TileSource:
                               fs.isfile(posixpath.join(local, MANIFEST_NAME))):
         root = path
     else:
-        shards = _glob(path)
+        shards = list_shards(path)
         if not shards:
             raise ConfigError(f"--input {path}: no .tar shards found")
         folder = posixpath.dirname(shards[0])

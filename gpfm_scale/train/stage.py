@@ -16,16 +16,14 @@ export are uploaded whole (`gpfm_scale.storage`). A relative DIR inside a submit
 
 from __future__ import annotations
 
-import glob
 import logging
-import os
-import posixpath
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from gpfm_scale import storage
+from gpfm_scale.contracts.shards import list_shards
 from gpfm_scale.errors import ConfigError
 from gpfm_scale.extras import require
 from gpfm_scale.ray_utils import ensure_ray, ray_level_name
@@ -54,30 +52,10 @@ def resolve_shards(spec: str) -> list[str]:
     """A tiler output dir, a shards dir, a glob or a comma-separated list -> the shard URLs (local ones checked)."""
     if "," in spec:
         return [s for s in spec.split(",") if s]
-    if storage.is_url(spec):
-        return _remote_shards(spec)
-    if os.path.isdir(os.path.join(spec, "shards")):
-        spec = os.path.join(spec, "shards")
-    found = sorted(glob.glob(os.path.join(spec, "*.tar") if os.path.isdir(spec) else spec))
+    found = list_shards(spec)
     if not found:
         raise ConfigError(f"no shards found at {spec}")
-    return [os.path.abspath(s) for s in found]
-
-
-def _remote_shards(spec: str) -> list[str]:
-    """`resolve_shards` on a bucket: a tiler output, a folder of .tar objects or a glob -> their URLs."""
-    fs, path = storage.url_to_fs(spec)
-    if fs.isdir(posixpath.join(path, "shards")):
-        path = posixpath.join(path, "shards")
-    if any(ch in path for ch in "*?["):
-        found = fs.glob(path)
-    elif fs.isdir(path):
-        found = [p for p in fs.ls(path, detail=False) if p.endswith(".tar")]
-    else:
-        found = [path] if fs.isfile(path) else []
-    if not found:
-        raise ConfigError(f"no shards found at {spec}")
-    return sorted(fs.unstrip_protocol(p) for p in found)
+    return found
 
 
 def _use_gpu(cfg: PretrainConfig) -> bool:

@@ -81,3 +81,22 @@ def test_sample_key_round_trips_and_a_foreign_key_has_no_coordinates():
     assert parse_sample_key(sample_key("TCGA-01.a", 1024, 0)) == ("TCGA-01.a", (1024, 0))
     assert parse_sample_key("s1/tile7") == ("s1", None)
     assert SHARD_RE.match(shard_name("run_a", 12)).group("run", "index") == ("run_a", "000012")
+
+
+@pytest.mark.parametrize("remote", [False, True], ids=["local", "memory"])
+def test_list_shards_finds_the_same_shards_from_every_way_of_naming_them(tmp_path, remote):
+    import fsspec
+
+    from gpfm_scale.contracts.shards import list_shards
+
+    root = f"memory://{tmp_path}/run" if remote else str(tmp_path / "run")
+    fs, base = fsspec.core.url_to_fs(root)
+    fs.makedirs(f"{base}/shards", exist_ok=True)
+    for name in ("tiles-000001.tar", "tiles-000000.tar", ".tiles-000002.tar", "notes.txt"):
+        fs.pipe_file(f"{base}/shards/{name}", b"x")
+    shards = [f"{root}/shards/tiles-000000.tar", f"{root}/shards/tiles-000001.tar"]
+    assert list_shards(root) == shards  # the tiler's output directory
+    assert list_shards(f"{root}/shards") == shards
+    assert list_shards(f"{root}/shards/*.tar") == shards  # (the hidden in-flight file is never a shard)
+    assert list_shards(f"{root}/shards/tiles-000001.tar") == shards[1:]
+    assert list_shards(f"{root}/nothing") == []
