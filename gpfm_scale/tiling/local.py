@@ -14,14 +14,11 @@ import collections
 import logging
 import os
 import sys
-import time
-
-from tqdm import tqdm
 
 from gpfm_scale.contracts.output_dir import OutputDir
-from gpfm_scale.metrics import TILING
 from gpfm_scale.tiling.config import TilingConfig
 from gpfm_scale.tiling.driver import Driver
+from gpfm_scale.tiling.progress import TilingProgress
 from gpfm_scale.tiling.worker import TileWorker
 
 log = logging.getLogger(__name__)
@@ -50,23 +47,14 @@ def dispatch_in_process(cfg: TilingConfig, out: OutputDir, driver: Driver, todo:
     log.info("tiling in this process (one worker, no Ray)")
     worker = TileWorker(cfg.model_dump(mode="json"), out.url)  # umask None: this process's own is the user's
     pending = collections.deque(driver.tasks[sid] for sid in todo)
-    bar = tqdm(total=len(todo), unit="slide", desc="tiling", dynamic_ncols=True)
-    tiles_seen, t0 = 0, time.perf_counter()
-    try:
+    with TilingProgress(len(todo)) as progress:
         while pending:
             task = pending.popleft()
             driver.manifest.count_attempt(task.slide_id)  # journaled with the next record
             outcome, sealed, ran_on = worker.process(task, driver.shard_name(ONLY))
             driver.accept(ONLY, outcome, sealed, ran_on, pending)
-            tiles_seen += outcome.n_tiles
-            elapsed = time.perf_counter() - t0
-            TILING.tiles_per_second.set(tiles_seen / elapsed if elapsed else 0.0)
-            bar.update(1)
-            bar.set_postfix(tiles=tiles_seen, tiles_per_s=f"{tiles_seen / max(elapsed, 1e-9):.0f}",
-                            failed=driver.manifest.counts["failed"])
+            progress.slide_done(outcome.n_tiles, driver.manifest.counts["failed"])
         sealed, now = worker.flush(driver.shard_name(ONLY))
         driver.seen_alive(ONLY, now, pending)
         if sealed is not None:
             driver.commit_shard(ONLY, sealed)
-    finally:
-        bar.close()

@@ -29,14 +29,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import pandas as pd
-from tqdm import tqdm
 
 from gpfm_scale import storage
 from gpfm_scale.atomic import current_umask
 from gpfm_scale.config import dump_config
 from gpfm_scale.contracts.output_dir import OutputDir
 from gpfm_scale.contracts.run_manifest import MANIFEST_NAME, segments
-from gpfm_scale.metrics import TILING, serve_metrics
+from gpfm_scale.metrics import serve_metrics
 from gpfm_scale.ray_utils import ensure_ray
 from gpfm_scale.resources import alive_nodes, count_fitting, wait_for_resources
 from gpfm_scale.run_lock import OutputLock
@@ -47,6 +46,7 @@ from gpfm_scale.tiling.driver import CommitHook, Driver, fail_slide
 from gpfm_scale.tiling.inputs import load_slide_table
 from gpfm_scale.tiling.local import dispatch_in_process, runs_in_process
 from gpfm_scale.tiling.manifest import RunManifest, SlideOutcome
+from gpfm_scale.tiling.progress import TilingProgress
 from gpfm_scale.tiling.resume import CONFIG_NAME, check_layout, reconcile, sweep_orphans
 from gpfm_scale.tiling.slide_job import SlideTask
 from gpfm_scale.tiling.worker import TileWorker
@@ -211,9 +211,8 @@ def _dispatch(cfg: TilingConfig, out: OutputDir, driver: Driver, todo: list[str]
                 return inflight[ref][1]
         return inflight[failed][1]
 
-    bar = tqdm(total=len(todo), unit="slide", desc="tiling", dynamic_ncols=True)
-    tiles_seen, t0 = 0, time.perf_counter()
-    quiet_since = t0
+    quiet_since = time.perf_counter()
+    progress = TilingProgress(len(todo))
     try:
         while pending or inflight:
             for _depth in range(cfg.max_inflight_per_worker):  # round-robin: every actor gets work first
@@ -236,25 +235,20 @@ def _dispatch(cfg: TilingConfig, out: OutputDir, driver: Driver, todo: list[str]
                     driver.queues[i].remove(ref)
                     before = len(pending)
                     driver.actor_died(i, task, sent_to, pending, current, killer)
-                    bar.total += max(0, len(pending) - before - 1)
+                    progress.redo(max(0, len(pending) - before - 1))
                     continue
                 del inflight[ref]
                 driver.queues[i].remove(ref)
                 before = len(pending)
                 driver.accept(i, outcome, sealed, ran_on, pending)
                 if len(pending) > before:  # a late answer of a process already counted dead: the slide is redone
-                    bar.total += 1
+                    progress.redo(1)
                     continue
-                tiles_seen += outcome.n_tiles
-                elapsed = time.perf_counter() - t0
-                TILING.tiles_per_second.set(tiles_seen / elapsed if elapsed else 0.0)
-                bar.update(1)
-                bar.set_postfix(tiles=tiles_seen, tiles_per_s=f"{tiles_seen / max(elapsed, 1e-9):.0f}",
-                                failed=driver.manifest.counts["failed"])
+                progress.slide_done(outcome.n_tiles, driver.manifest.counts["failed"])
             if not pending and not inflight:
                 _flush(actors, driver, pending, RayActorError, current)
     finally:
-        bar.close()
+        progress.close()
         for actor in actors:
             ray.kill(actor)
 
