@@ -1,6 +1,6 @@
 """Driver bookkeeping cost of tiling a cohort: the old full-manifest rewrite per commit vs the journal (issue 12.1).
 
-No slide is tiled: fake actors "return instantly". The REAL driver code (`stage._Driver`: `shard_name`, `accept`,
+No slide is tiled: fake actors "return instantly". The REAL driver code (`driver.Driver`: `shard_name`, `accept`,
 `commit_shard`, journal appends, periodic and final compaction, `resume.sweep_orphans`) is driven directly with
 synthetic `SlideOutcome`/`SealedShard` values, and each sealed shard is a real tiny file published under its
 reserved name, as an actor would. Timed per slide: the `accept` call (plus `count_attempt` at dispatch and the
@@ -35,10 +35,10 @@ from gpfm_scale.contracts.run_manifest import read_state
 from gpfm_scale.contracts.shards import SealedShard
 from gpfm_scale.tiling import journal
 from gpfm_scale.tiling.config import TilingConfig
+from gpfm_scale.tiling.driver import Driver
 from gpfm_scale.tiling.manifest import RunManifest, SlideOutcome
 from gpfm_scale.tiling.resume import sweep_orphans
 from gpfm_scale.tiling.slide_job import SlideTask
-from gpfm_scale.tiling.stage import _Driver
 from gpfm_scale.tiling.worker import FIRST
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def measure_old(root: Path, n_slides: int, samples: int) -> dict[str, float]:
 
 
 def measure_new(root: Path, n_slides: int, per_shard: int, actors: int) -> dict[str, Any]:
-    """Drive the real `_Driver` over the cohort; per-slide driver seconds, totals and a replay check."""
+    """Drive the real `Driver` over the cohort; per-slide driver seconds, totals and a replay check."""
     out = OutputDir(str(root))
     out.makedirs()
     cfg = TilingConfig(run_name="tiles")
@@ -87,7 +87,7 @@ def measure_new(root: Path, n_slides: int, per_shard: int, actors: int) -> dict[
     manifest.save(out, -1)  # what a run start does (one full write)
     start_s = time.perf_counter() - t
     tasks = {sid: SlideTask(sid, manifest.rows[sid]["path"]) for sid in manifest.rows}
-    driver = _Driver(cfg, out, manifest, tasks, 0, journal.Journal(out, 0))
+    driver = Driver(cfg, out, manifest, tasks, 0, journal.Journal(out, 0))
     held: dict[int, list[str]] = {a: [] for a in range(actors)}
     pending: collections.deque = collections.deque()  # nothing is redone: no actor dies here
     per_slide, commit_s, failed_seen = [], [], 0

@@ -1,6 +1,6 @@
-"""A one-worker tiling run inside the command's own process: the same `TileWorker` and driver bookkeeping as the
-Ray path (`stage._dispatch`), with no Ray at all, so a local run starts tiling at once instead of after Ray's
-3-10 s start-up.
+"""A one-worker tiling run inside the command's own process: the same `TileWorker` and driver bookkeeping
+(`driver.Driver`) as the Ray path (`stage._dispatch`), with no Ray at all, so a local run starts tiling at once
+instead of after Ray's 3-10 s start-up.
 
 Everything the driver guarantees holds unchanged: shard names are reserved and journaled before use, a shard is
 committed by its journal record (then `on_commit` runs), the output lock is held by `stage.run`, and the metrics
@@ -14,36 +14,17 @@ import collections
 import logging
 import os
 import sys
-import time
-from typing import Protocol
-
-from tqdm import tqdm
 
 from gpfm_scale.contracts.output_dir import OutputDir
-from gpfm_scale.contracts.shards import SealedShard
-from gpfm_scale.metrics import TILING
 from gpfm_scale.tiling.config import TilingConfig
-from gpfm_scale.tiling.manifest import RunManifest, SlideOutcome
-from gpfm_scale.tiling.slide_job import SlideTask
+from gpfm_scale.tiling.driver import Driver
+from gpfm_scale.tiling.progress import TilingProgress
 from gpfm_scale.tiling.worker import TileWorker
 
 log = logging.getLogger(__name__)
 
 ONLY = 0
 """The driver's index for the one in-process worker (its actor index on the Ray path)."""
-
-
-class Driver(Protocol):
-    """What this loop uses of `stage._Driver` (named here, not imported: `stage` imports this module)."""
-
-    tasks: dict[str, SlideTask]
-    manifest: RunManifest
-
-    def shard_name(self, actor: int) -> str: ...
-    def accept(self, actor: int, outcome: SlideOutcome, sealed: SealedShard | None, ran_on: str,
-               pending: collections.deque) -> None: ...
-    def seen_alive(self, actor: int, now: str, pending: collections.deque) -> None: ...
-    def commit_shard(self, actor: int, sealed: SealedShard) -> None: ...
 
 
 def runs_in_process(cfg: TilingConfig, n_todo: int) -> bool:
@@ -66,23 +47,14 @@ def dispatch_in_process(cfg: TilingConfig, out: OutputDir, driver: Driver, todo:
     log.info("tiling in this process (one worker, no Ray)")
     worker = TileWorker(cfg.model_dump(mode="json"), out.url)  # umask None: this process's own is the user's
     pending = collections.deque(driver.tasks[sid] for sid in todo)
-    bar = tqdm(total=len(todo), unit="slide", desc="tiling", dynamic_ncols=True)
-    tiles_seen, t0 = 0, time.perf_counter()
-    try:
+    with TilingProgress(len(todo)) as progress:
         while pending:
             task = pending.popleft()
             driver.manifest.count_attempt(task.slide_id)  # journaled with the next record
             outcome, sealed, ran_on = worker.process(task, driver.shard_name(ONLY))
             driver.accept(ONLY, outcome, sealed, ran_on, pending)
-            tiles_seen += outcome.n_tiles
-            elapsed = time.perf_counter() - t0
-            TILING.tiles_per_second.set(tiles_seen / elapsed if elapsed else 0.0)
-            bar.update(1)
-            bar.set_postfix(tiles=tiles_seen, tiles_per_s=f"{tiles_seen / max(elapsed, 1e-9):.0f}",
-                            failed=driver.manifest.counts["failed"])
+            progress.slide_done(outcome.n_tiles, driver.manifest.counts["failed"])
         sealed, now = worker.flush(driver.shard_name(ONLY))
         driver.seen_alive(ONLY, now, pending)
         if sealed is not None:
             driver.commit_shard(ONLY, sealed)
-    finally:
-        bar.close()

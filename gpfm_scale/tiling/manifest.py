@@ -5,8 +5,8 @@ A slide is `pending` until the journal record naming the shard that holds its ti
 ("no tiles: ..."). The state is manifest.parquet plus the journal records after it (`journal.py`; the format and
 the reading side are `contracts/run_manifest.py`, which readers outside this stage use): a commit
 appends one record (O(1)); the parquet is rewritten atomically only when compacted (run start and end, and every
-`stage.COMPACT_EVERY_COMMITS` records or `stage.COMPACT_EVERY_S` seconds). Read it with `contracts.run_manifest.read_state`, never the
-parquet alone.
+`driver.COMPACT_EVERY_COMMITS` records or `driver.COMPACT_EVERY_S` seconds). Read it with
+`contracts.run_manifest.read_state`, never the parquet alone.
 Rows carry the input manifest's extra (clinical) columns through unchanged.
 
 Rows are never dropped: a slide of an earlier run that is missing from this run's input (a subset manifest, a file

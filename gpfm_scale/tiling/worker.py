@@ -68,7 +68,7 @@ class TileWorker:
 
     def _ship(self, sealed: SealedShard | None, name: str) -> SealedShard | None:
         """Publish a sealed shard under the final name the driver reserved: a rename when local, one upload (no
-        server-side copy) otherwise. It is not committed until the driver journals it (`stage.py`)."""
+        server-side copy) otherwise. It is not committed until the driver journals it (`driver.py`)."""
         if sealed is None:
             return None
         dest = self.out.path("shards", name)

@@ -1,6 +1,6 @@
 """Issue 12.1: the run manifest's journal. A commit appends one record instead of rewriting manifest.parquet;
 the state (parquet + records after it) replays exactly, survives a torn last line and an interrupted compaction,
-and its counters equal a scan. Driven through the real driver (`stage._Driver`), no Ray needed."""
+and its counters equal a scan. Driven through the real driver (`driver.Driver`), no Ray needed."""
 
 from __future__ import annotations
 
@@ -16,14 +16,14 @@ from gpfm_scale.contracts.shards import SealedShard
 from gpfm_scale.errors import ConfigError
 from gpfm_scale.tiling import journal
 from gpfm_scale.tiling.config import TilingConfig
+from gpfm_scale.tiling.driver import Driver
 from gpfm_scale.tiling.manifest import RunManifest, SlideOutcome
 from gpfm_scale.tiling.resume import reconcile, sweep_orphans
 from gpfm_scale.tiling.slide_job import SlideTask
-from gpfm_scale.tiling.stage import _Driver
 from gpfm_scale.tiling.worker import FIRST
 
 
-def _start(tmp_path, n: int = 6) -> tuple[OutputDir, _Driver]:
+def _start(tmp_path, n: int = 6) -> tuple[OutputDir, Driver]:
     """What a run start does: rows for the input, one compaction, a fresh journal segment."""
     out = OutputDir(str(tmp_path))
     out.makedirs()
@@ -32,10 +32,10 @@ def _start(tmp_path, n: int = 6) -> tuple[OutputDir, _Driver]:
     manifest = RunManifest.from_inputs(table, None)
     manifest.save(out, -1)
     tasks = {sid: SlideTask(sid, manifest.rows[sid]["path"]) for sid in manifest.rows}
-    return out, _Driver(TilingConfig(run_name="tiles"), out, manifest, tasks, 0, journal.Journal(out, 0))
+    return out, Driver(TilingConfig(run_name="tiles"), out, manifest, tasks, 0, journal.Journal(out, 0))
 
 
-def _seal(tmp_path, driver: _Driver, actor: int, sids: list[str]) -> SealedShard:
+def _seal(tmp_path, driver: Driver, actor: int, sids: list[str]) -> SealedShard:
     """An actor's part: publish a (tiny, real) file under the name the driver reserved."""
     name = driver.shard_name(actor)
     (tmp_path / "shards" / name).write_bytes(b"tar")
@@ -46,7 +46,7 @@ def _tiles(sid: str, n: int = 4) -> SlideOutcome:
     return SlideOutcome(sid, ok=True, n_tiles=n, bytes=100 * n, mpp=0.5, reader="openslide")
 
 
-def _accept(driver: _Driver, actor: int, outcome: SlideOutcome, sealed: SealedShard | None,
+def _accept(driver: Driver, actor: int, outcome: SlideOutcome, sealed: SealedShard | None,
             ran_on: str = FIRST, pending: collections.deque | None = None) -> None:
     """A result from the actor's process `ran_on` (the same one unless a test says otherwise)."""
     driver.accept(actor, outcome, sealed, ran_on, collections.deque() if pending is None else pending)
