@@ -55,7 +55,7 @@ def test_run_stopped_and_resumed_on_a_bucket_matches_an_uninterrupted_one(s3_buc
 
     run(tiny_config(**BASE), full, shards=shards)
     stopped = run(tiny_config(**BASE, **{"run.stop_after_steps": 2}), split, shards=shards)
-    assert stopped.steps == 2 and storage.isdir(stopped.checkpoint)  # in the bucket: the only copy there is
+    assert stopped.steps == 2 and storage.isdir(stopped.checkpoint)  # an s3:// URL: no local copy exists
     assert not storage.exists(storage.join(split, "export"))
     _leave_rows_past_the_checkpoint(split, 3)
     # keep one checkpoint: Ray Train deletes the first run's from the bucket once the resumed run's is registered
