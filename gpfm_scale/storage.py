@@ -264,3 +264,13 @@ def ray_storage(url: str) -> tuple[str, Any]:
 
     fs, path = url_to_fs(url)
     return path, PyFileSystem(FSSpecHandler(fs))
+
+
+def from_ray_path(url: str, path: str) -> str:
+    """The URL of `path`, one Ray Train reports under `ray_storage(url)`'s storage_path (a checkpoint's): the
+    scheme put back (s3://BUCKET/...), where Ray gives the bucket's path without it, which reads as a relative local
+    path; local paths are returned unchanged."""
+    if not is_url(url):
+        return path
+    fs, _ = url_to_fs(url)
+    return fs.unstrip_protocol(path)

@@ -148,7 +148,7 @@ def run(cfg: PretrainConfig, out: str, shards: str | None = None, resume: bool =
         result = _fit(cfg, fence, callbacks)
     if result.error is not None:
         raise result.error
-    checkpoint = result.checkpoint.path if result.checkpoint else None
+    checkpoint = storage.from_ray_path(out, result.checkpoint.path) if result.checkpoint else None
     return PretrainResult(out=out, export_dir=storage.join(out, "export"), checkpoint=checkpoint,
                           steps=int(result.metrics.get("step", 0)) if result.metrics else 0,
                           seconds=time.perf_counter() - start, metrics=dict(result.metrics or {}))

@@ -125,3 +125,11 @@ def test_pretraining_finds_the_shards_of_a_tiling_output_on_a_bucket(out):
     assert resolve_shards(storage.join(out, "shards", "*.tar")) == expected
     with pytest.raises(ConfigError, match="no shards found"):
         resolve_shards(storage.join(out, "nothing"))
+
+
+def test_a_checkpoint_ray_train_reports_on_a_bucket_is_given_back_as_its_url(out, tmp_path):
+    path, _ = storage.ray_storage(storage.join(out, "checkpoints"))
+    assert not path.startswith("s3:")  # Ray Train is given, and reports, the bucket's paths without the scheme
+    reported = f"{path}/tiny/checkpoint_000001"
+    assert storage.from_ray_path(out, reported) == storage.join(out, "checkpoints", "tiny", "checkpoint_000001")
+    assert storage.from_ray_path(str(tmp_path), str(tmp_path / "c")) == str(tmp_path / "c")
