@@ -30,7 +30,6 @@ from gpfm_scale.train.expert_placement import (
     build_expert_client,
     connect_node_experts,
     place_expert_actors,
-    release_expert_actors,
 )
 
 EXPERTS = [ExpertConfig(name="tiny_a", patch_weight=1.0), ExpertConfig(name="tiny_b")]
