@@ -16,7 +16,8 @@ import math
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 
 def distributed_ready() -> bool:
@@ -92,3 +93,31 @@ def ema_center(center: Tensor, logits: Tensor, momentum: float) -> Tensor:
         return center
     batch_mean = (stats[:-1] / count).reshape_as(center).to(center.dtype)
     return center * momentum + batch_mean * (1.0 - momentum)
+
+
+class CenteredTeacherLoss(nn.Module):
+    """What the DINO (CLS) and iBOT (patch) losses keep for softmax centring: the teacher center [1, K], a buffer
+    so that it is checkpointed with the model, its EMA momentum, and the student temperature. Each loss has its own
+    center: CLS and masked-patch logits have different statistics.
+
+    The center used at a step is the one from before that step's `update_center`, as in DINOv2.
+    """
+
+    center: Tensor
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
+        super().__init__()
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    @torch.no_grad()
+    def softmax_center_teacher(self, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
+        """softmax((z - center) / teacher_temp) for teacher logits [N, K] (CLS rows or masked tokens); [N, K]
+        float32."""
+        return F.softmax((teacher_logits.float() - self.center) / teacher_temp, dim=-1)
+
+    @torch.no_grad()
+    def update_center(self, teacher_logits: Tensor) -> None:
+        """center <- m * center + (1 - m) * the mean teacher logit over every row of every rank (`ema_center`)."""
+        self.center.copy_(ema_center(self.center, teacher_logits, self.center_momentum))

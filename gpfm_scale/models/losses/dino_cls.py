@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from gpfm_scale.models.losses.centering import all_reduce_sum, ema_center, sinkhorn_knopp
+from gpfm_scale.models.losses.centering import CenteredTeacherLoss, all_reduce_sum, sinkhorn_knopp
 
 NUM_GLOBAL_CROPS = 2
 
@@ -36,37 +36,19 @@ def cross_entropy_terms(student_logits: Tensor, teacher_probs: Tensor, student_t
     return -(teacher_probs.float() * log_p).sum(dim=-1)
 
 
-class DinoClsLoss(nn.Module):
-    """DINO CLS loss: owns the teacher center buffer [1, K] and the cross-view pairing.
+class DinoClsLoss(CenteredTeacherLoss):
+    """DINO CLS loss: the cross-view pairing, on the teacher center it inherits (`CenteredTeacherLoss`).
 
     Typical step (centring): probs = loss.softmax_center_teacher(t_logits, temp); loss.update_center(t_logits);
     terms = loss(student_global, student_local, probs). The center used at a step is the one from before
     that step's update, as in DINOv2.
     """
 
-    center: Tensor
-
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
-        super().__init__()
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(1, out_dim))
-
-    @torch.no_grad()
-    def softmax_center_teacher(self, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
-        """Teacher probabilities softmax((z - center) / teacher_temp) for logits [N, K]; returns [N, K] float32."""
-        return F.softmax((teacher_logits.float() - self.center) / teacher_temp, dim=-1)
-
     @torch.no_grad()
     def sinkhorn_knopp_teacher(self, teacher_logits: Tensor, teacher_temp: float, n_iterations: int = 3) -> Tensor:
         """Sinkhorn-Knopp teacher probabilities for logits [N, K] (rows over all ranks are balanced)."""
         num_samples = all_reduce_sum(torch.tensor([float(teacher_logits.shape[0])], device=teacher_logits.device))
         return sinkhorn_knopp(teacher_logits, teacher_temp, num_samples, n_iterations)
-
-    @torch.no_grad()
-    def update_center(self, teacher_logits: Tensor) -> None:
-        """EMA of the batch-mean teacher logit (all ranks): center <- m * center + (1 - m) * mean."""
-        self.center.copy_(ema_center(self.center, teacher_logits, self.center_momentum))
 
     def forward(self, student_global: Tensor, student_local: Tensor | None, teacher_probs: Tensor) -> dict[str, Tensor]:
         """Cross-view DINO terms; see the module docstring for the pairing and the normalisation.

@@ -15,10 +15,9 @@ mean per-image CE, exactly as in DINOv2 (whose meta-arch scales it by 2 x 1/2 = 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from gpfm_scale.models.losses.centering import all_reduce_sum, ema_center, sinkhorn_knopp
+from gpfm_scale.models.losses.centering import CenteredTeacherLoss, all_reduce_sum, sinkhorn_knopp
 from gpfm_scale.models.losses.dino_cls import cross_entropy_terms
 
 
@@ -32,21 +31,8 @@ def masked_token_weights(masks: Tensor) -> Tensor:
     return per_image.unsqueeze(-1).expand_as(masks)[masks]
 
 
-class IbotPatchLoss(nn.Module):
-    """iBOT patch loss with its own teacher center buffer [1, K] (separate from the DINO CLS center)."""
-
-    center: Tensor
-
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
-        super().__init__()
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(1, out_dim))
-
-    @torch.no_grad()
-    def softmax_center_teacher(self, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
-        """softmax((z - center) / teacher_temp) for masked-token logits [M, K]; returns [M, K] float32."""
-        return F.softmax((teacher_logits.float() - self.center) / teacher_temp, dim=-1)
+class IbotPatchLoss(CenteredTeacherLoss):
+    """iBOT patch loss, with its own teacher center (`CenteredTeacherLoss`), separate from the DINO CLS one."""
 
     @torch.no_grad()
     def sinkhorn_knopp_teacher(
@@ -66,11 +52,6 @@ class IbotPatchLoss(nn.Module):
             n_masked_patches = torch.tensor(float(teacher_logits.shape[0]), device=teacher_logits.device)
         num_samples = all_reduce_sum(n_masked_patches.detach().float().reshape(1).clone())
         return sinkhorn_knopp(teacher_logits, teacher_temp, num_samples, n_iterations)
-
-    @torch.no_grad()
-    def update_center(self, teacher_logits: Tensor) -> None:
-        """EMA of the mean masked-token teacher logit over all ranks' tokens."""
-        self.center.copy_(ema_center(self.center, teacher_logits, self.center_momentum))
 
     def forward(
         self,
