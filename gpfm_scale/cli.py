@@ -133,6 +133,18 @@ def _subparser(sub: Any, cmd: str, **kwargs: Any) -> argparse.ArgumentParser:
     return sub.add_parser(cmd, formatter_class=functools.partial(_DefaultsFormatter, cmd=cmd), **kwargs)
 
 
+def _add_ray_address(p: argparse.ArgumentParser, key: str) -> None:
+    """`--ray-address`, setting the stage's `key` (pretraining keeps it under `run.`)."""
+    _key(p, "--ray-address", key, help="Ray cluster address (default: RAY_ADDRESS or local).")
+
+
+def _add_metrics_endpoint(p: argparse.ArgumentParser) -> None:
+    """`--metrics-port` / `--metrics-host` of the stages whose driver serves Prometheus metrics itself."""
+    _key(p, "--metrics-port", "metrics_port", type=int,
+         help="Serve Prometheus metrics on PORT while running (127.0.0.1 unless --metrics-host).")
+    _key(p, "--metrics-host", "metrics_host", help="Address the metrics endpoint binds.")
+
+
 def _add_log_level(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="Logging level.")
 
@@ -174,10 +186,8 @@ def _tile_parser(sub: Any) -> argparse.ArgumentParser:
          help="Cap per slide, sampled with a fixed seed (GPFM: 2000). 0 means no cap.")
     _key(p, "--retry-failed", "retry_failed", const=True,
          help="Retry slides that failed in an earlier run into the same --out.")
-    _key(p, "--metrics-port", "metrics_port", type=int,
-         help="Serve Prometheus metrics on PORT while running (127.0.0.1 unless --metrics-host).")
-    _key(p, "--metrics-host", "metrics_host", help="Address the metrics endpoint binds.")
-    _key(p, "--ray-address", "ray_address", help="Ray cluster address (default: RAY_ADDRESS or local).")
+    _add_metrics_endpoint(p)
+    _add_ray_address(p, "ray_address")
     return p
 
 
@@ -193,7 +203,7 @@ def _pretrain_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="Continue the run in --out from its newest checkpoint.")
     _key(p, "--steps", "run.total_iters", type=int, help="Total optimiser steps.")
     _key(p, "--zero-stage", "deepspeed.zero_stage", type=int, choices=[0, 1, 2, 3], help="ZeRO stage.")
-    _key(p, "--ray-address", "run.ray_address", help="Ray cluster address (default: RAY_ADDRESS or local).")
+    _add_ray_address(p, "run.ray_address")
     return p
 
 
@@ -206,7 +216,7 @@ def _mix_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", help="Output directory (local path or fsspec URL).")
     _key(p, "--seed", "seed", type=int, help="Seed of the mix.")
     _key(p, "--shard-bytes", "shard_bytes", type=int, help="Target bytes per output shard.")
-    _key(p, "--ray-address", "ray_address", help="Ray cluster address (default: RAY_ADDRESS or local).")
+    _add_ray_address(p, "ray_address")
     return p
 
 
@@ -221,10 +231,8 @@ def _embed_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--input", help="Tiler output / shards, a slide manifest, or an image folder.")
     p.add_argument("--out", help="Output directory.")
     _key(p, "--batch-size", "batch_size", type=int, help="Images per forward pass.")
-    _key(p, "--metrics-port", "metrics_port", type=int,
-         help="Serve Prometheus metrics on PORT while running (127.0.0.1 unless --metrics-host).")
-    _key(p, "--metrics-host", "metrics_host", help="Address the metrics endpoint binds.")
-    _key(p, "--ray-address", "ray_address", help="Ray cluster address (default: RAY_ADDRESS or local).")
+    _add_metrics_endpoint(p)
+    _add_ray_address(p, "ray_address")
     return p
 
 

@@ -49,25 +49,28 @@ def clam_parts(slide_id: str) -> tuple[str, str]:
     return CLAM_DIR, f"{slide_id}.h5"
 
 
-def write_coords(path: str | Path, coords: np.ndarray, tissue_fraction: np.ndarray, geometry: dict[str, Any]) -> None:
-    """Write one slide's file at `path` (the caller publishes it); `geometry` must hold every `GEOMETRY_ATTRS` key."""
-    missing = [k for k in GEOMETRY_ATTRS if k not in geometry]
+def _write(path: str | Path, coords: np.ndarray, geometry: dict[str, Any], required: tuple[str, ...], what: str,
+           tissue_fraction: np.ndarray | None = None) -> None:
+    """`coords` [N, 2] int64 with the `geometry` attributes (every `required` key), and `tissue_fraction` [N] when
+    given, at `path` (the caller publishes it)."""
+    missing = [k for k in required if k not in geometry]
     if missing:
-        raise ValueError(f"coords file geometry lacks {missing}")
+        raise ValueError(f"{what} lacks {missing}")
     with h5py.File(path, "w") as f:
         ds = f.create_dataset(COORDS_DATASET, data=np.asarray(coords, dtype=np.int64).reshape(-1, 2))
         ds.attrs.update(geometry)
-        f.create_dataset(TISSUE_DATASET, data=np.asarray(tissue_fraction, dtype=np.float32))
+        if tissue_fraction is not None:
+            f.create_dataset(TISSUE_DATASET, data=np.asarray(tissue_fraction, dtype=np.float32))
+
+
+def write_coords(path: str | Path, coords: np.ndarray, tissue_fraction: np.ndarray, geometry: dict[str, Any]) -> None:
+    """Write one slide's file at `path` (the caller publishes it); `geometry` must hold every `GEOMETRY_ATTRS` key."""
+    _write(path, coords, geometry, GEOMETRY_ATTRS, "coords file geometry", tissue_fraction)
 
 
 def write_clam_coords(path: str | Path, coords: np.ndarray, geometry: dict[str, Any]) -> None:
     """Write one slide's CLAM-layout file at `path`; `geometry` must hold every `CLAM_ATTRS` key."""
-    missing = [k for k in CLAM_ATTRS if k not in geometry]
-    if missing:
-        raise ValueError(f"CLAM coords file lacks {missing}")
-    with h5py.File(path, "w") as f:
-        ds = f.create_dataset(COORDS_DATASET, data=np.asarray(coords, dtype=np.int64).reshape(-1, 2))
-        ds.attrs.update(geometry)
+    _write(path, coords, geometry, CLAM_ATTRS, "CLAM coords file")
 
 
 def read_geometry(path: str | Path) -> dict[str, Any]:
