@@ -8,7 +8,6 @@ from __future__ import annotations
 from braceexpand import braceexpand
 
 from gpfm_scale.contracts.shards import list_shards
-
 from gpfm_scale.errors import ConfigError
 
 
@@ -22,4 +21,3 @@ def expand_shard_urls(spec: str | list[str]) -> list[str]:
     if not urls:
         raise ConfigError(f"loader.shards: no shard found for {spec!r}")
     return urls
-

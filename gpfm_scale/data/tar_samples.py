@@ -2,9 +2,9 @@
 
 Why a small tar reader of our own instead of `tarfile`/`webdataset` (which reads through `tarfile`): `tarfile` in
 stream mode ends silently when a shard is cut at a member boundary, so a truncated shard would pass for a short one
-(tests/unit/data/test_webdataset_interop.py shows it). This reader requires the
-end-of-archive block: any short read or bad header raises `ShardError` naming the shard, after every complete
-sample before the damage has been yielded. Names follow WebDataset's rule: key = the member path up to the first
+(tests/unit/data/test_webdataset_interop.py shows it). This reader requires the end-of-archive block: any short
+read or bad header raises `ShardError` naming the shard, after every complete sample before the damage has been
+yielded. Names follow WebDataset's rule: key = the member path up to the first
 dot of its base name, extension = the rest (`TCGA-01.v2/512_1024.jpg` -> key `TCGA-01.v2/512_1024`, ext `jpg`);
 consecutive members with one key form a sample. GNU long names and pax `path` records are understood.
 
